@@ -1,0 +1,39 @@
+"""Shared fixtures: seeded RNGs, offline hubs, tiny models built in-process from configs."""
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_llama_config(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, use_cache=False,
+    )
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 2-layer GQA Llama (4 query heads, 2 KV heads) in eval mode, fp32."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config()).eval()
