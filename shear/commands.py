@@ -1,0 +1,80 @@
+"""Subcommands ``shear run``, ``shear recipes`` and ``shear quickstart``."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import yaml
+
+
+def recipes_root() -> Path:
+    """The shipped ``recipes/`` directory: beside the package in a checkout, else under the cwd."""
+    here = Path(__file__).resolve().parents[1] / "recipes"
+    return here if here.is_dir() else Path.cwd() / "recipes"
+
+
+def list_recipes(root: Path | None = None) -> list[tuple[str, str]]:
+    """(relative path, description) of every recipe YAML under ``root`` (accelerate configs excluded)."""
+    root = root or recipes_root()
+    rows = []
+    for p in sorted(root.rglob("*.yaml")):
+        if p.parent.name == "accelerate":
+            continue
+        data = yaml.safe_load(p.read_text()) or {}
+        rows.append((str(p.relative_to(root)), str(data.get("description", "")).strip()))
+    return rows
+
+
+def _cmd_recipes(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    root = Path(args.dir) if args.dir else recipes_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"no recipes directory at {root}")
+    t = Table(title=f"recipes in {root}")
+    t.add_column("recipe")
+    t.add_column("purpose")
+    for name, desc in list_recipes(root):
+        t.add_row(name, desc)
+    Console().print(t)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from shear.config import load_recipe
+    from shear.pipeline import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_recipe(recipe, args.output_dir)
+    print(f"done in {summary['wall_s']} s; stages: {', '.join(summary['stages']) or 'none'}; "
+          f"outputs in {summary['output_dir']}")
+    if "model_dir" in summary:
+        print(f"model: {summary['model_dir']}")
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from shear.quickstart import quickstart
+
+    quickstart(out_dir=args.output_dir, rebuild=args.rebuild)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run every stage a recipe names")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
+    p.add_argument("-o", "--output-dir", default=None, help="override the recipe's output_dir")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes with their purpose")
+    p.add_argument("--dir", default=None, help="recipes directory (default: the shipped one)")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("quickstart", help="build a small model, prune it, recover it, compare (offline, < 10 min)")
+    p.add_argument("-o", "--output-dir", default="shear-quickstart", help="where the run's outputs go")
+    p.add_argument("--rebuild", action="store_true", help="retrain the quick reference model even if cached")
+    p.set_defaults(func=_cmd_quickstart)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")

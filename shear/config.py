@@ -1,0 +1,140 @@
+"""Recipes: YAML validated by typed models, one section per stage. YAML maps to code here only.
+
+A recipe names the stages it runs by the sections it has::
+
+    model: {path: reference}          # what to start from
+    data: {source: shakespeare, seq_len: 256}
+    prune: {target: {ratio: 0.5}}      # analyze -> score -> plan -> slice
+    train: {steps: 200, lr: 3e-4}      # recovery (with distill: KD from the unpruned model)
+    distill: {kd_weight: 1.0}
+    export: {}                         # save_pretrained directory
+    eval: {seq_len: 256}
+
+Unknown keys, wrong types and out-of-range values fail before any work starts, with the dotted key
+(``recipe.train.lr``) and what was expected. ``key=value`` overrides use the same dotted paths and
+YAML values (``train.steps=10``, ``prune.target.ratio=0.35``, ``eval.tasks=[piqa]``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shear.data.text import DataConfig
+from shear.eval.config import EvalConfig
+from shear.prune.config import ImportanceConfig, PruneConfig
+from shear.train.config import DistillConfig, TrainConfig
+
+
+class ModelConfig(BaseModel):
+    """The model a recipe starts from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="HF hub name, local directory, or 'reference' / 'reference-quick' (built on the embedded corpus)")
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="load weights from path, or build a new model of architecture `arch` (pretraining)")
+    arch: str | dict | None = Field(None, description="init=scratch: a reference architecture name or LlamaConfig keyword arguments")
+    tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's); init=scratch trains a BPE on the data when unset")
+    tokenizer_vocab: int = Field(4096, ge=259, description="init=scratch: vocabulary size of the BPE trained on the data")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype when loading")
+
+
+class ExportConfig(BaseModel):
+    """How the result is written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str | None = Field(None, description="output directory of the exported model (default: OUTPUT_DIR/model)")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="cast weights before saving (default: keep)")
+
+
+class Recipe(BaseModel):
+    """A whole run. Sections that are absent are stages that do not run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field("", description="one line: what this recipe is for (shown by `shear recipes`)")
+    output_dir: str = Field("runs/{name}", description="where outputs go; {name} is the recipe file's stem")
+    seed: int = Field(0, description="global seed")
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig, description="text used for training, calibration and evaluation")
+    importance: ImportanceConfig | None = Field(None, description="how to score groups (used by prune)")
+    prune: PruneConfig | None = Field(None, description="what to remove; absent = no pruning")
+    train: TrainConfig | None = Field(None, description="training / recovery; absent = no training")
+    distill: DistillConfig | None = Field(None, description="distillation from the unpruned teacher during train")
+    export: ExportConfig | None = Field(None, description="write the resulting model; absent = no export")
+    eval: EvalConfig | None = Field(None, description="evaluate the result (and the original when pruned)")
+
+
+def _format_errors(err: ValidationError, root: str = "recipe") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join([root] + [str(p) for p in e["loc"] if not str(p).startswith("function-")])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.steps=10", "prune.target.ratio=0.5"]`` -> nested dict; values parsed as YAML."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value with a dotted key, e.g. train.steps=10")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r}: empty part in dotted key {key!r}")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is set to a value and used as a section")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; values of ``over`` win; a None section in base is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def validate_recipe(data: dict) -> Recipe:
+    if not isinstance(data, dict):
+        raise ValueError(f"invalid recipe: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(_format_errors(e)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; ``{name}`` in output_dir becomes the file's stem."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path}: not valid YAML: {e}") from None
+    data = merge(data, parse_overrides(overrides or []))
+    recipe = validate_recipe(data)
+    recipe.output_dir = recipe.output_dir.replace("{name}", path.stem)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write the resolved recipe (every default filled in) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return path

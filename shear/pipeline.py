@@ -1,0 +1,117 @@
+"""``shear run RECIPE``: the stages a recipe names, in order, with their outputs in one directory.
+
+model -> (prune: analyze, score, plan, slice) -> (train: recovery, with KD when distill is set)
+-> export -> eval. The resolved recipe is written first, so a run that fails still says what it was.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shear.config import Recipe, dump_recipe
+
+log = logging.getLogger("shear")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(recipe: Recipe, train_texts=None):
+    """(model, tokenizer) for the recipe's model section: loaded, or built new for pretraining."""
+    from shear.models import load_model, load_tokenizer, reference_config
+
+    m = recipe.model
+    if m.init == "pretrained":
+        return load_model(m.path, m.dtype), load_tokenizer(m.tokenizer or m.path)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if m.tokenizer:
+        tok = AutoTokenizer.from_pretrained(m.tokenizer)
+    else:
+        from shear.data.text import load_text_splits
+        from shear.data.tokenizer import train_bpe
+
+        texts = load_text_splits(recipe.data)["train"][recipe.data.text_field]
+        tok = train_bpe(list(texts), m.tokenizer_vocab)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if isinstance(m.arch, str):
+        cfg = reference_config(m.arch, **ids)
+    elif isinstance(m.arch, dict):
+        cfg = LlamaConfig(**{**m.arch, **ids})
+    else:
+        raise ValueError("recipe.model.arch: init=scratch needs an architecture (a reference name or config keys)")
+    seed_everything(recipe.seed)
+    return LlamaForCausalLM(cfg), tok
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
+    """Run every stage the recipe names; return a summary (also written to OUTPUT_DIR/summary.json)."""
+    out = Path(out_dir or recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, out / "recipe.yaml")
+    seed_everything(recipe.seed)
+    t0 = time.time()
+    summary: dict = {"output_dir": str(out), "stages": []}
+
+    model, tok = build_model(recipe)
+    teacher = None
+    if recipe.prune is not None:
+        from shear.prune.pipeline import run_prune
+
+        if recipe.distill is not None and recipe.distill.teacher is None:
+            teacher = copy.deepcopy(model).eval()  # the unpruned model is the teacher
+        model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune")
+        summary["prune"] = report
+        summary["stages"].append("prune")
+
+    if recipe.train is not None:
+        from shear.data.text import build_datasets
+        from shear.train.trainer import train
+
+        if recipe.distill is not None and recipe.distill.teacher is not None:
+            from shear.models import load_model
+
+            teacher = load_model(recipe.distill.teacher, recipe.distill.teacher_dtype)
+        if recipe.distill is not None and teacher is None:
+            raise ValueError("recipe.distill: no teacher; set distill.teacher or add a prune section "
+                             "(the unpruned model is then the teacher)")
+        train_ds, val_ds = build_datasets(recipe.data, tok)
+        result = train(model, train_ds, val_ds, recipe.train, out / "train", teacher=teacher,
+                       distill=recipe.distill, tokenizer=tok)
+        model = result.model
+        summary["train"] = result.metrics
+        summary["stages"].append("train")
+    del teacher
+
+    if recipe.export is not None:
+        from shear.prune.export import export
+
+        if recipe.export.dtype:
+            from shear.models import DTYPES
+
+            model.to(DTYPES[recipe.export.dtype])
+        target = Path(recipe.export.dir) if recipe.export.dir else out / "model"
+        export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"))
+        summary["model_dir"] = str(target)
+        summary["stages"].append("export")
+
+    if recipe.eval is not None:
+        from shear.eval.report import evaluate
+
+        summary["eval"] = evaluate(model, tok, recipe.eval)
+        summary["stages"].append("eval")
+
+    summary["wall_s"] = round(time.time() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
