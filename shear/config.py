@@ -46,7 +46,7 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dir: str | None = Field(None, description="output directory of the exported model (default: OUTPUT_DIR/model)")
+    dir: str | None = Field(None, description="output directory of the exported model (default: OUTPUT_DIR/model); {cache} is the shear cache (~/.cache/shear)")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="cast weights before saving (default: keep)")
 
 

@@ -65,8 +65,18 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
     summary: dict = {"output_dir": str(out), "stages": []}
 
     model, tok = build_model(recipe)
+    evals: dict = {}
+
+    def evaluate_as(name: str) -> None:
+        if recipe.eval is not None:
+            from shear.eval.report import evaluate
+
+            evals[name] = evaluate(model, tok, recipe.eval)
+            log.info("eval %s: %s", name, {k: v for k, v in evals[name].items() if not isinstance(v, dict)})
+
     teacher = None
     if recipe.prune is not None:
+        evaluate_as("original")
         from shear.prune.pipeline import run_prune
 
         if recipe.distill is not None and recipe.distill.teacher is None:
@@ -74,6 +84,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
         model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune")
         summary["prune"] = report
         summary["stages"].append("prune")
+        if recipe.train is not None:
+            evaluate_as("pruned")
 
     if recipe.train is not None:
         from shear.data.text import build_datasets
@@ -101,15 +113,17 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
             from shear.models import DTYPES
 
             model.to(DTYPES[recipe.export.dtype])
-        target = Path(recipe.export.dir) if recipe.export.dir else out / "model"
+        from shear.models import cache_dir
+
+        target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
+                  if recipe.export.dir else out / "model")
         export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"))
         summary["model_dir"] = str(target)
         summary["stages"].append("export")
 
-    if recipe.eval is not None:
-        from shear.eval.report import evaluate
-
-        summary["eval"] = evaluate(model, tok, recipe.eval)
+    evaluate_as("final")
+    if evals:
+        summary["eval"] = evals
         summary["stages"].append("eval")
 
     summary["wall_s"] = round(time.time() - t0, 1)

@@ -1,0 +1,38 @@
+"""The command line: recipes listing, clear errors, quickstart recipes kept equal to the shipped YAML."""
+from pathlib import Path
+
+import yaml
+
+from shear.cli import main
+from shear.commands import list_recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipes_lists_every_recipe_with_purpose(capsys):
+    rows = list_recipes(ROOT / "recipes")
+    names = {n for n, _ in rows}
+    assert "reference/pretrain.yaml" in names and all(d for _, d in rows)
+    assert main(["recipes"]) == 0
+    assert "pretrain.yaml" in capsys.readouterr().out
+
+
+def test_run_rejects_bad_recipe_before_work(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: {path: x}\ntrain: {steps: 2, lr: fast}\n")
+    assert main(["run", str(p), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.train.lr" in err and "'fast'" in err
+    assert not (tmp_path / "out").exists(), "nothing may be written before validation passes"
+
+
+def test_run_missing_recipe(capsys):
+    assert main(["run", "does/not/exist.yaml"]) == 2
+    assert "recipe not found" in capsys.readouterr().err
+
+
+def test_quickstart_recipes_equal_shipped_yaml():
+    from shear.quickstart import QUICK_PRETRAIN, QUICK_PRUNE
+
+    for data, name in ((QUICK_PRETRAIN, "quick.yaml"), (QUICK_PRUNE, "quick-prune-kd.yaml")):
+        assert yaml.safe_load((ROOT / "recipes" / "reference" / name).read_text()) == data, name
