@@ -37,7 +37,7 @@ class ModelConfig(BaseModel):
     init: Literal["pretrained", "scratch"] = Field("pretrained", description="load weights from path, or build a new model of architecture `arch` (pretraining)")
     arch: str | dict | None = Field(None, description="init=scratch: a reference architecture name or LlamaConfig keyword arguments")
     tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's); init=scratch trains a BPE on the data when unset")
-    tokenizer_vocab: int = Field(4096, ge=259, description="init=scratch: vocabulary size of the BPE trained on the data")
+    tokenizer_vocab: int = Field(2048, ge=259, description="init=scratch: vocabulary size of the BPE trained on the data")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype when loading")
 
 
@@ -76,6 +76,8 @@ def _format_errors(err: ValidationError, root: str = "recipe") -> str:
             lines.append(f"{key}: unknown key")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif isinstance(e.get("input"), dict):  # a section-level check: the message names the field
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "invalid recipe:\n  " + "\n  ".join(lines)

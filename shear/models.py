@@ -2,7 +2,7 @@
 
 The reference models are Llama with GQA (SwiGLU MLP, RMSNorm, RoPE), small enough to train on two
 CPU cores. They give shear a real, trained model to prune offline; ``reference`` is the benchmark
-model, ``reference-quick`` serves ``shear quickstart``. Both share one BPE tokenizer (vocab 4096)
+model, ``reference-quick`` serves ``shear quickstart``. Both share one BPE tokenizer (vocab 2048)
 trained on the corpus's train split.
 """
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 REFERENCE_ARCHS = {
-    # 6.6M parameters: hidden 256, 6 layers, 8 query heads / 2 KV heads of 32, MLP 768.
+    # 5.0M parameters: hidden 256, 6 layers, 8 query heads / 2 KV heads of 32, MLP 640.
     "reference": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
-                      head_dim=32, intermediate_size=768),
-    # 3.1M parameters: hidden 192, 4 layers, 6 query heads / 2 KV heads of 32, MLP 512.
-    "reference-quick": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                            head_dim=32, intermediate_size=512),
+                      head_dim=32, intermediate_size=640),
+    # 1.3M parameters: hidden 128, 4 layers, 4 query heads / 2 KV heads of 32, MLP 384.
+    "reference-quick": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=32, intermediate_size=384),
 }
-REFERENCE_VOCAB = 4096
+REFERENCE_VOCAB = 2048
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -15,13 +15,13 @@ from shear.config import merge, validate_recipe
 
 # Same content as recipes/reference/quick.yaml (a test keeps the two equal).
 QUICK_PRETRAIN = {
-    "description": "Pretrain the quick reference model (Llama GQA, 3.1M params) for the quickstart",
+    "description": "Pretrain the quick reference model (Llama GQA, 1.3M params) for the quickstart",
     "output_dir": "runs/reference-quick",
     "seed": 0,
-    "model": {"path": "reference-quick", "init": "scratch", "arch": "reference-quick"},
+    "model": {"path": "reference-quick", "init": "scratch", "arch": "reference-quick", "tokenizer_vocab": 2048},
     "data": {"source": "shakespeare", "seq_len": 128},
-    "train": {"steps": 500, "batch_size": 16, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.1,
-              "precision": "bf16", "eval_every": 250, "eval_batches": 8, "save_every": 250, "log_every": 25},
+    "train": {"steps": 300, "batch_size": 8, "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1,
+              "precision": "fp32", "eval_every": 100, "eval_batches": 8, "save_every": 100, "log_every": 25},
     "export": {"dir": "{cache}/models/reference-quick"},
 }
 
@@ -33,7 +33,7 @@ QUICK_PRUNE = {
     "model": {"path": "reference-quick"},
     "data": {"source": "shakespeare", "seq_len": 128},
     "prune": {"target": {"ratio": 0.3}},
-    "train": {"steps": 150, "batch_size": 16, "lr": 1e-3, "warmup_steps": 15, "precision": "bf16",
+    "train": {"steps": 150, "batch_size": 8, "lr": 1e-3, "warmup_steps": 15, "precision": "fp32",
               "eval_every": 75, "eval_batches": 8, "save_every": 75, "log_every": 25},
     "distill": {"ce_weight": 0.5, "kd_weight": 0.5, "temperature": 1.0},
     "export": {},
