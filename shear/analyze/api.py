@@ -1,0 +1,56 @@
+"""``analyze(model)`` and ``analyze_path(dir)``: the public entry points of the analyzer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from shear.analyze.families import FAMILIES, family_of
+from shear.analyze.graph import StructureGraph
+
+
+def analyze(model: nn.Module, heads: str = "kv_group") -> StructureGraph:
+    """The coupled groups of ``model`` (any device, ``meta`` included).
+
+    Args:
+        model: a transformers model of a supported family (``shear.analyze.families.FAMILIES``);
+            other architectures go through torch-pruning's DependencyGraph (real weights only).
+        heads: ``"kv_group"`` (GQA: whole KV groups; MHA: heads) or ``"query_head"`` (GQA: the j-th
+            query head of every KV group, keeping every KV head; MHA: heads).
+    """
+    from shear.analyze.build import build_graph
+
+    fam = family_of(model)
+    if fam is not None:
+        return build_graph(model, fam, heads)
+    from shear.analyze.fallback import analyze_with_torch_pruning
+
+    return analyze_with_torch_pruning(model, heads)
+
+
+def meta_model(path: str | Path):
+    """Build the model of a directory holding (at least) ``config.json`` on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    remote = "auto_map" in json.loads((path / "config.json").read_text())
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote)
+        except ValueError:  # encoders (BERT) have no causal-LM class
+            return AutoModel.from_config(cfg, trust_remote_code=remote)
+
+
+def analyze_path(path: str | Path, heads: str = "kv_group") -> StructureGraph:
+    """Analyze the model of a directory without loading weights (only ``config.json`` is read)."""
+    model = meta_model(path)
+    if family_of(model) is None:
+        raise ValueError(f"{path}: model_type {model.config.model_type!r} is not one of the families analyzed "
+                         f"on the meta device ({sorted(FAMILIES)}); load it with weights to use the "
+                         "torch-pruning fallback")
+    return analyze(model, heads)

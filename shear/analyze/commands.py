@@ -1,0 +1,134 @@
+"""``shear analyze MODEL`` (structure table) and ``shear export MODEL OUT --plan PLAN`` (prune + save).
+
+    shear analyze reference                     # the reference model (weights not needed)
+    shear analyze path/with/config.json --heads query_head --groups
+    shear export reference out/pruned --plan plan.yaml
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("analyze", help="list the coupled groups of a model (meta device, no weights)")
+    p.add_argument("model", help="model directory (config.json is enough), hub name, or reference/reference-quick")
+    p.add_argument("--heads", choices=("kv_group", "query_head"), default="kv_group",
+                   help="GQA attention units: whole KV groups or the query heads inside every group")
+    p.add_argument("--groups", action="store_true", help="one row per group instead of one per kind")
+    p.set_defaults(func=run_analyze)
+    e = subparsers.add_parser("export", help="apply a prune plan to a model and save a from_pretrained directory")
+    e.add_argument("model", help="model directory, hub name, or reference/reference-quick")
+    e.add_argument("out", help="output directory (written atomically)")
+    e.add_argument("--plan", help="YAML/JSON: {remove: {group: [units]}} or {group: [units]}; omitted: re-export")
+    e.add_argument("--heads", choices=("kv_group", "query_head"), default=None,
+                   help="attention units the plan refers to (default: inferred from group names)")
+    e.add_argument("--dtype", default="fp32", help="dtype to load and save (fp32, bf16, fp16)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.set_defaults(func=run_export)
+
+
+def _analyze_target(target: str, heads: str):
+    from shear.analyze import analyze, analyze_path
+    from shear.analyze.families import FAMILIES
+    from shear.models import resolve_model_path
+
+    path = Path(resolve_model_path(target))
+    if not path.exists():  # a hub name: its config only (HF_HUB_OFFLINE makes this a clear error)
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(target, allow_patterns=["config.json"]))
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type in FAMILIES:
+        return analyze_path(path, heads)
+    from shear.models import load_model
+
+    return analyze(load_model(str(path)), heads)
+
+
+def run_analyze(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    t0 = time.perf_counter()
+    graph = _analyze_target(args.model, args.heads)
+    dt = time.perf_counter() - t0
+    table = Table(title=f"{args.model}: {graph.family}, {graph.total_params / 1e6:,.2f}M params, "
+                        f"{graph.total_macs / 1e6:,.2f}M MACs/token ({dt:.1f} s)")
+    for col in ("group" if args.groups else "kind", "groups", "units", "params/unit", "MACs/unit",
+                "params %", "MACs %", "members"):
+        table.add_column(col, justify="left" if col in ("group", "kind", "members") else "right",
+                         no_wrap=col != "members")
+    rows = [[g] for g in graph.groups] if args.groups else _by_kind(graph)
+    for gs in rows:
+        g = gs[0]
+        units = sorted({x.num_units for x in gs})
+        n_params = sum(x.num_params for x in gs)
+        n_macs = sum(x.macs_per_unit * x.num_units for x in gs)
+        members = ", ".join(sorted({m.param.split(".")[-2] for m in g.members if m.role != "whole"})) or g.module
+        table.add_row(g.name if args.groups else g.kind, str(len(gs)),
+                      str(units[0]) if len(units) == 1 else f"{units[0]}–{units[-1]}",
+                      _range(x.params_per_unit for x in gs), _range(x.macs_per_unit for x in gs),
+                      f"{100 * n_params / graph.total_params:.2f}", f"{100 * n_macs / graph.total_macs:.2f}",
+                      members)
+    Console().print(table)
+    return 0
+
+
+def _by_kind(graph):
+    kinds: dict[str, list] = {}
+    for g in graph.groups:
+        kinds.setdefault(g.kind, []).append(g)
+    return list(kinds.values())
+
+
+def _range(values) -> str:
+    v = sorted(set(values))
+    return f"{v[0]:,}" if len(v) == 1 else f"{v[0]:,}–{v[-1]:,}"
+
+
+def load_plan(path: str | Path):
+    """A :class:`PrunePlan` from YAML/JSON (``{remove: {...}, meta: {...}}`` or a bare mapping)."""
+    import yaml
+
+    from shear.analyze import PrunePlan
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"plan {path}: expected a mapping of group names to unit lists")
+    if "remove" in data:
+        extra = set(data) - {"remove", "meta"}
+        if extra:
+            raise ValueError(f"plan {path}: unknown keys {sorted(extra)} (expected remove, meta)")
+        return PrunePlan(remove=dict(data["remove"] or {}), meta=dict(data.get("meta") or {}))
+    return PrunePlan(remove=data)
+
+
+def run_export(args) -> int:
+    from shear.analyze import analyze
+    from shear.models import load_model, resolve_model_path
+    from shear.prune import export, prune_
+
+    src = resolve_model_path(args.model)
+    model = load_model(src, dtype=args.dtype)
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, TypeError):
+        pass  # a directory without a tokenizer exports without one
+    recipe = {"source": str(args.model), "command": "shear export"}
+    if args.plan:
+        plan = load_plan(args.plan)
+        heads = args.heads or ("query_head" if any(k.endswith(".query_head") for k in plan.remove) else "kv_group")
+        before = sum(p.numel() for p in model.parameters())
+        prune_(model, plan, analyze(model, heads))
+        after = sum(p.numel() for p in model.parameters())
+        recipe.update(plan={"remove": plan.remove, "meta": plan.meta}, heads=heads,
+                      params_before=before, params_after=after)
+    out = export(model, args.out, tokenizer=tokenizer, recipe=recipe, overwrite=args.overwrite)
+    kind = "per-layer (trust_remote_code)" if (out / "modeling_shear_pruned.py").exists() else "stock"
+    print(f"exported {out} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+    return 0

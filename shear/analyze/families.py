@@ -1,0 +1,154 @@
+"""Where each supported family keeps its parameters: the only family-specific knowledge of shear.
+
+A :class:`Family` names module paths; the analyzer (``shear.analyze.build``) turns them into
+groups and the slicer (``shear.prune.slice``) updates module attributes with :func:`set_attn_heads`.
+Paths of ``layers``/``embeds``/``final_norms``/``extra_square`` are relative to the base model
+(``model.model`` for ``LlamaForCausalLM``); ``q``/``k``/``v``/``o``/MLP/norm paths are relative to
+one block.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module layout of one architecture family.
+
+    Attributes:
+        name: family name shown in reports.
+        layers: the ModuleList of blocks.
+        embeds: embeddings whose columns are residual (hidden) channels.
+        final_norms: norms over the hidden size outside the blocks.
+        attn: the attention module (dropped with the attention sublayer).
+        q, k, v, o: query/key/value/output projections; ``qkv`` instead of q/k/v when fused.
+        gate, up, down: gated MLP; ``gate_up`` when fused (gate rows first); ``fc1``/``fc2`` when
+            not gated.
+        mlp: the MLP modules dropped with the MLP sublayer.
+        attn_norms, mlp_norms: norms that only feed (or only post-process) that sublayer.
+        norm: ``"rms"`` (x·w), ``"rms1p"`` (x·(1+w), Gemma) or ``"ln"`` (LayerNorm: hidden slicing is
+            not exact, see ``shear.prune.slice``).
+        conv1d: weights are ``[in, out]`` (GPT-2 ``Conv1D``) instead of ``[out, in]``.
+        prenorm: sublayers are residual branches ``x + f(norm(x))``; only then can one be dropped.
+        cfg: config attribute names: heads, kv_heads (None = MHA only), intermediate, hidden, layers.
+        extra_square: hidden->hidden Linears outside the blocks (BERT pooler): both dims are hidden.
+    """
+
+    name: str
+    layers: str
+    embeds: tuple[str, ...]
+    final_norms: tuple[str, ...]
+    attn: str
+    o: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    gate: str | None = None
+    up: str | None = None
+    gate_up: str | None = None
+    down: str | None = None
+    fc1: str | None = None
+    fc2: str | None = None
+    mlp: tuple[str, ...] = ("mlp",)
+    attn_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    norm: str = "rms"
+    conv1d: bool = False
+    prenorm: bool = True
+    cfg: tuple = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size",
+                  "num_hidden_layers")
+    extra_square: tuple[str, ...] = ()
+    attn_style: str = "llama"
+
+    @property
+    def mlp_out(self) -> str:
+        return self.down or self.fc2
+
+
+_LLAMA = dict(layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
+              q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+              gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", **_LLAMA),
+    "mistral": Family("mistral", **_LLAMA),
+    "qwen2": Family("qwen2", **_LLAMA),
+    "qwen3": Family("qwen3", **_LLAMA),
+    "gemma": Family("gemma", **_LLAMA, norm="rms1p"),
+    "gemma2": Family("gemma2", **_LLAMA, norm="rms1p",
+                     attn_norms=("input_layernorm", "post_attention_layernorm"),
+                     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+    "phi3": Family("phi3", layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
+                   qkv="self_attn.qkv_proj", o="self_attn.o_proj", gate_up="mlp.gate_up_proj",
+                   down="mlp.down_proj", attn_style="phi3"),
+    "gpt2": Family("gpt2", layers="h", embeds=("wte", "wpe"), final_norms=("ln_f",), attn="attn",
+                   qkv="attn.c_attn", o="attn.c_proj", fc1="mlp.c_fc", fc2="mlp.c_proj",
+                   attn_norms=("ln_1",), mlp_norms=("ln_2",), norm="ln", conv1d=True, attn_style="gpt2",
+                   cfg=("n_head", None, "n_inner", "n_embd", "n_layer")),
+    "opt": Family("opt", layers="decoder.layers", embeds=("decoder.embed_tokens", "decoder.embed_positions"),
+                  final_norms=("decoder.final_layer_norm",), attn="self_attn", q="self_attn.q_proj",
+                  k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", fc1="fc1", fc2="fc2",
+                  mlp=("fc1", "fc2"), attn_norms=("self_attn_layer_norm",), mlp_norms=("final_layer_norm",),
+                  norm="ln", attn_style="opt",
+                  cfg=("num_attention_heads", None, "ffn_dim", "hidden_size", "num_hidden_layers")),
+    "bert": Family("bert", layers="encoder.layer",
+                   embeds=("embeddings.word_embeddings", "embeddings.position_embeddings",
+                           "embeddings.token_type_embeddings"),
+                   final_norms=("embeddings.LayerNorm",), attn="attention", q="attention.self.query",
+                   k="attention.self.key", v="attention.self.value", o="attention.output.dense",
+                   fc1="intermediate.dense", fc2="output.dense", mlp=("intermediate", "output"),
+                   attn_norms=("attention.output.LayerNorm",), mlp_norms=("output.LayerNorm",), norm="ln",
+                   prenorm=False, attn_style="bert", extra_square=("pooler.dense",),
+                   cfg=("num_attention_heads", None, "intermediate_size", "hidden_size", "num_hidden_layers")),
+}
+
+
+def family_of(model) -> Family | None:
+    """The :class:`Family` of a transformers model (by ``config.model_type``), or None."""
+    return FAMILIES.get(getattr(model.config, "model_type", None))
+
+
+def head_dim_of(fam: Family, attn, config) -> int:
+    """Size of one attention head, read from the module (what forward uses), else the config."""
+    for name in ("head_dim", "attention_head_size"):
+        if isinstance(getattr(attn, name, None), int):
+            return getattr(attn, name)
+    hd = getattr(config, "head_dim", None)
+    return hd or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads_of(fam: Family, attn, config, heads_from_q: int | None) -> int:
+    """Number of KV heads of one attention module."""
+    if fam.cfg[1] is None:
+        return heads_from_q
+    if isinstance(getattr(attn, "num_key_value_heads", None), int):
+        return attn.num_key_value_heads
+    groups = getattr(attn, "num_key_value_groups", None)
+    if heads_from_q is not None and isinstance(groups, int):
+        return heads_from_q // groups
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def set_attn_heads(fam: Family, attn, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Update the attributes an attention module reads at forward time after head slicing.
+
+    transformers 5.x reads ``num_key_value_groups`` (repeat_kv), Phi-3 also ``num_key_value_heads``
+    and ``config.num_attention_heads`` (fused split), GPT-2 ``split_size``/``num_heads``, OPT
+    ``num_heads``/``embed_dim``, BERT ``num_attention_heads``/``all_head_size``. A module whose
+    widths differ from the shared config gets its own shallow config copy.
+    """
+    if fam.attn_style in ("llama", "phi3"):
+        attn.num_key_value_groups = heads // kv_heads
+    if fam.attn_style == "phi3":
+        attn.num_key_value_heads = kv_heads
+        if attn.config.num_attention_heads != heads:
+            attn.config = copy.copy(attn.config)
+            attn.config.num_attention_heads = heads
+    elif fam.attn_style == "gpt2":
+        attn.num_heads, attn.split_size, attn.head_dim = heads, heads * head_dim, head_dim
+    elif fam.attn_style == "opt":
+        attn.num_heads, attn.head_dim = heads, head_dim
+    elif fam.attn_style == "bert":
+        attn.num_attention_heads, attn.all_head_size = heads, heads * head_dim

@@ -1,0 +1,117 @@
+"""Gradient accumulation for Taylor criteria, in hooks that free each gradient as soon as it lands.
+
+``register_post_accumulate_grad_hook`` runs once per parameter per backward, right after its
+``.grad`` is written; the hook folds it into fp32 accumulators and sets ``.grad = None``, so no
+full gradient copy of the model ever exists beyond one parameter's. What is kept depends on the
+mode (``W`` = weight bytes in fp32):
+
+- ``vector``: signed per-unit sums ``sum_{w in u} w g`` per (group, member) — a few KB;
+- ``element1``: the mean gradient ``g`` (1 W);
+- ``element2``: ``g`` and the diagonal Fisher ``mean_s g_s^2`` from per-sample backward passes (2 W).
+
+Loss: the model's mean next-token cross-entropy per sequence; ``g`` is the mean over sequences.
+Gradient checkpointing (HF ``gradient_checkpointing_enable``) trades compute for activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shear.analyze.graph import StructureGraph
+from shear.importance.criteria import per_unit
+
+
+@dataclass
+class GradientStats:
+    """Accumulated gradient information (see module docstring). Keys are parameter names."""
+
+    mode: str
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)  # mean gradient (element modes)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # mean per-sample g^2 (element2)
+    wg: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (group, member idx) -> [U]
+    n_samples: int = 0
+    loss: float = 0.0
+
+
+def _members_by_param(graph: StructureGraph, kinds: set[str] | None):
+    out: dict[str, list] = {}
+    for g in graph.groups:
+        if kinds is not None and g.kind not in kinds:
+            continue
+        for j, m in enumerate(g.members):
+            out.setdefault(m.param, []).append((g.name, j, m))
+    return out
+
+
+def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGraph, mode: str = "vector",
+                         batch_size: int = 8, kinds: set[str] | None = None,
+                         checkpointing: bool = False, progress: bool = False) -> GradientStats:
+    """Backward over the calibration ids ``[n, L]``; return :class:`GradientStats` for ``mode``.
+
+    ``element2`` runs one sequence per backward (per-sample gradients, so the Fisher is a mean of
+    squares, not the square of a mean). Parameters that are not group members get no gradient.
+    """
+    if mode not in ("vector", "element1", "element2"):
+        raise ValueError(f"gradient mode: unknown {mode!r}")
+    by_param = _members_by_param(graph, kinds)
+    params = dict(model.named_parameters())
+    missing = set(by_param) - set(params)
+    if missing:
+        raise ValueError(f"graph names parameters the model lacks: {sorted(missing)[:4]}")
+    flags = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in by_param)
+    stats = GradientStats(mode)
+    n_total = ids.shape[0]
+    bs = 1 if mode == "element2" else batch_size
+    scale = {"w": 0.0}  # share of the mean carried by the current batch
+
+    def hook_for(name: str):
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad.float()
+            w = scale["w"]
+            if mode == "vector":
+                wgt = p.detach().float() * g
+                for gname, j, m in by_param[name]:
+                    s = per_unit(wgt, m.dim, m.units) * w
+                    stats.wg[(gname, j)] = stats.wg.get((gname, j), 0) + s
+            else:
+                acc = stats.grad.get(name)
+                stats.grad[name] = g * w if acc is None else acc.add_(g, alpha=w)
+                if mode == "element2":
+                    f = stats.fisher.get(name)
+                    stats.fisher[name] = g * g / n_total if f is None else f.addcmul_(g, g, value=1.0 / n_total)
+            p.grad = None
+        return hook
+
+    handles = [params[n].register_post_accumulate_grad_hook(hook_for(n)) for n in by_param]
+    was_training = model.training
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF checkpointing is active in training mode only
+    dev = model.get_input_embeddings().weight.device
+    batches = ids.split(bs)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"gradients ({mode})")
+    try:
+        for batch in batches:
+            scale["w"] = batch.shape[0] / n_total
+            batch = batch.to(dev)
+            out = model(input_ids=batch, labels=batch, use_cache=False)
+            out.loss.backward()
+            stats.loss += float(out.loss.detach()) * scale["w"]
+            stats.n_samples += batch.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+    return stats

@@ -1,0 +1,81 @@
+"""``shear prune RECIPE_OR_MODEL_DIR``: analyze -> score -> plan -> slice -> export, with a report.
+
+    shear prune recipes/prune/flap.yaml prune.target.ratio=0.35 -o runs/p35
+    shear prune ~/.cache/shear/models/reference --ratio 0.35 --estimator flap --structures mlp hidden -o runs/p35
+
+A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
+directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
+OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _configs_from_flags(args):
+    from shear.prune.config import ImportanceConfig, PruneConfig
+
+    target = {"ratio": args.ratio} if args.params is None else {"params": args.params}
+    prune = PruneConfig(target=target, structures=args.structures, allocation=args.allocation, heads=args.heads,
+                        round_to=args.round_to, iterative_steps=args.steps,
+                        protected_layers=[int(x) for x in args.protect] if args.protect else [])
+    imp = ImportanceConfig(estimator=args.estimator, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+    return prune, imp
+
+
+def _cmd_prune(args) -> int:
+    from shear.prune.pipeline import run_prune
+
+    src = Path(args.source)
+    if src.suffix in (".yaml", ".yml"):
+        from shear.config import load_recipe
+        from shear.pipeline import build_model
+
+        recipe = load_recipe(src, args.overrides)
+        if recipe.prune is None:
+            raise ValueError(f"recipe {src}: no prune section")
+        model, tok = build_model(recipe)
+        prune, imp = recipe.prune, recipe.importance
+        out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
+        recipe_dict = recipe.model_dump(mode="json")
+    else:
+        if args.overrides:
+            raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
+        from shear.models import load_model, load_tokenizer
+
+        model, tok = load_model(args.source), load_tokenizer(args.source)
+        prune, imp = _configs_from_flags(args)
+        out = Path(args.output_dir or "shear-prune")
+        recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
+                       "prune": prune.model_dump(mode="json")}
+    _, _, report = run_prune(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
+                             export_dir=None if args.no_export else out / "model")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"params {report['params_before']:,} -> {report['params_after']:,} "
+          f"({100 * report['removed_ratio']:.1f}% removed); MACs x{report['mac_ratio']:.3f}; "
+          f"{report['time_s']['total']:.1f} s; peak RSS {report['peak_rss_mb']:.0f} MB; report in {out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="prune a model (recipe or model directory) and export it with a report")
+    p.add_argument("source", help="recipe YAML, model directory, or 'reference' / 'reference-quick'")
+    p.add_argument("overrides", nargs="*", help="recipe only: dotted key=value overrides, e.g. prune.target.ratio=0.5")
+    p.add_argument("-o", "--output-dir", default=None, help="output directory (default: OUTPUT_DIR/prune or ./shear-prune)")
+    p.add_argument("--no-export", action="store_true", help="write the report only")
+    g = p.add_argument_group("model directory flags (ignored with a recipe)")
+    g.add_argument("--ratio", type=float, default=0.35, help="fraction of parameters to remove")
+    g.add_argument("--params", type=int, default=None, help="parameter budget (instead of --ratio)")
+    g.add_argument("--estimator", default="flap", help="importance estimator name")
+    g.add_argument("--structures", nargs="+", default=["heads", "mlp"], help="heads mlp hidden layers")
+    g.add_argument("--allocation", default="global", choices=["uniform", "global"])
+    g.add_argument("--heads", default="kv_group", choices=["kv_group", "query_head"])
+    g.add_argument("--round-to", type=int, default=1)
+    g.add_argument("--steps", type=int, default=1, help="iterative steps")
+    g.add_argument("--protect", nargs="*", default=None, help="protected layer indices")
+    g.add_argument("--n-samples", type=int, default=32)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_prune)

@@ -1,0 +1,142 @@
+"""Typed configs of the prune stage: how groups are scored (``importance``) and what is removed (``prune``).
+
+Recipe sections (every key documented below; unknown keys are errors)::
+
+    importance: {estimator: flap, aggregation: sum, n_samples: 32, seq_len: 128}
+    prune:
+      target: {ratio: 0.35}            # or {params: 4_000_000} or {shape: {intermediate_size: 512}}
+      structures: [heads, mlp]         # what may shrink: heads, mlp, hidden, layers
+      allocation: global               # uniform: same width in every layer; global: ranked across layers
+      round_to: 8
+      protected_layers: [0]            # or a regex on the layer index, e.g. "^(0|5)$"
+"""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STRUCTURES = ("heads", "mlp", "hidden", "layers")
+
+
+class ImportanceConfig(BaseModel):
+    """How groups are scored. Estimators are registered by name in ``shear.importance``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    estimator: str = Field("flap", description="width estimator: magnitude_l1, magnitude_l2, taylor_vector, taylor_element1, "
+                                               "taylor_element2, wanda_sp, flap, minitron, random (see `shear.importance.ESTIMATORS`)")
+    layer_estimator: str | None = Field("block_influence", description="estimator for whole layers / sublayers: block_influence, "
+                                                                       "angular, random; None = the width estimator scores them too")
+    aggregation: Literal["sum", "mean", "max", "prod", "first"] = Field("sum", description="how the per-member scores of a group's "
+                                                                                            "parameters combine into one score per unit")
+    n_samples: int = Field(32, gt=0, description="calibration sequences")
+    seq_len: int = Field(128, gt=1, description="tokens per calibration sequence")
+    seed: int = Field(0, description="seed of the calibration sampler and of the random estimator")
+    source: str = Field("shakespeare", description="calibration text: 'shakespeare' or a local file/dir/HF dataset (as data.source)")
+    batch_size: int = Field(8, gt=0, description="sequences per forward pass while calibrating (per-sample gradients use 1)")
+    standardize: bool | None = Field(None, description="standardize scores of each kind across layers (FLAP); None = the "
+                                                       "estimator's own default (on for flap, off otherwise)")
+    gradient_checkpointing: bool = Field(False, description="gradient criteria: recompute activations in backward (less memory)")
+    bias_compensation: bool | None = Field(None, description="after slicing, add b = W[:, removed] @ mean(X_removed) to o_proj / "
+                                                             "down_proj (FLAP); None = on for flap only")
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, v: str) -> str:
+        from shear.importance import ESTIMATORS
+
+        if v not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {v!r}; expected one of {sorted(ESTIMATORS)}")
+        return v
+
+    @field_validator("layer_estimator")
+    @classmethod
+    def _known_layer_estimator(cls, v: str | None) -> str | None:
+        from shear.importance import ESTIMATORS
+
+        if v is not None and v not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {v!r}; expected one of {sorted(ESTIMATORS)}")
+        return v
+
+
+class TargetShape(BaseModel):
+    """An explicit target architecture; unset fields keep their current size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_size: int | None = Field(None, gt=0, description="residual width after pruning")
+    num_attention_heads: int | None = Field(None, gt=0, description="query heads per layer")
+    num_key_value_heads: int | None = Field(None, gt=0, description="KV heads per layer (heads='kv_group' removes whole groups)")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP channels per layer")
+    num_hidden_layers: int | None = Field(None, gt=0, description="decoder layers kept")
+
+
+class TargetConfig(BaseModel):
+    """How much to remove: exactly one of ``ratio``, ``params`` or ``shape``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of the model's PARAMETERS to remove (not of channels)")
+    params: int | None = Field(None, gt=0, description="parameter budget: the pruned model has at most this many parameters")
+    shape: TargetShape | None = Field(None, description="explicit target shape (hidden, heads, KV heads, intermediate, layers)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        n = sum(x is not None for x in (self.ratio, self.params, self.shape))
+        if n != 1:
+            raise ValueError("target: set exactly one of ratio, params, shape")
+        return self
+
+
+class PruneConfig(BaseModel):
+    """What to remove and where. Used by ``shear.prune.pipeline.run_prune`` and ``shear prune``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: TargetConfig = Field(description="how much to remove (parameter ratio, parameter budget, or target shape)")
+    structures: list[Literal["heads", "mlp", "hidden", "layers"]] = Field(
+        default_factory=lambda: ["heads", "mlp"],
+        description="structures that may shrink with ratio/params targets: heads, mlp, hidden, layers")
+    structure_ratios: dict[str, float] = Field(
+        default_factory=dict,
+        description="fixed fraction of UNITS removed per structure (e.g. {layers: 0.25}); structures listed in `structures` "
+                    "without a fixed ratio share one common fraction solved to meet the parameter target")
+    allocation: Literal["uniform", "global"] = Field(
+        "global", description="uniform: the same kept width in every layer; global: units ranked across layers (per-layer widths)")
+    heads: Literal["kv_group", "query_head"] = Field(
+        "kv_group", description="GQA head strategy: remove whole KV groups, or the same number of query heads inside each group")
+    round_to: int = Field(1, gt=0, description="kept MLP / hidden widths are multiples of this (8, 64, 128); heads round to 1")
+    protected_layers: list[int] | str = Field(
+        default_factory=list, description="layers never pruned: indices, or a regex matched against the layer index string")
+    min_keep: int = Field(1, ge=0, description="units every width group keeps at least (per layer)")
+    iterative_steps: int = Field(1, gt=0, description="score, prune a step, rescore: the target is reached in this many equal steps")
+
+    @field_validator("structure_ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, r in v.items():
+            if k not in STRUCTURES:
+                raise ValueError(f"structure_ratios.{k}: unknown structure; expected one of {STRUCTURES}")
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"structure_ratios.{k}: must be in [0, 1), got {r}")
+        return v
+
+    @field_validator("protected_layers")
+    @classmethod
+    def _regex(cls, v):
+        if isinstance(v, str):
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"protected_layers: invalid regex {v!r}: {e}") from None
+        return v
+
+    def is_protected(self, layer: int | None) -> bool:
+        """True when ``layer`` (an index, None for model-wide groups) must not be pruned."""
+        if layer is None:
+            return False
+        if isinstance(self.protected_layers, str):
+            return re.fullmatch(self.protected_layers, str(layer)) is not None
+        return layer in self.protected_layers

@@ -1,0 +1,207 @@
+"""``run_prune``: analyze -> score -> plan -> slice (-> export), with a report of what it did and cost.
+
+Iterative (``prune.iterative_steps = K``): step ``k`` rescored on the model left by step ``k-1`` and
+pruned to ``P0 - (P0 - P_target) * k / K`` parameters. FLAP bias compensation is applied after each
+step's slicing (the analyzer lists the new biases as group members, so later steps slice them).
+The report holds params and MACs before/after, kept widths per layer (also plotted), the time of
+each phase and the peak memory (process RSS, sampled; CUDA peak when on GPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from shear.analyze import analyze
+from shear.analyze.graph import PrunePlan, StructureGraph
+from shear.importance import needs_data, score
+from shear.importance.compensation import apply_biases_, compensation_biases
+from shear.prune.config import ImportanceConfig, PruneConfig
+from shear.prune.plan import STRUCTURE_KINDS, ParamCounter, build_plan, model_shapes
+
+log = logging.getLogger("shear")
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """Context manager sampling RSS every ``interval`` s in a thread; ``.peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def kinds_needed(cfg: PruneConfig) -> set[str]:
+    """Group kinds the plan may shrink (structures, fixed ratios, target-shape fields)."""
+    structures = set(cfg.structures) | set(cfg.structure_ratios)
+    s = cfg.target.shape
+    if s is not None:
+        structures = set()
+        structures |= {"hidden"} if s.hidden_size else set()
+        structures |= {"mlp"} if s.intermediate_size else set()
+        structures |= {"heads"} if (s.num_attention_heads or s.num_key_value_heads) else set()
+        structures |= {"layers"} if s.num_hidden_layers else set()
+    return {k for st in structures for k in STRUCTURE_KINDS[st]}
+
+
+def layer_widths(graph: StructureGraph) -> dict:
+    """``{"heads": [..], "kv_heads": [..], "intermediate": [..], "hidden": d, "layers": n}`` from a graph."""
+    n = graph.meta.get("num_layers", 0)
+    out = {"heads": [0] * n, "kv_heads": [0] * n, "intermediate": [0] * n}
+    for g in graph.groups:
+        if g.kind in ("head", "kv_group", "query_head"):
+            out["heads"][g.layer], out["kv_heads"][g.layer] = g.meta.get("heads"), g.meta.get("kv_heads")
+        elif g.kind == "mlp_channel":
+            out["intermediate"][g.layer] = g.num_units
+    hidden = [g for g in graph.groups if g.kind == "hidden"]
+    out["hidden"] = hidden[0].num_units if hidden else None
+    out["layers"] = n
+    return out
+
+
+def _renumber(biases: dict, plan: PrunePlan, graph: StructureGraph) -> dict:
+    """Module names after removed layers are deleted and the rest renumbered."""
+    gone = sorted(int(k.split(".")[1]) for k, v in plan.remove.items() if k.endswith(".layer") and v)
+    if not gone:
+        return biases
+    prefix = re.escape(graph.meta.get("layers", "model.layers"))
+    out = {}
+    for name, b in biases.items():
+        m = re.match(rf"^({prefix})\.(\d+)\.(.*)$", name)
+        if m is None:
+            out[name] = b
+            continue
+        i = int(m.group(2))
+        out[f"{m.group(1)}.{i - sum(j < i for j in gone)}.{m.group(3)}"] = b
+    return out
+
+
+def plot_widths(before: dict, after: dict, path: Path) -> Path:
+    """Bar plot of kept query heads and MLP channels per layer (before vs after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for ax, key, title in zip(axes, ("heads", "intermediate"), ("query heads", "MLP channels")):
+        n = len(before[key])
+        ax.bar(range(n), before[key], color="#cccccc", label="before")
+        ax.bar(range(len(after[key])), after[key], color="#3b6ea8", label="kept")
+        ax.set_title(f"{title} per layer")
+        ax.set_xlabel("layer (after renumbering for 'kept')")
+    axes[0].legend()
+    fig.suptitle(f"hidden {before['hidden']} -> {after['hidden']}, layers {before['layers']} -> {after['layers']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig | None = None,
+              out_dir: str | Path | None = None, recipe: dict | None = None, export_dir: str | Path | None = None,
+              ids: torch.Tensor | None = None) -> tuple[torch.nn.Module, PrunePlan, dict]:
+    """Prune ``model`` in place to ``cfg.target``; return ``(model, last plan, report)``.
+
+    ``ids`` (LongTensor ``[n, L]``) overrides the calibration sampler. With ``out_dir`` the report
+    (``report.json``), the plans (``plans.json``) and the width plot (``kept_widths.png``) are written;
+    with ``export_dir`` the model is exported (``shear.prune.export.export``) with ``recipe``.
+    """
+    icfg = importance or ImportanceConfig()
+    kinds = kinds_needed(cfg)
+    t = {"calibration": 0.0, "scoring": 0.0, "planning": 0.0, "slicing": 0.0}
+    t0 = time.time()
+    with PeakMemory() as mem:
+        graph = analyze(model, heads=cfg.heads)
+        before_w, p0, macs0 = layer_widths(graph), graph.total_params, graph.total_macs
+        if ids is None and needs_data(icfg, kinds):
+            from shear.data.text import calibration_ids
+
+            tc = time.time()
+            ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed, source=icfg.source)
+            t["calibration"] = time.time() - tc
+        counter0 = ParamCounter(graph, model_shapes(model))
+        if cfg.target.shape is None:
+            final = int(counter0.count({}) * (1 - cfg.target.ratio)) if cfg.target.ratio is not None else cfg.target.params
+        steps = cfg.iterative_steps if cfg.target.shape is None else 1
+        compensate = icfg.bias_compensation if icfg.bias_compensation is not None else icfg.estimator == "flap"
+        plans, flags = [], []
+        for k in range(1, steps + 1):
+            if k > 1:
+                graph = analyze(model, heads=cfg.heads)
+            ts = time.time()
+            scores, ctx = score(model, graph, icfg, ids, kinds=kinds)
+            t["scoring"] += time.time() - ts
+            ts = time.time()
+            tp = None if cfg.target.shape is not None else int(p0 - (p0 - final) * k / steps)
+            plan = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp)
+            t["planning"] += time.time() - ts
+            ts = time.time()
+            biases = compensation_biases(model, plan, graph, ctx.activations()) if compensate else {}
+            from shear.prune.slice import prune_
+
+            prune_(model, plan, graph)
+            flags = sorted(set(flags) | set(apply_biases_(model, _renumber(biases, plan, graph))))
+            t["slicing"] += time.time() - ts
+            plans.append(plan)
+            log.info("prune step %d/%d: %s", k, steps, {kk: len(v) for kk, v in plan.remove.items()})
+            del ctx, scores
+        after = analyze(model, heads=cfg.heads)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    report = {
+        "estimator": icfg.estimator, "layer_estimator": icfg.layer_estimator, "aggregation": icfg.aggregation,
+        "target": cfg.target.model_dump(exclude_none=True), "structures": cfg.structures,
+        "allocation": cfg.allocation, "heads": cfg.heads, "iterative_steps": steps,
+        "params_before": p0, "params_after": after.total_params, "removed_ratio": 1 - after.total_params / p0,
+        "macs_before": macs0, "macs_after": after.total_macs, "mac_ratio": after.total_macs / macs0,
+        "widths_before": before_w, "widths_after": layer_widths(after), "bias_compensation": flags,
+        "time_s": {**{k: round(v, 3) for k, v in t.items()}, "total": round(time.time() - t0, 3)},
+        "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1),
+        "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1), "weights_after_mb": round(weights / 2**20, 1),
+        "calibration": None if ids is None else list(ids.shape),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plans.json").write_text(json.dumps([{"remove": p.remove, "meta": p.meta} for p in plans], indent=1))
+        report["plot"] = str(plot_widths(before_w, report["widths_after"], out / "kept_widths.png"))
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if export_dir is not None:
+        from shear.prune.export import export
+
+        export(model, export_dir, tokenizer=tokenizer, recipe=recipe)
+        report["model_dir"] = str(export_dir)
+    return model, plans[-1], report

@@ -1,0 +1,218 @@
+"""Plans: from scores and a target to a :class:`PrunePlan` (which units of which groups go).
+
+Targets (``PruneConfig.target``): a ratio of PARAMETERS, a parameter budget, or an explicit shape.
+For ratio/budget targets every structure in ``structures`` (heads, mlp, hidden, layers) loses the
+same fraction ``f`` of its units, unless ``structure_ratios`` fixes its fraction; ``f`` is found by
+bisection so that the exact parameter count after removal (:class:`ParamCounter`, which accounts
+for overlaps such as a q_proj row that also loses hidden columns) is at most the target.
+
+Allocation inside a structure: ``uniform`` gives every layer the same kept width (rounded to
+``round_to``); ``global`` ranks units of all (unprotected) layers together by score, so widths
+differ per layer, then rounds each layer's kept width to ``round_to``. Layers are always ranked
+globally. Within a group the lowest-scored units go.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shear.analyze.graph import PrunePlan, StructureGraph
+
+STRUCTURE_KINDS = {"heads": ("head", "kv_group", "query_head"), "mlp": ("mlp_channel",),
+                   "hidden": ("hidden",), "layers": ("layer",)}
+
+
+class ParamCounter:
+    """Exact parameter count of the model after removing ``n`` units from groups.
+
+    Built from the graph and ``{param name: shape}``; a parameter loses ``n * width`` along each
+    dim a removed group indexes, and disappears when a depth group holding it is removed.
+    """
+
+    def __init__(self, graph: StructureGraph, shapes: dict[str, tuple[int, ...]]):
+        self.graph, self.shapes = graph, shapes
+        self.dims: dict[str, list[list[tuple[str, int]]]] = {p: [[] for _ in s] for p, s in shapes.items()}
+        self.depth: dict[str, list[str]] = {p: [] for p in shapes}
+        for g in graph.groups:
+            for m in g.members:
+                if m.param not in shapes:
+                    continue
+                if m.width == 0:
+                    self.depth[m.param].append(g.name)
+                else:
+                    self.dims[m.param][m.dim].append((g.name, m.width))
+
+    def count(self, removed: dict[str, int]) -> int:
+        total = 0
+        for p, shape in self.shapes.items():
+            if any(removed.get(g, 0) for g in self.depth[p]):
+                continue
+            n = 1
+            for d, size in enumerate(shape):
+                n *= max(size - sum(removed.get(g, 0) * w for g, w in self.dims[p][d]), 0)
+            total += n
+        return total
+
+
+def model_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _round_keep(keep: float, n: int, align: int, min_keep: int) -> int:
+    """Kept units: nearest multiple of ``align`` (``n`` itself when nothing goes), in [min_keep, n]."""
+    if keep >= n:
+        return n
+    k = int(math.floor(keep / align + 0.5)) * align
+    return max(min(k, n), min_keep, min(align, n))
+
+
+class _Planner:
+    def __init__(self, graph: StructureGraph, scores: dict, cfg):
+        self.graph, self.scores, self.cfg = graph, scores, cfg
+        self.groups = {s: [g for g in graph.groups if g.kind in kinds] for s, kinds in STRUCTURE_KINDS.items()}
+
+    def _free(self, gs):
+        return [g for g in gs if not self.cfg.is_protected(g.layer)]
+
+    def _align(self, structure: str) -> int:
+        return self.cfg.round_to if structure in ("mlp", "hidden") else 1
+
+    def counts(self, structure: str, f: float) -> dict[str, int]:
+        """Units removed per group of ``structure`` when a fraction ``f`` of its units goes."""
+        gs = self._free(self.groups[structure])
+        if f <= 0 or not gs:
+            return {}
+        if structure == "layers":
+            n = min(int(math.floor(f * len(gs) + 1e-9)), len(self.groups["layers"]) - 1)
+            order = sorted(gs, key=lambda g: (float(self._score(g)[0]), g.layer))
+            return {g.name: 1 for g in order[:n]}
+        align, mk = self._align(structure), self.cfg.min_keep
+        if self.cfg.allocation == "uniform" or len(gs) == 1:
+            return {g.name: g.num_units - _round_keep(g.num_units * (1 - f), g.num_units, align, mk) for g in gs}
+        pool = torch.cat([self._score(g) for g in gs])
+        owner = torch.cat([torch.full((g.num_units,), i) for i, g in enumerate(gs)])
+        want = int(math.floor(f * pool.numel() + 0.5))
+        taken = [0] * len(gs)
+        for idx in torch.argsort(pool, stable=True).tolist():
+            if want == 0:
+                break
+            i = int(owner[idx])
+            if taken[i] < gs[i].num_units - max(mk, 1):
+                taken[i] += 1
+                want -= 1
+        return {g.name: g.num_units - _round_keep(g.num_units - t, g.num_units, align, mk) for g, t in zip(gs, taken)}
+
+    def _score(self, g) -> torch.Tensor:
+        if g.name not in self.scores:
+            raise ValueError(f"plan: no score for group {g.name!r}; score its kind ({g.kind}) first")
+        return self.scores[g.name].float().cpu()
+
+    def select(self, counts: dict[str, int]) -> dict[str, list[int]]:
+        """The ``n`` lowest-scored units of each group (ties: lower unit number goes first)."""
+        out = {}
+        for name, n in counts.items():
+            if n > 0:
+                g = self.graph[name]
+                out[name] = [0] if g.kind == "layer" else sorted(
+                    torch.argsort(self._score(g), stable=True)[:n].tolist())
+        return out
+
+
+def _shape_counts(p: _Planner, shape) -> dict[str, int]:
+    """Per-group removal counts for an explicit target shape (uniform per layer)."""
+    counts: dict[str, int] = {}
+
+    def keep_all(structure, keep_fn):
+        for g in p._free(p.groups[structure]):
+            k = keep_fn(g)
+            if k is None:
+                continue
+            if not 0 < k <= g.num_units:
+                raise ValueError(f"prune.target.shape: {g.name} has {g.num_units} units; cannot keep {k}")
+            counts[g.name] = g.num_units - k
+
+    if shape.intermediate_size is not None:
+        keep_all("mlp", lambda g: shape.intermediate_size)
+    if shape.hidden_size is not None:
+        keep_all("hidden", lambda g: shape.hidden_size)
+
+    def heads_keep(g):
+        m = g.meta
+        if g.kind == "head":
+            return shape.num_attention_heads or shape.num_key_value_heads
+        if g.kind == "kv_group":
+            if shape.num_key_value_heads is not None:
+                return shape.num_key_value_heads
+            if shape.num_attention_heads is not None:
+                q = m.get("query_heads_per_unit", 1)
+                if shape.num_attention_heads % q:
+                    raise ValueError(f"prune.target.shape.num_attention_heads: must be a multiple of {q} "
+                                     "(query heads per KV group) with heads='kv_group'")
+                return shape.num_attention_heads // q
+            return None
+        if shape.num_key_value_heads is not None and shape.num_key_value_heads != m.get("kv_heads"):
+            raise ValueError("prune.target.shape.num_key_value_heads: heads='query_head' keeps every KV head")
+        if shape.num_attention_heads is None:
+            return None
+        k = m.get("kv_heads", 1)
+        if shape.num_attention_heads % k:
+            raise ValueError(f"prune.target.shape.num_attention_heads: must be a multiple of {k} (KV heads)")
+        return shape.num_attention_heads // k
+
+    keep_all("heads", heads_keep)
+    if shape.num_hidden_layers is not None:
+        n_layers = len(p.groups["layers"])
+        drop = n_layers - shape.num_hidden_layers
+        if drop < 0:
+            raise ValueError(f"prune.target.shape.num_hidden_layers: the model has {n_layers} layers")
+        free = p._free(p.groups["layers"])
+        if drop:
+            counts.update(p.counts("layers", (drop + 0.5) / max(len(free), 1)))
+    return counts
+
+
+def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shapes: dict[str, tuple[int, ...]],
+               target_params: int | None = None) -> PrunePlan:
+    """A :class:`PrunePlan` meeting ``cfg.target`` (or ``target_params`` when given, for iterative steps).
+
+    ``scores``: ``{group name: [num_units]}`` for every group a structure may shrink; ``shapes``:
+    ``{param: shape}`` of the model the graph describes.
+    """
+    p = _Planner(graph, scores, cfg)
+    counter = ParamCounter(graph, shapes)
+    before = counter.count({})
+    meta = {"params_before": before, "allocation": cfg.allocation, "round_to": cfg.round_to}
+    if cfg.target.shape is not None and target_params is None:
+        counts = _shape_counts(p, cfg.target.shape)
+    else:
+        if target_params is None:
+            target_params = (int(before * (1 - cfg.target.ratio)) if cfg.target.ratio is not None
+                             else cfg.target.params)
+        fixed = dict(cfg.structure_ratios)
+        free = [s for s in cfg.structures if s not in fixed and p.groups[s]]
+
+        def counts_at(f: float) -> dict[str, int]:
+            c: dict[str, int] = {}
+            for s, r in fixed.items():
+                c.update(p.counts(s, r))
+            for s in free:
+                c.update(p.counts(s, f))
+            return c
+
+        lo, hi = 0.0, 1.0 - 1e-6
+        if free and counter.count(counts_at(lo)) > target_params:
+            if counter.count(counts_at(hi)) > target_params:
+                raise ValueError(f"prune.target: {target_params} parameters cannot be reached by shrinking "
+                                 f"{free} (min_keep={cfg.min_keep}, protected={cfg.protected_layers})")
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if counter.count(counts_at(mid)) <= target_params else (mid, hi)
+            f = hi
+        else:
+            f = 0.0
+        counts = counts_at(f)
+        meta.update(fraction=f, target_params=target_params)
+    meta["params_after"] = counter.count(counts)
+    meta["removed_ratio"] = 1 - meta["params_after"] / before
+    return PrunePlan(remove=p.select(counts), meta=meta)

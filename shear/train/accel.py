@@ -1,0 +1,85 @@
+"""accelerate glue: build the Accelerator for this machine and launch mode, prepare, gather.
+
+CPU facts this follows (docs/PLATFORM-NOTES): multi-process CPU needs Accelerator(cpu=True) and a
+gloo process group; DeepSpeed needs its micro-batch size given explicitly when no dataloader is
+prepared; ZeRO-3 weights must be gathered to export.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+
+def is_deepspeed(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def _reset_accelerate_singletons() -> None:
+    """Allow several train() calls in one process with different precision / accumulation."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def build_accelerator(cfg, out_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    _reset_accelerate_singletons()
+    cpu = not torch.cuda.is_available()
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []
+    trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
+    uses_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs = {}
+    if uses_ds:
+        # accelerate fills "auto" batch sizes from a prepared dataloader; we have none, so say them.
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["gradient_clipping"] = cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0
+        ds.pop("train_batch_size", None)
+        plugin.gradient_accumulation_steps = cfg.grad_accum
+        kwargs["deepspeed_plugin"] = plugin
+    return Accelerator(
+        cpu=cpu, mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=handlers,
+        log_with=trackers, project_dir=str(out_dir), **kwargs)
+
+
+def prepare(accelerator, module, optimizer, cfg):
+    """accelerate.prepare for the loss module and optimizer (the lr schedule stays ours)."""
+    if is_deepspeed(accelerator):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    return accelerator.prepare(module, optimizer)
+
+
+def gather_deepspeed_model(accelerator, engine):
+    """Full (unsharded) student from a DeepSpeed engine, loaded into the unwrapped module."""
+    inner = accelerator.unwrap_model(engine)
+    state = accelerator.get_state_dict(engine)  # ZeRO-3: needs zero3_save_16bit_model / gathers
+    model = inner.model
+    if state is not None:
+        prefix = "model."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if accelerator.is_main_process or sub:
+            _load_full(model, sub)
+    model.eval()
+    return model
+
+
+def _load_full(model, state: dict) -> None:
+    """Load gathered weights into a model whose own ZeRO-3 params are empty placeholders."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if n in state:
+                p.data = state[n].to(dtype=p.dtype if p.numel() else state[n].dtype).clone()

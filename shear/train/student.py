@@ -1,0 +1,110 @@
+"""The trained module: a student causal LM plus (optional) hidden-state projections, whose forward
+returns loss SUMS. Wrapping the whole loss in one forward lets DDP / DeepSpeed see every use of the
+parameters (the chunked lm_head calls included)."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import DistillConfig
+from .losses import chunked_logit_losses, hidden_state_loss, resolve_layer_map
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The HF model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _n_layers(model: nn.Module) -> int:
+    return int(_base(model).config.num_hidden_layers)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return int(_base(model).config.hidden_size)
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
+
+
+class LossModule(nn.Module):
+    """forward(input_ids [B, L], labels [B, L], teacher_hidden) -> dict of fp32 scalar sums.
+
+    Labels follow HF: position t predicts labels[t + 1]; -100 is not scored. Keys: loss (weighted
+    total), ce, kd, hidden, tokens (scored-token count, a float tensor).
+    """
+
+    def __init__(self, model: nn.Module, distill: DistillConfig | None = None, teacher: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.distill = distill
+        self._teacher = [teacher]  # a list: not registered, so neither DDP nor state_dict sees it
+        self.pairs: list[tuple[int, int]] = []
+        self.proj = None
+        if distill is not None and teacher is not None and distill.hidden_weight > 0:
+            self.pairs = resolve_layer_map(_n_layers(model), _n_layers(teacher), distill.layer_map)
+            hs, ht = _hidden_size(model), _hidden_size(teacher)
+            self.proj = nn.ModuleList(nn.Linear(hs, ht, bias=False) for _ in self.pairs)
+            for p in self.proj:  # start as the identity (or its rectangular cut)
+                nn.init.eye_(p.weight)
+        self.fast_head = supports_logits_to_keep(model)
+
+    @property
+    def teacher(self):
+        return self._teacher[0]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, teacher_hidden=None, ce_only: bool = False):
+        if self.distill is None or ce_only:
+            return self._ce(input_ids, labels)
+        return self._distill(input_ids, labels, teacher_hidden)
+
+    def _ce(self, input_ids, labels):
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        tgt = labels[:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100, reduction="sum")
+        zero = ce.new_zeros(())
+        return {"loss": ce, "ce": ce, "kd": zero, "hidden": zero, "tokens": (tgt != -100).sum().float()}
+
+    def _distill(self, input_ids, labels, teacher_hidden):
+        d = self.distill
+        kw = {"logits_to_keep": input_ids.new_zeros(0)} if self.fast_head else {}
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kw)
+        mask = labels[:, 1:] != -100
+        tgt = labels[:, 1:][mask]
+        pick = lambda h: h[:, :-1][mask]  # [B, L, H] -> [N, H] at scored positions
+        t_final = pick(teacher_hidden[-1]) if teacher_hidden is not None else None
+        t_head = self.teacher.get_output_embeddings() if self.teacher is not None else None
+        if self.fast_head:
+            s_head = _base(self.model).get_output_embeddings()
+            ce, kd = chunked_logit_losses(
+                pick(out.hidden_states[-1]), s_head, t_final, t_head, tgt, chunk_size=d.chunk_size,
+                kind=d.kd_loss, temperature=d.temperature, beta=d.jsd_beta,
+                need_ce=d.ce_weight > 0, need_kd=d.kd_weight > 0)
+        else:  # models without logits_to_keep: full logits, loss still evaluated per chunk in fp32
+            ce, kd = chunked_logit_losses(
+                pick(out.logits), lambda z: z, pick(t_final_logits(self.teacher, teacher_hidden)) if t_head else None,
+                (lambda z: z), tgt, chunk_size=d.chunk_size, kind=d.kd_loss, temperature=d.temperature,
+                beta=d.jsd_beta, need_ce=d.ce_weight > 0, need_kd=d.kd_weight > 0)
+        hid = ce.new_zeros(())
+        if self.proj is not None:
+            for proj, (i, j) in zip(self.proj, self.pairs):
+                hid = hid + hidden_state_loss(proj(pick(out.hidden_states[i])), pick(teacher_hidden[j]), d.hidden_loss)
+        loss = d.ce_weight * ce + d.kd_weight * kd + d.hidden_weight * hid
+        return {"loss": loss, "ce": ce, "kd": kd, "hidden": hid, "tokens": mask.sum().float()}
+
+
+def t_final_logits(teacher: nn.Module, teacher_hidden) -> torch.Tensor:
+    """Teacher logits [B, L, V] from its final hidden states (fallback path)."""
+    with torch.no_grad():
+        return teacher.get_output_embeddings()(teacher_hidden[-1])
+
+
+@torch.no_grad()
+def teacher_hidden_states(teacher: nn.Module, input_ids: torch.Tensor):
+    """Teacher forward without logits: a tuple of [B, L, Ht] (index 0 = embeddings, -1 = final norm)."""
+    kw = {"logits_to_keep": input_ids.new_zeros(0)} if supports_logits_to_keep(teacher) else {}
+    return teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kw).hidden_states

@@ -1,0 +1,225 @@
+"""The training loop: pretraining, fine-tuning and recovery (CE and/or KD), on accelerate.
+
+    train(model, train_ds, val_ds, TrainConfig(steps=100), "runs/x", teacher=t, distill=DistillConfig())
+
+Runs unchanged in one process, under `accelerate launch --multi_gpu --num_processes 2` (CPU: gloo),
+and under DeepSpeed ZeRO via accelerate. Batches are a function of (seed, step) (see data.py); each
+micro-batch loss is a token SUM divided by the global scored-token count of the step, so the
+gradient does not depend on how the global batch is split over processes and micro-batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .accel import build_accelerator, is_deepspeed, prepare
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import DistillConfig, TrainConfig
+from .data import StepSampler, collate, local_micro_batches
+from .lora import apply_lora, merge_lora
+from .student import LossModule, teacher_hidden_states
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # plain HF model (LoRA merged), ready for save_pretrained
+    metrics: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr for optimizer step `step` (0-based): linear warmup, then decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _prepare_teacher(teacher, distill, device):
+    if teacher is None:
+        return None
+    teacher.eval().requires_grad_(False)
+    dtype = torch.bfloat16 if distill is not None and distill.teacher_dtype == "bf16" else None
+    return teacher.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
+    """Validation NLL/PPL over the first eval_batches batches (all if 0), split over ranks evenly."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_batches = math.ceil(len(val_ds) / cfg.batch_size)
+    if cfg.eval_batches:
+        n_batches = min(n_batches, cfg.eval_batches)
+    per_rank = max(1, n_batches // world)  # equal counts: ZeRO-3 forwards are collective
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(2, device=accelerator.device)
+    for b in range(rank, per_rank * world, world):
+        idx = [i % len(val_ds) for i in range(b * cfg.batch_size, (b + 1) * cfg.batch_size)]
+        batch = {k: v.to(accelerator.device) for k, v in collate(val_ds, idx).items()}
+        with accelerator.autocast():
+            out = module(batch["input_ids"], batch["labels"], ce_only=True)
+        sums += torch.stack([out["ce"].float(), out["tokens"].float()])
+    sums = accelerator.reduce(sums, "sum")
+    module.train(was_training)
+    loss = (sums[0] / sums[1].clamp(min=1)).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
+          distill: DistillConfig | None = None, tokenizer=None) -> TrainResult:
+    """Train `model` on `train_ds` (items {"input_ids": [L], "labels": [L]}); see the module docstring.
+
+    With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
+    ce_weight*CE + kd_weight*KD + hidden_weight*H. Returns the trained model (LoRA merged) and
+    metrics: final_train_loss, eval history, tokens_per_s, wall_s.
+    """
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    if distill is not None and teacher is None:
+        raise ValueError("distill: a teacher model is required (distill.teacher or the unpruned model)")
+    accelerator = build_accelerator(cfg, out_dir)
+    main = accelerator.is_main_process
+    torch.manual_seed(cfg.seed)  # dropout / adapter init stream: same on every rank and every run
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    teacher = _prepare_teacher(teacher, distill, accelerator.device)
+    module = LossModule(model, distill, teacher)
+    module.train()
+    optimizer = build_optimizer(module, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    module, optimizer = prepare(accelerator, module, optimizer, cfg)
+
+    ckpt_root = out_dir / "checkpoints"
+    state = {"step": 0, "eval": [], "train": []}
+    last = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if last is not None:
+        state = load_checkpoint(accelerator, module, optimizer, scheduler, last)
+        if main:
+            print(f"resuming from {last} (step {state['step']})")
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=1))
+    accelerator.init_trackers("shear", config={k: v for k, v in cfg.model_dump().items() if isinstance(v, (int, float, str, bool))})
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_bs = cfg.batch_size * cfg.grad_accum * world
+    sampler = StepSampler(len(train_ds), cfg.seed)
+    seq_len = int(torch.as_tensor(train_ds[0]["input_ids"]).shape[-1])
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
+    metrics_file = out_dir / "metrics.jsonl"
+    train_time, tokens_done, last_loss = 0.0, 0, float("nan")
+    if state["step"] >= cfg.steps and state["train"]:
+        last_loss = state["train"][-1]["loss"]
+
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        t0 = time.time()
+        micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
+        batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
+        count = sum((b["labels"][:, 1:] != -100).sum() for b in batches).float().reshape(1)
+        if world > 1:
+            count = accelerator.reduce(count, "sum")
+        scale = world * cfg.grad_accum / count.clamp(min=1)  # backward divides by accum, DDP averages over world
+        sums = torch.zeros(4, device=accelerator.device)
+        for b in batches:
+            with accelerator.accumulate(module):
+                with accelerator.autocast():
+                    t_hidden = teacher_hidden_states(teacher, b["input_ids"]) if distill is not None else None
+                    out = module(b["input_ids"], b["labels"], t_hidden)
+                accelerator.backward(out["loss"] * scale)
+                sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "hidden")])
+        sums = (accelerator.reduce(sums, "sum") if world > 1 else sums) / count.clamp(min=1)
+        loss = sums[0].item()
+        if not math.isfinite(loss):
+            good = latest_checkpoint(ckpt_root)
+            accelerator.end_training()
+            raise FloatingPointError(
+                f"non-finite training loss ({loss}) at step {step + 1}; stopped before updating the weights. "
+                f"Last good checkpoint: {good if good else 'none'}. Lower train.lr or check the data.")
+        grad_norm = None
+        if cfg.max_grad_norm is not None and not is_deepspeed(accelerator):
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        train_time += time.time() - t0
+        tokens_done += global_bs * seq_len
+        last_loss = loss
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tokens_done / max(train_time, 1e-9)}
+            if distill is not None:
+                rec.update(ce=sums[1].item(), kd=sums[2].item(), hidden=sums[3].item())
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            state["train"].append(rec)
+            _log(accelerator, metrics_file, rec)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            ev = {"step": step, **evaluate_ppl(accelerator, module, val_ds, cfg)}
+            state["eval"].append(ev)
+            _log(accelerator, metrics_file, ev)
+            if main:
+                bar.write(f"step {step}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}")
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
+    bar.close()
+    accelerator.end_training()
+
+    student = _final_model(accelerator, module, cfg)
+    metrics = {"final_train_loss": last_loss, "eval": state["eval"],
+               "final_val_ppl": state["eval"][-1]["val_ppl"] if state["eval"] else None,
+               "tokens_per_s": tokens_done / train_time if train_time else None,
+               "train_s": round(train_time, 2), "wall_s": round(time.time() - t_start, 2),
+               "steps": state["step"], "global_batch": global_bs, "seq_len": seq_len, "processes": world}
+    if main:
+        (out_dir / "train_summary.json").write_text(json.dumps(metrics, indent=1))
+    return TrainResult(model=student, metrics=metrics)
+
+
+def _log(accelerator, path: Path, rec: dict) -> None:
+    if accelerator.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+
+def _final_model(accelerator, module, cfg: TrainConfig) -> nn.Module:
+    """The student as a plain HF model: unwrapped, ZeRO-3 weights gathered, LoRA merged."""
+    if is_deepspeed(accelerator):
+        from .accel import gather_deepspeed_model
+
+        return merge_lora(gather_deepspeed_model(accelerator, module))
+    inner = accelerator.unwrap_model(module).model
+    inner.eval()
+    if cfg.gradient_checkpointing and hasattr(inner, "gradient_checkpointing_disable"):
+        inner.gradient_checkpointing_disable()
+    return merge_lora(inner)

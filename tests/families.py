@@ -1,0 +1,57 @@
+"""Tiny in-process models of every family shear analyzes (2 layers, hidden 64, 4 heads of 16)."""
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, use_cache=False)
+
+#: family -> (config class, model class, config kwargs)
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(COMMON, sliding_window=64)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(COMMON)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(COMMON, tie_word_embeddings=False)),  # q/k norms
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(COMMON, hidden_act="gelu_pytorch_tanh")),  # tied
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, query_pre_attn_scalar=16, sliding_window=4,
+                                                         layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict({k: v for k, v in COMMON.items() if k != "head_dim"},
+                                                   pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=96,
+                                                   n_positions=128, use_cache=False)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=128,
+                                                word_embed_proj_dim=64, use_cache=False, pad_token_id=1)),
+    "bert": ("BertConfig", "BertModel", dict(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             max_position_embeddings=128)),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
+GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+PRENORM = tuple(f for f in FAMILIES if f != "bert")
+
+
+def family_config(family: str, **over):
+    import transformers
+
+    cfg_cls, _, kw = FAMILY_CONFIGS[family]
+    return getattr(transformers, cfg_cls)(**dict(kw, **over))
+
+
+def family_model(family: str, std: float = 0.2, **over):
+    """A tiny model in eval mode, fp32, every parameter drawn from N(0, std) (norms included, so
+    zeroing or slicing a unit can never pass by accident)."""
+    import transformers
+
+    model = getattr(transformers, FAMILY_CONFIGS[family][1])(family_config(family, **over))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+def outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (decoders) or last hidden state (encoders), fp32, no grad."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()

@@ -1,0 +1,97 @@
+"""Plans: exact parameter counting, targets, allocation, rounding, protection."""
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_llama_config
+from shear.analyze import analyze
+from shear.prune.config import PruneConfig
+from shear.prune.plan import ParamCounter, build_plan, model_shapes
+from shear.prune.slice import prune_
+
+
+@pytest.fixture
+def setup():
+    m = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).eval()
+    g = analyze(m)
+    scores = {x.name: torch.rand(x.num_units) for x in g.groups}
+    return m, g, scores
+
+
+def test_counter_by_hand(setup):
+    m, g, _ = setup
+    c = ParamCounter(g, model_shapes(m))
+    assert c.count({}) == sum(p.numel() for p in m.parameters())
+    # one KV group of layer 0: q rows 2 heads x 16 (x64), k, v rows 16 (x64), o columns 32 (x64)
+    assert c.count({}) - c.count({"layers.0.kv_group": 1}) == 32 * 64 + 16 * 64 * 2 + 64 * 32
+    # 8 hidden channels and 10 MLP channels of layer 1: overlap counted once (gate/up/down lose 10 x 56)
+    full, d, i = c.count({}), 64, 96
+    per_layer_other = 4 * 16 * d * 2 + 2 * 16 * d * 2 + 2 * d  # q, o, k, v, two norms
+    want = full - 8 * (128 * 2 + 1) - 3 * (per_layer_other // d * 8) - 3 * 3 * i * 8 - 10 * 3 * (d - 8)
+    assert c.count({"hidden": 8, "layers.1.mlp_channel": 10}) == want
+
+
+@pytest.mark.parametrize("alloc", ["uniform", "global"])
+def test_ratio_target_matches_sliced_model(setup, alloc):
+    m, g, scores = setup
+    cfg = PruneConfig(target={"ratio": 0.3}, structures=["mlp", "hidden"], allocation=alloc, round_to=8)
+    plan = build_plan(g, scores, cfg, model_shapes(m))
+    prune_(m, plan, g)
+    n = sum(p.numel() for p in m.parameters())
+    assert n == plan.meta["params_after"] <= int(plan.meta["params_before"] * 0.7)
+    assert plan.meta["params_after"] > plan.meta["params_before"] * 0.6  # not grossly over-pruned
+    widths = [layer.mlp.gate_proj.out_features for layer in m.model.layers]
+    assert all(w % 8 == 0 for w in widths) and m.config.hidden_size % 8 == 0
+    if alloc == "uniform":
+        assert len(set(widths)) == 1
+
+
+def test_global_follows_scores_and_lowest_go(setup):
+    m, g, scores = setup
+    scores["layers.0.mlp_channel"] = torch.arange(96.0) / 1000  # layer 0 least important everywhere
+    cfg = PruneConfig(target={"ratio": 0.2}, structures=["mlp"], allocation="global")
+    plan = build_plan(g, scores, cfg, model_shapes(m))
+    assert len(plan.remove["layers.0.mlp_channel"]) > len(plan.remove.get("layers.1.mlp_channel", []))
+    k = len(plan.remove["layers.0.mlp_channel"])
+    assert plan.remove["layers.0.mlp_channel"] == list(range(k))  # the lowest scores go first
+
+
+def test_budget_protection_and_fixed_ratios(setup):
+    m, g, scores = setup
+    total = sum(p.numel() for p in m.parameters())
+    cfg = PruneConfig(target={"params": total - 20000}, structures=["mlp", "heads"], protected_layers=[1],
+                      structure_ratios={"heads": 0.5}, allocation="uniform")
+    plan = build_plan(g, scores, cfg, model_shapes(m))
+    assert plan.meta["params_after"] <= total - 20000
+    assert "layers.1.mlp_channel" not in plan.remove and "layers.1.kv_group" not in plan.remove
+    assert len(plan.remove["layers.0.kv_group"]) == 1 and len(plan.remove["layers.2.kv_group"]) == 1
+    cfg = PruneConfig(target={"ratio": 0.2}, protected_layers="^(0|2)$")
+    assert cfg.is_protected(2) and not cfg.is_protected(1) and not cfg.is_protected(None)
+
+
+def test_target_shape(setup):
+    m, g, scores = setup
+    cfg = PruneConfig(target={"shape": {"intermediate_size": 40, "num_key_value_heads": 1, "num_hidden_layers": 2,
+                                        "hidden_size": 48}})
+    plan = build_plan(g, scores, cfg, model_shapes(m))
+    prune_(m, plan, g)
+    c = m.config
+    assert (c.intermediate_size, c.num_key_value_heads, c.num_attention_heads, c.num_hidden_layers, c.hidden_size) == \
+        (40, 1, 2, 2, 48)
+    assert plan.meta["params_after"] == sum(p.numel() for p in m.parameters())
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneConfig(target={"ratio": 0.2, "params": 10})
+    with pytest.raises(ValueError, match="structure_ratios"):
+        PruneConfig(target={"ratio": 0.2}, structure_ratios={"attn": 0.5})
+    with pytest.raises(ValueError, match="extra|unknown|Extra"):
+        PruneConfig(target={"ratio": 0.2}, ratio=0.3)
+
+
+def test_unreachable_target_names_structures(setup):
+    m, g, scores = setup
+    cfg = PruneConfig(target={"ratio": 0.9}, structures=["heads"])
+    with pytest.raises(ValueError, match="cannot be reached"):
+        build_plan(g, scores, cfg, model_shapes(m))

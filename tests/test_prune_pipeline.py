@@ -1,0 +1,99 @@
+"""run_prune end to end on tiny models, FLAP bias compensation, and `shear prune`."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from conftest import tiny_llama_config
+from shear.analyze.graph import PrunePlan
+from shear.importance.calibrate import collect_activation_stats
+from shear.importance.compensation import apply_biases_, compensation_biases
+from shear.prune.config import ImportanceConfig, PruneConfig
+from shear.prune.pipeline import run_prune
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 128, (6, 16))
+
+
+def test_bias_compensation_by_hand(tiny_llama, ids):
+    """Sliced down_proj + bias == original down_proj with the removed inputs at their calibration mean."""
+    from shear.analyze import analyze
+    from shear.prune.slice import prune_
+
+    m = tiny_llama
+    g = analyze(m)
+    stats = collect_activation_stats(m, ids)
+    removed = [1, 5, 7, 40]
+    plan = PrunePlan(remove={"layers.1.mlp_channel": removed})
+    W = m.model.layers[1].mlp.down_proj.weight.detach().clone()
+    mean = stats.linears["model.layers.1.mlp.down_proj"].mean.float()
+    biases = compensation_biases(m, plan, g, stats)
+    prune_(m, plan, g)
+    assert apply_biases_(m, biases) == ["mlp_bias"] and m.config.mlp_bias
+    x = torch.randn(3, 96)
+    x_mean = x.clone()
+    x_mean[:, removed] = mean[removed]
+    kept = [i for i in range(96) if i not in removed]
+    down = m.model.layers[1].mlp.down_proj
+    assert torch.allclose(down(x[:, kept]), x_mean @ W.T, atol=1e-5)
+    assert torch.count_nonzero(m.model.layers[0].mlp.down_proj.bias) == 0  # siblings: zero biases
+    assert m.model.layers[0].mlp.gate_proj.bias is not None
+
+
+@pytest.mark.parametrize("est,pc", [
+    ("flap", dict(target={"ratio": 0.3}, structures=["heads", "mlp", "hidden"], round_to=8)),
+    ("taylor_vector", dict(target={"ratio": 0.25}, structures=["mlp"], iterative_steps=2, allocation="uniform")),
+    ("wanda_sp", dict(target={"shape": {"intermediate_size": 40, "num_hidden_layers": 1}})),
+])
+def test_run_prune_exports_and_reloads(tmp_path, ids, est, pc):
+    m = LlamaForCausalLM(tiny_llama_config()).eval()
+    cfg = PruneConfig(**pc)
+    m, plan, rep = run_prune(m, None, cfg, ImportanceConfig(estimator=est), out_dir=tmp_path / "r", ids=ids,
+                             export_dir=tmp_path / "model", recipe={"prune": cfg.model_dump(mode="json")})
+    n = sum(p.numel() for p in m.parameters())
+    assert rep["params_after"] == n and rep["macs_after"] < rep["macs_before"]
+    if cfg.target.ratio:
+        assert rep["removed_ratio"] >= cfg.target.ratio
+    assert (tmp_path / "r" / "kept_widths.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["params_after"] == n
+    assert rep["peak_rss_mb"] > 0 and rep["time_s"]["total"] > 0
+    assert (est == "flap") == bool(rep["bias_compensation"])
+    re = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, re(ids).logits, atol=1e-5)
+
+
+def test_iterative_flap_biases_survive_later_steps(ids):
+    m = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).eval()
+    cfg = PruneConfig(target={"ratio": 0.4}, structures=["mlp", "hidden", "layers"], iterative_steps=2)
+    m, _, rep = run_prune(m, None, cfg, ImportanceConfig(estimator="flap"), ids=ids)
+    d = m.config.hidden_size
+    assert all(layer.mlp.down_proj.bias.shape == (d,) for layer in m.model.layers)
+    assert rep["removed_ratio"] >= 0.4
+    with torch.no_grad():
+        assert torch.isfinite(m(ids).logits).all()
+
+
+@pytest.mark.slow
+def test_cli_prune_model_dir(tmp_path):
+    import argparse
+
+    from shear.data.corpus import load_corpus
+    from shear.data.tokenizer import train_bpe
+
+    tok = train_bpe([d["text"] for d in load_corpus("train")][:20], 300)
+    m = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok)))
+    m.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    parser = argparse.ArgumentParser()
+    from shear.prune.commands import register
+
+    register(parser.add_subparsers())
+    args = parser.parse_args(["prune", str(tmp_path / "src"), "--ratio", "0.3", "--estimator", "wanda_sp", "--n-samples", "4",
+               "--seq-len", "16", "-o", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["removed_ratio"] >= 0.3 and (tmp_path / "out" / "model" / "config.json").exists()
