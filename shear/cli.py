@@ -12,8 +12,8 @@ import sys
 COMMANDS = [
     "shear.commands",  # run, recipes, quickstart
     "shear.eval.commands",  # eval
-    # "shear.analyze.commands",  # analyze, export
-    # "shear.prune.commands",  # prune
+    "shear.analyze.commands",  # analyze, export
+    "shear.prune.commands",  # prune
 ]
 
 

@@ -38,7 +38,11 @@ def _analyze_target(target: str, heads: str):
     if not path.exists():  # a hub name: its config only (HF_HUB_OFFLINE makes this a clear error)
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(target, allow_patterns=["config.json"]))
+        try:
+            path = Path(snapshot_download(target, allow_patterns=["config.json"]))
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear message
+            raise FileNotFoundError(f"{target}: not a local model directory and its config could not be "
+                                    f"fetched ({type(e).__name__})") from None
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type in FAMILIES:
         return analyze_path(path, heads)

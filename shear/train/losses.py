@@ -11,7 +11,6 @@ backward, so at most one chunk of student logits is alive at any time.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -38,7 +37,11 @@ def token_divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str =
     elif kind == "jsd":
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd_beta: must be in (0, 1), got {beta}")
-        m_log = torch.logsumexp(torch.stack([p_log + math.log(beta), q_log + math.log(1.0 - beta)]), dim=0)
+        # log m in a form that is exactly log p when p == q (so self-distillation gives exactly 0):
+        # m = q (1 + beta (p/q - 1)) where p <= q, m = p (1 + (1-beta)(q/p - 1)) elsewhere.
+        diff = p_log - q_log
+        m_log = torch.where(diff <= 0, q_log + torch.log1p(beta * torch.expm1(diff.clamp(max=0))),
+                            p_log + torch.log1p((1.0 - beta) * torch.expm1((-diff).clamp(max=0))))
         d = beta * (p_log.exp() * (p_log - m_log)).sum(-1) + (1.0 - beta) * (q_log.exp() * (q_log - m_log)).sum(-1)
     else:
         raise ValueError(f"kd_loss: unknown divergence {kind!r} (forward_kl, reverse_kl, jsd)")
