@@ -48,6 +48,7 @@ class ExportConfig(BaseModel):
 
     dir: str | None = Field(None, description="output directory of the exported model (default: OUTPUT_DIR/model); {cache} is the shear cache (~/.cache/shear)")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="cast weights before saving (default: keep)")
+    overwrite: bool = Field(False, description="replace a model already in dir (otherwise that is an error)")
 
 
 class Recipe(BaseModel):

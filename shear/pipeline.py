@@ -117,7 +117,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
 
         target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
                   if recipe.export.dir else out / "model")
-        export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"))
+        export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"), overwrite=recipe.export.overwrite)
         summary["model_dir"] = str(target)
         summary["stages"].append("export")
 

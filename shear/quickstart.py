@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from shear.config import merge, validate_recipe
@@ -54,11 +53,12 @@ def quickstart(out_dir: str = "shear-quickstart", rebuild: bool = False) -> dict
     ref = cache_dir() / "models" / "reference-quick"
     if rebuild or not (ref / "config.json").exists():
         console.print(f"[bold]1/2[/] building the quick reference model (once; cached in {ref}) ...")
-        run_recipe(validate_recipe(copy.deepcopy(QUICK_PRETRAIN)), out / "pretrain")
+        pretrain = merge(QUICK_PRETRAIN, {"export": {"overwrite": True}})  # --rebuild replaces the cached model
+        run_recipe(validate_recipe(pretrain), out / "pretrain")
     else:
         console.print(f"[bold]1/2[/] reusing the quick reference model in {ref}")
     console.print("[bold]2/2[/] pruning, recovering with distillation, exporting, evaluating ...")
-    summary = run_recipe(validate_recipe(merge(QUICK_PRUNE, {"output_dir": str(out)})), out)
+    summary = run_recipe(validate_recipe(merge(QUICK_PRUNE, {"output_dir": str(out), "export": {"overwrite": True}})), out)
     rows = {name: summary["eval"][key] for name, key in
             (("dense", "original"), ("pruned", "pruned"), ("recovered", "final")) if key in summary["eval"]}
     console.print(compare_table(rows))

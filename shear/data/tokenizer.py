@@ -27,5 +27,5 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[0],
-        unk_token=None, pad_token=SPECIAL_TOKENS[1], model_max_length=4096,
+        unk_token=None, pad_token=SPECIAL_TOKENS[1],
     )

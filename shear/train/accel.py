@@ -30,11 +30,12 @@ def build_accelerator(cfg, out_dir: Path):
     from accelerate.utils import InitProcessGroupKwargs
 
     _reset_accelerate_singletons()
-    cpu = not torch.cuda.is_available()
+    no_cuda = not torch.cuda.is_available()
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []
-    trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
     uses_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = no_cuda and not uses_ds  # cpu=True makes accelerate ignore DeepSpeed; DS picks its CPU backend itself
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_cuda and multi else []
+    trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
     kwargs = {}
     if uses_ds:
         # accelerate fills "auto" batch sizes from a prepared dataloader; we have none, so say them.
@@ -67,6 +68,9 @@ def gather_deepspeed_model(accelerator, engine):
     inner = accelerator.unwrap_model(engine)
     state = accelerator.get_state_dict(engine)  # ZeRO-3: needs zero3_save_16bit_model / gathers
     model = inner.model
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        destroy()  # ZeRO-3: removes the gather/release hooks so the returned model runs standalone
     if state is not None:
         prefix = "model."
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

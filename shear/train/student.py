@@ -78,29 +78,21 @@ class LossModule(nn.Module):
         pick = lambda h: h[:, :-1][mask]  # [B, L, H] -> [N, H] at scored positions
         t_final = pick(teacher_hidden[-1]) if teacher_hidden is not None else None
         t_head = self.teacher.get_output_embeddings() if self.teacher is not None else None
-        if self.fast_head:
-            s_head = _base(self.model).get_output_embeddings()
-            ce, kd = chunked_logit_losses(
-                pick(out.hidden_states[-1]), s_head, t_final, t_head, tgt, chunk_size=d.chunk_size,
-                kind=d.kd_loss, temperature=d.temperature, beta=d.jsd_beta,
-                need_ce=d.ce_weight > 0, need_kd=d.kd_weight > 0)
-        else:  # models without logits_to_keep: full logits, loss still evaluated per chunk in fp32
-            ce, kd = chunked_logit_losses(
-                pick(out.logits), lambda z: z, pick(t_final_logits(self.teacher, teacher_hidden)) if t_head else None,
-                (lambda z: z), tgt, chunk_size=d.chunk_size, kind=d.kd_loss, temperature=d.temperature,
-                beta=d.jsd_beta, need_ce=d.ce_weight > 0, need_kd=d.kd_weight > 0)
+        if self.fast_head:  # logits are made chunk by chunk from the final hidden states
+            h_s, head_s = pick(out.hidden_states[-1]), _base(self.model).get_output_embeddings()
+            h_t, head_t = t_final, t_head
+        else:  # a model without logits_to_keep: its full logits, the loss still per chunk in fp32
+            h_s, head_s = pick(out.logits), nn.Identity()
+            h_t, head_t = (pick(t_head(teacher_hidden[-1])) if t_head is not None else None), nn.Identity()
+        ce, kd = chunked_logit_losses(h_s, head_s, h_t, head_t, tgt, chunk_size=d.chunk_size, kind=d.kd_loss,
+                                      temperature=d.temperature, beta=d.jsd_beta,
+                                      need_ce=d.ce_weight > 0, need_kd=d.kd_weight > 0)
         hid = ce.new_zeros(())
         if self.proj is not None:
             for proj, (i, j) in zip(self.proj, self.pairs):
                 hid = hid + hidden_state_loss(proj(pick(out.hidden_states[i])), pick(teacher_hidden[j]), d.hidden_loss)
         loss = d.ce_weight * ce + d.kd_weight * kd + d.hidden_weight * hid
         return {"loss": loss, "ce": ce, "kd": kd, "hidden": hid, "tokens": mask.sum().float()}
-
-
-def t_final_logits(teacher: nn.Module, teacher_hidden) -> torch.Tensor:
-    """Teacher logits [B, L, V] from its final hidden states (fallback path)."""
-    with torch.no_grad():
-        return teacher.get_output_embeddings()(teacher_hidden[-1])
 
 
 @torch.no_grad()

@@ -192,9 +192,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
     bar.close()
+    student = _final_model(accelerator, module, cfg)  # before end_training: ZeRO-3 gathers are collective
     accelerator.end_training()
-
-    student = _final_model(accelerator, module, cfg)
     metrics = {"final_train_loss": last_loss, "eval": state["eval"],
                "final_val_ppl": state["eval"][-1]["val_ppl"] if state["eval"] else None,
                "tokens_per_s": tokens_done / train_time if train_time else None,

@@ -1,0 +1,34 @@
+"""``shear train RECIPE [key=value ...]``: run a recipe whose train section does the work
+(recovery of a pruned student with KD, fine-tuning, or pretraining). Also runnable as
+``accelerate launch --config_file recipes/accelerate/ddp.yaml -m shear train RECIPE``."""
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_train(args) -> int:
+    from shear.config import load_recipe
+    from shear.pipeline import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.train is None:
+        raise ValueError(f"{args.recipe}: recipe.train: required by `shear train` (use `shear run` for recipes without training)")
+    summary = run_recipe(recipe, args.output_dir)
+    tr = summary.get("train", {})
+    if tr.get("final_val_ppl") is not None:
+        print(f"validation PPL after training: {tr['final_val_ppl']:.2f} "
+              f"({tr.get('steps')} steps, {tr.get('tokens_per_s') or 0:.0f} tokens/s)")
+    print(f"done in {summary['wall_s']} s; outputs in {summary['output_dir']}")
+    if "model_dir" in summary:
+        print(f"model: {summary['model_dir']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train / recover a model as a recipe says (LoRA or full, CE and/or KD)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML with a train section (and distill for KD)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 distill.kd_weight=0.5")
+    p.add_argument("--output-dir", default=None, help="where outputs go (default: the recipe's output_dir)")
+    p.set_defaults(func=_cmd_train)
