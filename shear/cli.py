@@ -14,6 +14,7 @@ COMMANDS = [
     "shear.eval.commands",  # eval
     "shear.analyze.commands",  # analyze, export
     "shear.prune.commands",  # prune
+    "shear.train.commands",  # train
 ]
 
 

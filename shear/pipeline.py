@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -55,11 +56,22 @@ def build_model(recipe: Recipe, train_texts=None):
     return LlamaForCausalLM(cfg), tok
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): under `accelerate launch` only it writes files and evaluates."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
-    """Run every stage the recipe names; return a summary (also written to OUTPUT_DIR/summary.json)."""
+    """Run every stage the recipe names; return a summary (also written to OUTPUT_DIR/summary.json).
+
+    Under a multi-process launch every rank prunes (deterministically, the same plan) and trains;
+    rank 0 alone writes the recipe, the prune report, the export, the evaluation and the summary.
+    """
+    main = is_main_process()
     out = Path(out_dir or recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_recipe(recipe, out / "recipe.yaml")
+    if main:
+        dump_recipe(recipe, out / "recipe.yaml")
     seed_everything(recipe.seed)
     t0 = time.time()
     summary: dict = {"output_dir": str(out), "stages": []}
@@ -68,7 +80,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
     evals: dict = {}
 
     def evaluate_as(name: str) -> None:
-        if recipe.eval is not None:
+        if recipe.eval is not None and main:
             from shear.eval.report import evaluate
 
             evals[name] = evaluate(model, tok, recipe.eval)
@@ -81,7 +93,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
 
         if recipe.distill is not None and recipe.distill.teacher is None:
             teacher = copy.deepcopy(model).eval()  # the unpruned model is the teacher
-        model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune")
+        model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune" if main else None)
         summary["prune"] = report
         summary["stages"].append("prune")
         if recipe.train is not None:
@@ -106,7 +118,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
         summary["stages"].append("train")
     del teacher
 
-    if recipe.export is not None:
+    if recipe.export is not None and main:
         from shear.prune.export import export
 
         if recipe.export.dtype:
@@ -127,5 +139,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
         summary["stages"].append("eval")
 
     summary["wall_s"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -112,3 +112,23 @@ def test_distill_hidden_loss_with_depth_pruned_student(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert all(r["hidden"] > 0 for r in recs) and recs[-1]["loss"] < recs[0]["loss"]
     assert type(res.model).__name__ == "LlamaForCausalLM"
+
+
+def test_gradient_checkpointing_gives_same_weights(tmp_path):
+    a = _run(tmp_path, "a", steps=3).model
+    b = _run(tmp_path, "b", steps=3, gradient_checkpointing=True).model
+    _same(a, b, exact=False)
+
+
+def test_distill_bf16_teacher_and_full_logit_fallback(tmp_path, monkeypatch):
+    import shear.train.student as st
+
+    d = DistillConfig(ce_weight=0.5, kd_weight=1.0, teacher_dtype="bf16", kd_loss="jsd", chunk_size=9)
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, log_every=1, resume=False)
+    fast = train(tiny_model(), ToyDataset(16), ToyDataset(4), cfg, tmp_path / "f", teacher=tiny_model(1), distill=d)
+    monkeypatch.setattr(st, "supports_logits_to_keep", lambda m: False)
+    slow = train(tiny_model(), ToyDataset(16), ToyDataset(4), cfg, tmp_path / "s", teacher=tiny_model(1), distill=d)
+    recs = lambda n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if '"kd"' in x]
+    assert recs("f")[0]["kd"] > 0
+    assert [r["kd"] for r in recs("f")] == pytest.approx([r["kd"] for r in recs("s")], rel=1e-4)
+    _same(fast.model, slow.model, exact=False)

@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-windows", type=int, default=48)
     ap.add_argument("--speed-reps", type=int, default=5)
     ap.add_argument("--no-mha", action="store_true")
+    ap.add_argument("--no-gqa-heads", action="store_true", help="skip section C (shear on GQA heads + MLP)")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--out", default="runs/bench_prune.json")
     args = ap.parse_args(argv)
@@ -177,6 +178,10 @@ def main(argv=None) -> int:
 
     fr = shear_rows("A: GQA, MLP+hidden", base, ["mlp", "hidden"], "gqa", args.estimators)
     tp_rows("A: GQA, MLP+hidden", base, "gqa", fr, heads=False)
+    if not args.no_gqa_heads:  # shear only: Torch-Pruning cannot prune GQA attention
+        ests = [e for e in args.estimators if e in ("magnitude_l2", "taylor_vector", "flap", "wanda_sp", "minitron",
+                                                      "random", args.default)]
+        shear_rows("C: GQA, KV groups+MLP (shear only)", base, ["heads", "mlp"], "gqa", ests)
     if not args.no_mha:
         mha = to_mha(base)
         P0["mha"], macs0["mha"], dense["mha"] = n_params(mha), macs(mha), ppl(mha)

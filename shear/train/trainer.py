@@ -92,7 +92,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
 
     With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
     ce_weight*CE + kd_weight*KD + hidden_weight*H. Returns the trained model (LoRA merged) and
-    metrics: final_train_loss, eval history, tokens_per_s, wall_s.
+    metrics: final_train_loss, eval history, tokens_per_s, wall_s. `tokenizer`, when given, is saved
+    to OUT/tokenizer. Side effect: the global torch RNG is seeded with cfg.seed.
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -104,7 +105,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache while training; restored on the returned model
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     teacher = _prepare_teacher(teacher, distill, accelerator.device)
@@ -124,6 +126,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=1))
+        if tokenizer is not None and not (out_dir / "tokenizer").exists():
+            tokenizer.save_pretrained(out_dir / "tokenizer")  # checkpoints stay usable on their own
     accelerator.init_trackers("shear", config={k: v for k, v in cfg.model_dump().items() if isinstance(v, (int, float, str, bool))})
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -193,6 +197,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
             save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
     bar.close()
     student = _final_model(accelerator, module, cfg)  # before end_training: ZeRO-3 gathers are collective
+    if use_cache is not None:
+        student.config.use_cache = use_cache
     accelerator.end_training()
     metrics = {"final_train_loss": last_loss, "eval": state["eval"],
                "final_val_ppl": state["eval"][-1]["val_ppl"] if state["eval"] else None,

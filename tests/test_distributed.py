@@ -1,0 +1,108 @@
+"""Multi-process training on CPU (gloo) through `accelerate launch`: the same global batch split over
+2 processes gives the losses and weights of one process."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = str(Path(__file__).with_name("test_train_worker.py"))
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": ext,
+            "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
+
+
+def _launch(out, cfg, nproc, *extra, launcher=()):
+    if nproc == 1:
+        cmd = [sys.executable, WORKER, str(out), json.dumps(cfg), *extra]
+    else:
+        cmd = [ACCELERATE, "launch", *launcher, "--num_processes", str(nproc), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
+               WORKER, str(out), json.dumps(cfg), *extra]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return out
+
+
+def _losses(out):
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r], [r["val_loss"] for r in recs if "val_loss" in r]
+
+
+def _compare(single, multi):
+    (l1, v1), (l2, v2) = _losses(single), _losses(multi)
+    assert len(l1) == len(l2) > 0
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(v2), torch.tensor(v1), rtol=1e-5, atol=1e-6)
+    w1, w2 = load_file(str(single / "final.safetensors")), load_file(str(multi / "final.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert json.loads((multi / "result.json").read_text())["processes"] == 2
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_matches_single_process(tmp_path):
+    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
+    base = {"steps": 5, "lr": 5e-3, "log_every": 1, "eval_every": 5, "grad_accum": 2, "resume": False}
+    single = _launch(tmp_path / "one", {**base, "batch_size": 8}, 1)
+    multi = _launch(tmp_path / "two", {**base, "batch_size": 4}, 2, launcher=("--multi_gpu",))
+    _compare(single, multi)
+
+
+def _has_deepspeed():
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # DeepSpeed builds its CPU ops once (~2-3 min); later runs take ~30 s
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed (pip install 'shear[deepspeed]')")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_with_teacher_matches_single_process(tmp_path, stage):
+    cfg_file = Path(__file__).parents[1] / "recipes" / "accelerate" / f"zero{stage}.yaml"
+    base = {"steps": 3, "lr": 5e-3, "log_every": 1, "eval_every": 3, "resume": False}
+    distill = json.dumps({"ce_weight": 0.5, "kd_weight": 1.0, "chunk_size": 7})
+    single = _launch(tmp_path / "one", {**base, "batch_size": 8}, 1, "--distill", distill)
+    multi = _launch(tmp_path / "ds", {**base, "batch_size": 4}, 2, "--distill", distill,
+                    launcher=("--config_file", str(cfg_file)))
+    _compare(single, multi)
+    assert (tmp_path / "ds" / "checkpoints" / "step-3" / "ds").is_dir()  # DeepSpeed's sharded checkpoint
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed (pip install 'shear[deepspeed]')")
+def test_deepspeed_zero3_resume_gives_identical_weights(tmp_path):
+    cfg_file = str(Path(__file__).parents[1] / "recipes" / "accelerate" / "zero3.yaml")
+    base = {"batch_size": 4, "lr": 5e-3, "scheduler": "constant", "log_every": 1}
+    distill = json.dumps({"ce_weight": 0.5, "kd_weight": 1.0})
+    ds = ("--config_file", cfg_file)
+    whole = _launch(tmp_path / "whole", {**base, "steps": 5}, 2, "--distill", distill, launcher=ds)
+    _launch(tmp_path / "parts", {**base, "steps": 3}, 2, "--distill", distill, launcher=ds)
+    parts = _launch(tmp_path / "parts", {**base, "steps": 5}, 2, "--distill", distill, launcher=ds)  # resumes at 3
+    wa, wb = load_file(str(whole / "final.safetensors")), load_file(str(parts / "final.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.distributed
+@pytest.mark.skip(reason="accelerate's FSDP needs GPUs: on CPU processes v1 finds no device and v2 is silently "
+                         "not applied (recipes/accelerate/fsdp.yaml is for GPU machines)")
+def test_fsdp_cpu():
+    pass
