@@ -93,13 +93,20 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
 
         if recipe.distill is not None and recipe.distill.teacher is None:
             teacher = copy.deepcopy(model).eval()  # the unpruned model is the teacher
-        model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune" if main else None)
-        summary["prune"] = report
-        summary["stages"].append("prune")
-        if recipe.train is not None:
-            evaluate_as("pruned")
+        if recipe.prune.tune_rounds > 1:  # prune while tuning: rounds of prune + train replace both stages
+            from shear.train.iterative import run_rounds_from_recipe
 
-    if recipe.train is not None:
+            model, report = run_rounds_from_recipe(recipe, model, tok, teacher, out)
+            summary["prune"], summary["train"] = report, {"final_val_ppl": report["final_val_ppl"]}
+            summary["stages"] += ["prune", "train"]
+        else:
+            model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune" if main else None)
+            summary["prune"] = report
+            summary["stages"].append("prune")
+            if recipe.train is not None:
+                evaluate_as("pruned")
+
+    if recipe.train is not None and "train" not in summary:
         from shear.data.text import build_datasets
         from shear.train.trainer import train
 

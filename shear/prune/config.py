@@ -42,6 +42,13 @@ class ImportanceConfig(BaseModel):
     bias_compensation: bool | None = Field(None, description="after slicing, add b = W[:, removed] @ mean(X_removed) to o_proj / "
                                                              "down_proj (FLAP); None = on for flap only")
 
+    @field_validator("estimator", mode="before")
+    @classmethod
+    def _register_loraprune(cls, v):
+        if v == "loraprune":
+            import shear.train.iterative  # noqa: F401  (registers the LoRAPrune estimator)
+        return v
+
     @field_validator("estimator")
     @classmethod
     def _known_estimator(cls, v: str) -> str:
@@ -112,6 +119,8 @@ class PruneConfig(BaseModel):
         default_factory=list, description="layers never pruned: indices, or a regex matched against the layer index string")
     min_keep: int = Field(1, ge=0, description="units every width group keeps at least (per layer)")
     iterative_steps: int = Field(1, gt=0, description="score, prune a step, rescore: the target is reached in this many equal steps")
+    tune_rounds: int = Field(1, gt=0, description="prune while tuning: K rounds of prune a fraction, tune train.steps/K steps, "
+                                                  "rescore (needs a train section; 1 = prune once, then train)")
 
     @field_validator("structure_ratios")
     @classmethod
