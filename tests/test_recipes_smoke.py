@@ -14,7 +14,7 @@ from conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
-TINY_ARCH = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+TINY_ARCH = dict(hidden_size=32, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
 
 
@@ -55,12 +55,13 @@ def shrink(data: dict, tiny_dir: Path, corpus: Path, out: Path) -> list[str]:
         if data.get("distill", {}) and data["distill"].get("teacher"):
             ov += [f"distill.teacher={tiny_dir}"]
     if "train" in data:
-        ov += ["train.steps=2", "train.warmup_steps=0", "train.batch_size=2", "train.eval_batches=1",
+        ov += ["train.steps=3", "train.warmup_steps=0", "train.batch_size=2", "train.eval_batches=1",
                "train.eval_every=1", "train.save_every=1"]
     if "prune" in data:
-        ov += ["importance.n_samples=2", "importance.seq_len=16", f"importance.source={corpus}"]
+        ov += ["importance.n_samples=2", "importance.seq_len=16", f"importance.source={corpus}", "prune.round_to=1"]
     if "eval" in data:
-        ov += ["eval.speed=false", "eval.max_windows=2", "eval.seq_len=32", f"eval.dataset={corpus / 'part0.txt'}"]
+        ov += ["eval.speed=false", "eval.max_windows=2", "eval.seq_len=32", f"eval.dataset={corpus / 'part0.txt'}",
+               "eval.dataset_config=null", "eval.split=validation"]
     if "export" in data:
         ov += [f"export.dir={out / 'model'}"]
     return ov

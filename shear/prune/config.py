@@ -26,7 +26,8 @@ class ImportanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     estimator: str = Field("flap", description="width estimator: magnitude_l1, magnitude_l2, taylor_vector, taylor_element1, "
-                                               "taylor_element2, wanda_sp, flap, minitron, random (see `shear.importance.ESTIMATORS`)")
+                                               "taylor_element2, wanda_sp, flap, minitron, random, loraprune (prune.tune_rounds > 1 with train.lora only); "
+                                               "see `shear.importance.ESTIMATORS`")
     layer_estimator: str | None = Field("block_influence", description="estimator for whole layers / sublayers: block_influence, "
                                                                        "angular, random; None = the width estimator scores them too")
     aggregation: Literal["sum", "mean", "max", "prod", "first"] = Field("sum", description="how the per-member scores of a group's "
