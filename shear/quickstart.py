@@ -19,8 +19,8 @@ QUICK_PRETRAIN = {
     "seed": 0,
     "model": {"path": "reference-quick", "init": "scratch", "arch": "reference-quick", "tokenizer_vocab": 2048},
     "data": {"source": "shakespeare", "seq_len": 128},
-    "train": {"steps": 300, "batch_size": 8, "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1,
-              "precision": "fp32", "eval_every": 100, "eval_batches": 8, "save_every": 100, "log_every": 25},
+    "train": {"steps": 1000, "batch_size": 8, "lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.1,
+              "precision": "fp32", "eval_every": 250, "eval_batches": 8, "save_every": 250, "log_every": 25},
     "export": {"dir": "{cache}/models/reference-quick"},
 }
 
