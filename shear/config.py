@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shear.data.text import DataConfig
 from shear.eval.config import EvalConfig
@@ -67,6 +67,17 @@ class Recipe(BaseModel):
     distill: DistillConfig | None = Field(None, description="distillation from the unpruned teacher during train")
     export: ExportConfig | None = Field(None, description="write the resulting model; absent = no export")
     eval: EvalConfig | None = Field(None, description="evaluate the result (and the original when pruned)")
+
+    @model_validator(mode="after")
+    def _stages_fit(self):
+        if self.distill is not None and self.train is None:
+            raise ValueError("distill: distillation happens during training; add a train section")
+        if self.distill is not None and self.distill.teacher is None and self.prune is None:
+            raise ValueError("distill.teacher: no teacher; name one, or add a prune section "
+                             "(the unpruned model is then the teacher)")
+        if self.prune is not None and self.prune.tune_rounds > 1 and self.train is None:
+            raise ValueError("prune.tune_rounds: prune while tuning needs a train section")
+        return self
 
 
 def _format_errors(err: ValidationError, root: str = "recipe") -> str:

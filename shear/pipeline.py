@@ -56,6 +56,18 @@ def build_model(recipe: Recipe, train_texts=None):
     return LlamaForCausalLM(cfg), tok
 
 
+def resolve_teacher(recipe: Recipe, model):
+    """The KD teacher: distill.teacher when named, else a frozen copy of the model before pruning."""
+    d = recipe.distill  # the recipe validator guarantees a train section and a teacher source
+    if d is None:
+        return None
+    if d.teacher is not None:
+        from shear.models import load_model
+
+        return load_model(d.teacher, d.teacher_dtype)
+    return copy.deepcopy(model).eval()
+
+
 def is_main_process() -> bool:
     """Rank 0 (or a single process): under `accelerate launch` only it writes files and evaluates."""
     return os.environ.get("RANK", "0") == "0"
@@ -86,13 +98,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
             evals[name] = evaluate(model, tok, recipe.eval)
             log.info("eval %s: %s", name, {k: v for k, v in evals[name].items() if not isinstance(v, dict)})
 
-    teacher = None
+    teacher = resolve_teacher(recipe, model)
     if recipe.prune is not None:
         evaluate_as("original")
         from shear.prune.pipeline import run_prune
 
-        if recipe.distill is not None and recipe.distill.teacher is None:
-            teacher = copy.deepcopy(model).eval()  # the unpruned model is the teacher
         if recipe.prune.tune_rounds > 1:  # prune while tuning: rounds of prune + train replace both stages
             from shear.train.iterative import run_rounds_from_recipe
 
@@ -110,13 +120,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
         from shear.data.text import build_datasets
         from shear.train.trainer import train
 
-        if recipe.distill is not None and recipe.distill.teacher is not None:
-            from shear.models import load_model
-
-            teacher = load_model(recipe.distill.teacher, recipe.distill.teacher_dtype)
-        if recipe.distill is not None and teacher is None:
-            raise ValueError("recipe.distill: no teacher; set distill.teacher or add a prune section "
-                             "(the unpruned model is then the teacher)")
         train_ds, val_ds = build_datasets(recipe.data, tok)
         result = train(model, train_ds, val_ds, recipe.train, out / "train", teacher=teacher,
                        distill=recipe.distill, tokenizer=tok)

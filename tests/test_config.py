@@ -71,3 +71,12 @@ def test_every_shipped_recipe_validates():
         assert first.startswith("# ") and "shear" in first, f"{p}: first line must be the command that runs it"
         r = load_recipe(p)
         assert r.description, f"{p}: needs a one-line description"
+
+
+def test_stages_must_fit_together():
+    with pytest.raises(ValueError, match=r"recipe: .*distill: distillation happens during training"):
+        validate_recipe({"model": {"path": "x"}, "distill": {"kd_weight": 1.0}})
+    with pytest.raises(ValueError, match=r"distill.teacher: no teacher"):
+        validate_recipe({"model": {"path": "x"}, "train": {"steps": 2}, "distill": {}})
+    r = validate_recipe({"model": {"path": "x"}, "train": {"steps": 2}, "distill": {"teacher": "t"}})
+    assert r.distill.teacher == "t"
