@@ -45,7 +45,7 @@ def quickstart(out_dir: str = "shear-quickstart", rebuild: bool = False) -> dict
     from rich.console import Console
 
     from shear.eval.report import compare_table
-    from shear.models import cache_dir
+    from shear.models import cache_dir, needs_remote_code
     from shear.pipeline import run_recipe
 
     console = Console()
@@ -62,7 +62,9 @@ def quickstart(out_dir: str = "shear-quickstart", rebuild: bool = False) -> dict
     rows = {name: summary["eval"][key] for name, key in
             (("dense", "original"), ("pruned", "pruned"), ("recovered", "final")) if key in summary["eval"]}
     console.print(compare_table(rows))
-    console.print(f"exported model: [bold]{summary['model_dir']}[/] "
-                  "(loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    load = ("AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True): per-layer widths, "
+            "its modeling file is in the directory" if needs_remote_code(summary["model_dir"])
+            else "AutoModelForCausalLM.from_pretrained(dir): a stock architecture")
+    console.print(f"exported model: [bold]{summary['model_dir']}[/] (loads with transformers' {load})")
     console.print(f"run outputs (recipe, prune report, training metrics, summary): {out}")
     return summary

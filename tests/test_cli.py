@@ -1,6 +1,7 @@
 """The command line: recipes listing, clear errors, quickstart recipes kept equal to the shipped YAML."""
 from pathlib import Path
 
+import pytest
 import yaml
 
 from shear.cli import main
@@ -36,3 +37,18 @@ def test_quickstart_recipes_equal_shipped_yaml():
 
     for data, name in ((QUICK_PRETRAIN, "quick.yaml"), (QUICK_PRUNE, "quick-prune-kd.yaml")):
         assert yaml.safe_load((ROOT / "recipes" / "reference" / name).read_text()) == data, name
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path, monkeypatch):
+    """The real quickstart (~4 min on 2 cores): recovery must beat pruning, the export must reload."""
+    from shear.models import load_model
+    from shear.quickstart import quickstart
+
+    monkeypatch.setenv("SHEAR_CACHE", str(tmp_path / "cache"))
+    s = quickstart(out_dir=str(tmp_path / "qs"))
+    ev = s["eval"]
+    assert ev["pruned"]["params"] < ev["original"]["params"]
+    assert ev["final"]["ppl"] < ev["pruned"]["ppl"]
+    reloaded = load_model(s["model_dir"])
+    assert sum(p.numel() for p in reloaded.parameters()) == ev["final"]["params"]
