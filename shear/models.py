@@ -65,6 +65,17 @@ def needs_remote_code(path: str) -> bool:
     return cfg.exists() and "auto_map" in json.loads(cfg.read_text())
 
 
+def check_local(path: str) -> None:
+    """Fail clearly on a local path that is missing or not a model directory (hub ids pass through:
+    ``org/name`` has one slash and no leading ``/``, ``.`` or ``~``)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"{local} has no config.json: not a model directory")
+    elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        raise FileNotFoundError(f"model directory not found: {local}")
+
+
 def load_model(path: str, dtype: str = "fp32", device: str | None = None):
     """``AutoModelForCausalLM.from_pretrained`` on a hub name or directory, in eval mode.
 
@@ -76,9 +87,7 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None):
     path = resolve_model_path(path)
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").exists():
-        raise FileNotFoundError(f"{local} has no config.json: not a model directory")
+    check_local(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=DTYPES[dtype], trust_remote_code=needs_remote_code(path))
     if device:
@@ -89,4 +98,6 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+    path = resolve_model_path(path)
+    check_local(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -1,7 +1,6 @@
 """``analyze(model)`` and ``analyze_path(dir)``: the public entry points of the analyzer."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
@@ -34,10 +33,12 @@ def meta_model(path: str | Path):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from shear.models import needs_remote_code
+
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json")
-    remote = "auto_map" in json.loads((path / "config.json").read_text())
+    remote = needs_remote_code(str(path))
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with torch.device("meta"):
         try:

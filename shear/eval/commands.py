@@ -13,19 +13,11 @@ from shear.eval.config import EvalConfig
 
 
 def load_model(model_dir: str, dtype: str = "float32"):
-    """``(model, tokenizer)`` from a saved directory; remote code is trusted only if the config asks for it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``(model, tokenizer)`` from a saved directory (or a reference name) through ``shear.models``:
+    remote code is trusted only when the config carries its own modeling file (``auto_map``)."""
+    from shear.models import load_model as load, load_tokenizer
 
-    path = Path(model_dir).expanduser()
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"not a model directory (no config.json): {path}")
-    remote = "auto_map" in json.loads(cfg_file.read_text())
-    dt = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote, dtype=dt).eval()
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-    return model, tok
+    return load(model_dir, dtype), load_tokenizer(model_dir)
 
 
 def config_from_args(args) -> EvalConfig:
@@ -96,7 +88,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, help=f"untimed warmup repeats (default {d.warmup})")
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype when loading (default float32)")
     p.add_argument("--json", metavar="OUT", help="also write all metrics and the config to this JSON file")
     p.set_defaults(func=run)
