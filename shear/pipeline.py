@@ -134,7 +134,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
         if recipe.export.dtype:
             from shear.models import DTYPES
 
-            model.to(DTYPES[recipe.export.dtype])
+            # weights only: buffers such as RoPE's inv_freq stay fp32, as from_pretrained(dtype=...) leaves them,
+            # so the model evaluated here is the model that reloads
+            for p in model.parameters():
+                p.data = p.data.to(DTYPES[recipe.export.dtype])
         from shear.models import cache_dir
 
         target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()

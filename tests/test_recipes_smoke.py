@@ -80,11 +80,19 @@ def test_recipe_runs_shrunk(path, tiny_dir, corpus, tmp_path):
     expected = [s for s in ("prune", "train", "export") if s in data]
     assert [s for s in summary["stages"] if s != "eval"] == expected
     if "export" in data:
-        reloaded = load_model(summary["model_dir"])
-        ids = torch.randint(0, reloaded.config.vocab_size, (1, 12))
-        assert (Path(summary["model_dir"]) / "shear_recipe.yaml").exists() or (Path(summary["model_dir"]) / "config.json").exists()
-        with torch.no_grad():
-            reloaded(ids)
+        model_dir = Path(summary["model_dir"])
+        assert (model_dir / "shear_recipe.yaml").exists(), "an export carries the recipe that made it"
+        reloaded = load_model(str(model_dir))
+        if "eval" in data:  # the reloaded model scores exactly what the in-memory result scored
+            from shear.eval.report import evaluate
+            from shear.models import load_tokenizer
+
+            again = evaluate(reloaded, load_tokenizer(str(model_dir)), recipe.eval)
+            # fp32 exports reload exactly; a bf16 export (llama3-8b recipe) differs by ~1e-4 relative in
+            # PPL between the in-memory and the reloaded model (cause not pinned down yet), so bf16 gets 1e-3
+            rel = 1e-3 if (recipe.export.dtype or recipe.model.dtype) != "fp32" else 1e-5
+            assert again["ppl"] == pytest.approx(summary["eval"]["final"]["ppl"], rel=rel)
+            assert again["params"] == summary["eval"]["final"]["params"]
     if "eval" in data:
         final = summary["eval"]["final"]
         assert final["ppl"] > 1.0 and final["params"] > 0
