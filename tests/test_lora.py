@@ -1,6 +1,9 @@
 """LoRA via peft: selection by name/regex, merged export reloads with the adapter model's logits."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from families import FAMILIES, family_model
 
 from shear.train.config import LoraConfig, TrainConfig
 from shear.train.lora import apply_lora, merge_lora, peft_targets
@@ -53,3 +56,36 @@ def test_lora_training_changes_only_adapted_weights(tmp_path):
     assert changed and all(k.endswith(("q_proj.weight", "down_proj.weight")) for k in changed)
     saved = (tmp_path / "l" / "checkpoints" / "step-4" / "trainable.safetensors").stat().st_size
     assert saved < 0.25 * sum(v.numel() * 4 for v in before.values())  # adapters only
+
+
+# projections per block: fused qkv (Phi-3, GPT-2) and gate_up (Phi-3) count once; GPT-2's c_proj twice
+PROJECTIONS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7,
+                         "phi3": 4, "gpt2": 4, "opt": 6, "bert": 6}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_targets_adapt_every_projection_of_every_family(family):
+    from shear.analyze.families import FAMILIES as FAMS
+
+    model = family_model(family)
+    fam, n_layers = FAMS[family], model.config.num_hidden_layers
+    peft_model = apply_lora(model, LoraConfig(r=2))
+    got = _lora_modules(peft_model)
+    assert len(got) == PROJECTIONS_PER_BLOCK[family] * n_layers, got
+    for i in range(n_layers):  # each projection the family names, in each block
+        for field in ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc1", "fc2"):
+            path = getattr(fam, field)
+            if path:
+                assert any(n.endswith(f"{fam.layers}.{i}.{path}") for n in got), (field, i)
+    assert not any("pooler" in n for n in got)  # BERT's pooler.dense is not a block projection
+
+
+def test_targets_that_match_nothing_fail_loudly():
+    with pytest.raises(ValueError, match="LoRA: target 'qkv_proj' matched no module"):
+        apply_lora(tiny_model(), LoraConfig(target_modules=["q_proj", "qkv_proj"]))
+    with pytest.raises(ValueError, match=r"LoRA: 2 of 3 targets matched nothing: 'c_attn', 're:.*nope'"):
+        apply_lora(tiny_model(), LoraConfig(target_modules=["q_proj", "c_attn", "re:.*nope"]))
+    # a Llama list on Phi-3 (fused projections) used to give 2 adapters per block silently
+    with pytest.raises(ValueError, match="5 of 7 targets matched nothing"):
+        apply_lora(family_model("phi3"), LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                   "gate_proj", "up_proj", "down_proj"]))

@@ -105,6 +105,35 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: Family fields naming the projections of one block (q/k/v or fused qkv, o, MLP in/out).
+PROJECTIONS = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc1", "fc2")
+
+
+def lora_targets(fam: Family) -> list[str]:
+    """Default LoRA targets of a family: every projection of a block, as block-relative paths.
+
+    Paths, not leaf names, because leaves are ambiguous: BERT's ``dense`` would also match
+    ``pooler.dense``. A path P matches a module whose full path ends with ``.P`` (peft's list
+    matching), so ``mlp.c_proj`` (GPT-2) is not confused with ``attn.c_proj``.
+    Llama: ``self_attn.q_proj`` ... ``mlp.down_proj`` (7); Phi-3: ``self_attn.qkv_proj``,
+    ``self_attn.o_proj``, ``mlp.gate_up_proj``, ``mlp.down_proj`` (4).
+    """
+    paths = [getattr(fam, f) for f in PROJECTIONS]
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+#: per-layer pruned exports carry ``model_type = PRUNED_PREFIX + <stock model_type>`` so that loading
+#: one without its modeling file fails by name instead of loading re-initialised weights.
+PRUNED_PREFIX = "shear_"
+
+
+def stock_model_type(model_type: str | None) -> str | None:
+    """``"llama"`` for ``"shear_llama"`` (a per-layer export); other names unchanged."""
+    if isinstance(model_type, str) and model_type.startswith(PRUNED_PREFIX):
+        return model_type[len(PRUNED_PREFIX):]
+    return model_type
+
+
 def family_of(model) -> Family | None:
     """The :class:`Family` of a transformers model (by ``config.model_type``), or None."""
     return FAMILIES.get(getattr(model.config, "model_type", None))

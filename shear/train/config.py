@@ -6,8 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 class LoraConfig(BaseModel):
     """Low-rank adapters (Hu et al. 2021, W + (alpha/r) B A) trained through peft, merged at export."""
@@ -17,13 +15,17 @@ class LoraConfig(BaseModel):
     r: int = Field(8, gt=0, description="adapter rank")
     alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) * B @ A")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+    target_modules: list[str] | str | None = Field(
+        None,
         description="modules that get adapters: names matched against the end of the module path "
-                    "(e.g. q_proj), or 're:REGEX' matched against the full path; a list may mix both")
+                    "(e.g. q_proj), or 're:REGEX' matched against the full path; a list may mix both. "
+                    "null = every projection of the model's family (shear.analyze.families.lora_targets); "
+                    "each entry must match at least one module")
 
     @model_validator(mode="after")
     def _targets(self):
+        if self.target_modules is None:
+            return self
         items = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
         if not items or any(not t or t == "re:" for t in items):
             raise ValueError("target_modules: needs at least one non-empty module name or 're:REGEX'")
