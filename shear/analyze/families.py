@@ -122,18 +122,6 @@ def lora_targets(fam: Family) -> list[str]:
     return list(dict.fromkeys(p for p in paths if p))
 
 
-#: per-layer pruned exports carry ``model_type = PRUNED_PREFIX + <stock model_type>`` so that loading
-#: one without its modeling file fails by name instead of loading re-initialised weights.
-PRUNED_PREFIX = "shear_"
-
-
-def stock_model_type(model_type: str | None) -> str | None:
-    """``"llama"`` for ``"shear_llama"`` (a per-layer export); other names unchanged."""
-    if isinstance(model_type, str) and model_type.startswith(PRUNED_PREFIX):
-        return model_type[len(PRUNED_PREFIX):]
-    return model_type
-
-
 def family_of(model) -> Family | None:
     """The :class:`Family` of a transformers model (by ``config.model_type``), or None."""
     return FAMILIES.get(getattr(model.config, "model_type", None))
