@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama_config
+from test_recipes_smoke import corpus, tiny_dir  # noqa: F401 (fixtures)
 
 
 def _model(**over):
@@ -134,3 +135,26 @@ def test_loraprune_errors_outside_tuning(tmp_path):
         run_prune(_model(), None, pcfg, icfg, ids=torch.randint(0, 128, (2, 8)))
     with pytest.raises(ValueError, match="train.lora"):
         prune_while_tuning(_model(), None, pcfg, icfg, tcfg, _ds(), _ds(), tmp_path, rounds=2)
+
+
+def test_prune_while_tuning_recipe_loads_the_teacher_once(tiny_dir, corpus, tmp_path, monkeypatch):
+    """run_recipe resolves distill.teacher before pruning; the rounds reuse it (was loaded twice)."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    import shear.models as models
+    from shear.config import load_recipe
+    from shear.pipeline import run_recipe
+    from test_recipes_smoke import ROOT, shrink
+
+    teacher_dir = tmp_path / "teacher"
+    AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(teacher_dir)
+    loads, real = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda path, *a, **k: loads.append(str(path)) or real(path, *a, **k))
+    path = ROOT / "recipes" / "reference" / "prune-while-tuning.yaml"
+    data = yaml.safe_load(path.read_text())
+    over = shrink(data, tiny_dir, corpus, tmp_path) + [f"distill.teacher={teacher_dir}", "prune.tune_rounds=2",
+                                                        "train.steps=2", "train.save_every=0"]
+    summary = run_recipe(load_recipe(path, over), tmp_path / "run")
+    assert summary["prune"]["rounds_total"] == 2
+    assert loads.count(str(teacher_dir)) == 1, loads

@@ -259,13 +259,17 @@ def prune_while_tuning(model, tokenizer, prune_cfg, importance_cfg, train_cfg, t
 
 
 def run_rounds_from_recipe(recipe, model, tokenizer, teacher, out: Path) -> tuple[torch.nn.Module, dict]:
-    """``shear run`` glue: prune-while-tuning from a recipe's prune/importance/train/distill/data sections."""
+    """``shear run`` glue: prune-while-tuning from a recipe's prune/importance/train/distill/data sections.
+
+    ``teacher``: the KD teacher the caller already holds (``run_recipe`` resolves it once, before
+    pruning); ``distill.teacher`` is loaded here only when it is None.
+    """
     from shear.data.text import build_datasets
 
     if recipe.train is None:
         raise ValueError("prune.tune_rounds > 1 needs a train section (rounds alternate pruning and tuning)")
-    if recipe.distill is not None and recipe.distill.teacher is not None:
-        from shear.models import load_model
+    if recipe.distill is not None and recipe.distill.teacher is not None and teacher is None:
+        from shear.models import load_model  # only when the caller has not loaded it (run_recipe has)
 
         teacher = load_model(recipe.distill.teacher, recipe.distill.teacher_dtype)
     if recipe.distill is not None and teacher is None:
