@@ -94,6 +94,42 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())  # no update with the NaN gradient
 
 
+@pytest.mark.parametrize("step_in_backward", [False, True], ids=["ddp-like", "deepspeed-like"])
+def test_nan_step_leaves_the_weights_as_they_were(tmp_path, monkeypatch, step_in_backward):
+    """The NaN check runs before backward. Under DeepSpeed, accelerator.backward also steps the
+    optimizer (accelerate's DeepSpeedEngineWrapper.backward calls engine.step()): emulated here by a
+    backward that steps, so a check placed after backward would let the NaN update through."""
+    from accelerate import Accelerator
+
+    if step_in_backward:
+        real = Accelerator.backward
+
+        def backward_and_step(self, loss, **kw):
+            real(self, loss, **kw)
+            if self.sync_gradients:
+                for opt in self._optimizers:
+                    opt.step()
+
+        monkeypatch.setattr(Accelerator, "backward", backward_and_step)
+    model, n, before = tiny_model(), [0], {}
+
+    def poison(module, args, output):  # NaN from the 4th training forward on
+        if module.training:
+            n[0] += 1
+            if n[0] == 4:
+                before.update({k: v.clone() for k, v in model.state_dict().items()})
+            if n[0] >= 4:
+                return output * float("nan")
+
+    model.model.norm.register_forward_hook(poison)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss.*step 4"):
+        _run(tmp_path, "nan", model=model, steps=6)
+    after = model.state_dict()
+    assert before and before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+
+
 def test_distill_self_teacher_gives_zero_kd(tmp_path):
     student = tiny_model()
     teacher = tiny_model()  # same seed: identical weights

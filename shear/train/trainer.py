@@ -155,16 +155,11 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
                 with accelerator.autocast():
                     t_hidden = teacher_hidden_states(teacher, b["input_ids"]) if distill is not None else None
                     out = module(b["input_ids"], b["labels"], t_hidden)
+                _stop_if_nonfinite(accelerator, out["loss"], step, ckpt_root)  # before backward: DeepSpeed steps in it
                 accelerator.backward(out["loss"] * scale)
                 sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "hidden")])
         sums = (accelerator.reduce(sums, "sum") if world > 1 else sums) / count.clamp(min=1)
         loss = sums[0].item()
-        if not math.isfinite(loss):
-            good = latest_checkpoint(ckpt_root)
-            accelerator.end_training()
-            raise FloatingPointError(
-                f"non-finite training loss ({loss}) at step {step + 1}; stopped before updating the weights. "
-                f"Last good checkpoint: {good if good else 'none'}. Lower train.lr or check the data.")
         grad_norm = None
         if cfg.max_grad_norm is not None and not is_deepspeed(accelerator):
             grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
@@ -208,6 +203,26 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(metrics, indent=1))
     return TrainResult(model=student, metrics=metrics)
+
+
+def _stop_if_nonfinite(accelerator, loss: torch.Tensor, step: int, ckpt_root: Path) -> None:
+    """Raise FloatingPointError when a micro-batch loss is NaN/inf on any rank, BEFORE its backward.
+
+    It cannot wait for the step's summed loss: under DeepSpeed ``accelerator.backward`` also runs
+    ``engine.step()`` at the accumulation boundary, so a check after the last backward would come
+    after the NaN update. All ranks agree (a reduced flag), so none is left waiting in a collective.
+    The weights stay those after step ``step``; the newest checkpoint on disk is the last good one.
+    """
+    bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    if bad.item() > 0:
+        good = latest_checkpoint(ckpt_root)
+        accelerator.end_training()
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at step {step + 1}; stopped before backward, the "
+            f"weights are those after step {step}. Last good checkpoint: {good if good else 'none'}. "
+            f"Lower train.lr or check the data.")
 
 
 def _log(accelerator, path: Path, rec: dict) -> None:
