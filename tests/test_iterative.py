@@ -59,11 +59,14 @@ def test_rounds_hit_run_prune_targets_and_step_budget(tmp_path):
 
 
 def _hand_lora_scores(peft, graph, ids, batch_size):
-    """G = dL/dW' by autograd on a merged plain copy; |W' (G A^T A + B B^T G)| summed per unit."""
+    """G = dL/dW' by autograd on a merged plain copy; the factor gradients by the chain rule
+    (G_B = s G A^T, G_A = s B^T G); |W' (G_B A + B G_A - G_B G_A)| summed per unit, each member's
+    vector divided by its L2 norm, members added."""
     from shear.importance import criteria as C
 
     plain = copy.deepcopy(peft).merge_and_unload().requires_grad_(True)
-    lora = {n.removeprefix("base_model.model."): (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach())
+    lora = {n.removeprefix("base_model.model."): (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach(),
+                                                  m.scaling["default"])
             for n, m in peft.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     W = {n: p for n, p in plain.named_parameters()}
     total = {}
@@ -77,10 +80,12 @@ def _hand_lora_scores(peft, graph, ids, batch_size):
                 key = m.param.removesuffix(".weight")
                 if key not in lora:
                     continue
-                A, B = lora[key]
+                A, B, sc = lora[key]
                 G = W[m.param].grad
-                imp = (W[m.param].detach() * (G @ A.T @ A + B @ B.T @ G)).abs()
-                per.append(C.per_unit(imp, m.dim, m.units))
+                G_B, G_A = sc * G @ A.T, sc * B.T @ G
+                imp = (W[m.param].detach() * (G_B @ A + B @ G_A - G_B @ G_A)).abs()
+                v = C.per_unit(imp, m.dim, m.units)
+                per.append(v / v.norm())
             if per:
                 v = torch.stack(per).sum(0)
                 total[g.name] = total.get(g.name, 0) + v

@@ -11,12 +11,14 @@ earlier rounds are replayed from their final checkpoints). Each round uses data 
 LoRAPrune mode (``importance.estimator = "loraprune"``, Zhang et al. 2023, needs ``train.lora``):
 the model is wrapped with adapters here and the trainer only sees the peft model. During each
 round's tuning an optimizer pre-step hook reads the adapter factors and their gradients
-(``shear.train.loraprune.lora_importance``: |W' * (G A^T A + B B^T G)|, no full-weight gradient
-is ever formed), sums them over each group's rows/columns and keeps a moving average per group
-(beta 0.9), as the paper does. Round ``k`` is planned from the scores gathered while tuning round
-``k - 1``; round 1 (nothing tuned yet) is scored by a calibration pass through a freshly wrapped
-copy (B = 0, so the estimate is G A^T A). Grads are read after clipping. Depth groups, when
-``layers`` may shrink, are scored by ``importance.layer_estimator``. No bias compensation.
+(``shear.train.loraprune.lora_importance``: |W' * (G_B A + B G_A - G_B G_A)|, no full-weight
+gradient is ever formed), sums them over each member's rows/columns, divides each member's vector
+by its L2 norm, adds the members of a group, and keeps a moving average per group (0.9 avg + 0.1
+cur from 0, non-finite steps skipped), as the reference code does. Round ``k`` is planned from
+the scores gathered while tuning round ``k - 1``; round 1 (nothing tuned yet) is scored by a
+calibration pass through a freshly wrapped copy (B = 0, so the estimate is s G A^T A), summed over
+the calibration batches. Grads are read after clipping. Depth groups, when ``layers`` may shrink,
+are scored by ``importance.layer_estimator``. No bias compensation.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ EMA_BETA = 0.9
 
 
 @register(LORAPRUNE, "lora", WIDTH_KINDS,
-          "LoRAPrune: sum_u |W' (G A^T A + B B^T G)| from LoRA factors and their gradients, during LoRA tuning "
+          "LoRAPrune: per-module L2-normalised sum_u |W' (G_B A + B G_A - G_B G_A)| from LoRA factors and "
+          "their gradients, EMA over steps, during LoRA tuning "
           "(prune.tune_rounds > 1 with train.lora)")
 def _loraprune_outside_tuning(ctx, groups):
     raise ValueError("importance.estimator='loraprune' scores from LoRA gradients while tuning: it needs "
@@ -60,11 +63,13 @@ def round_steps(steps: int, rounds: int) -> list[int]:
 # ---- LoRAPrune: element scores -> group scores --------------------------------------------------
 
 def group_scores_from_elements(elem: dict[str, torch.Tensor], groups: list[Group], aggregation: str = "sum"):
-    """``{module path: [out, in]}`` element scores -> ``{group: [num_units]}``.
+    """``{module path: element scores}`` -> ``{group: [num_units]}``, normalised as LoRAPrune's reference.
 
-    Each member whose parameter is a scored Linear weight contributes ``sum`` of the elements on
-    its units' rows (dim 0) or columns (dim 1); members without adapters (norms, embeddings) are
-    left out. A group none of whose members has an adapter is an error.
+    Each member whose parameter is a scored weight contributes the sum of the elements on its
+    units' rows or columns (``m.dim``), divided by that vector's L2 norm (+1e-8): every module
+    (every slice of a fused one) weighs the same, whatever its size or gradient scale. Members
+    without adapters (norms, embeddings) are left out. A group none of whose members has an
+    adapter is an error.
     """
     out = {}
     for g in groups:
@@ -72,7 +77,8 @@ def group_scores_from_elements(elem: dict[str, torch.Tensor], groups: list[Group
         for m in g.members:
             key = m.param[: -len(".weight")] if m.param.endswith(".weight") else None
             if key in elem:
-                per.append(C.per_unit(elem[key], m.dim, m.units))
+                v = C.per_unit(elem[key], m.dim, m.units)
+                per.append(v / (torch.linalg.vector_norm(v) + 1e-8))
         if not per:
             raise ValueError(f"importance.estimator=loraprune: group {g.name!r} has no member with a LoRA adapter; "
                              f"add its projections to train.lora.target_modules")
@@ -106,20 +112,20 @@ def lora_calibration_scores(peft_model, groups: list[Group], ids: torch.Tensor, 
 
 class LoraScoreHook:
     """Context manager: before every optimizer step, LoRAPrune group scores of ``peft_model`` from
-    the current adapter gradients, averaged with an EMA (``.scores``, ``.steps``)."""
+    the current adapter gradients, averaged with ``update_ema`` (``.scores``; ``.steps`` counts the
+    steps seen, ``.skipped`` those whose scores were not finite)."""
 
     def __init__(self, peft_model, groups: list[Group], aggregation: str = "sum", beta: float = EMA_BETA):
         self.model, self.groups, self.aggregation, self.beta = peft_model, groups, aggregation, beta
-        self.scores, self.steps = None, 0
+        self.scores, self.steps, self.skipped = None, 0, 0
 
     def _hook(self, optimizer, args, kwargs):
-        from shear.train.loraprune import lora_importance
+        from shear.train.loraprune import lora_importance, update_ema
 
         cur = group_scores_from_elements(lora_importance(self.model), self.groups, self.aggregation)
-        if self.scores is None:
-            self.scores = cur
-        else:
-            self.scores = {k: self.beta * self.scores[k] + (1 - self.beta) * v for k, v in cur.items()}
+        new = update_ema(self.scores, cur, self.beta)
+        self.skipped += new is self.scores
+        self.scores = new
         self.steps += 1
 
     def __enter__(self):
