@@ -101,8 +101,13 @@ def test_deepspeed_zero3_resume_gives_identical_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.distributed
-@pytest.mark.skip(reason="accelerate's FSDP needs GPUs: on CPU processes v1 finds no device and v2 is silently "
-                         "not applied (recipes/accelerate/fsdp.yaml is for GPU machines)")
-def test_fsdp_cpu():
-    pass
+def test_fsdp_launch_is_refused(tmp_path, monkeypatch):
+    """FSDP has no sharded checkpointing or wrap policy in shear: a launch under it fails by name
+    (accelerate launch sets ACCELERATE_USE_FSDP) instead of training without resumable checkpoints."""
+    from shear.train.accel import build_accelerator
+    from shear.train.config import TrainConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP is not supported.*zero3.yaml"):
+        build_accelerator(TrainConfig(steps=1), tmp_path)
+    assert not (Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml").exists()

@@ -25,10 +25,25 @@ def _reset_accelerate_singletons() -> None:
     GradientState._reset_state()
 
 
+def refuse_fsdp(env=os.environ) -> None:
+    """FSDP is not supported: raise instead of training without sharded checkpoints.
+
+    The trainer saves and resumes through ``shear.train.checkpoint`` (full trainable state, or
+    DeepSpeed's own engine checkpoints) and exports by unwrapping the module; neither handles
+    FSDP's sharded state dicts, and no wrap policy is derived from the model. Sharded training
+    is DeepSpeed ZeRO-3 (``recipes/accelerate/zero3.yaml``), which is tested end to end.
+    """
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "t", "yes", "y", "on"):  # accelerate's str_to_bool
+        raise ValueError("accelerate config: distributed_type FSDP is not supported by shear's trainer (no sharded "
+                         "checkpoint save/resume, no wrap policy); use recipes/accelerate/zero3.yaml (DeepSpeed "
+                         "ZeRO-3) for sharded training or recipes/accelerate/ddp.yaml")
+
+
 def build_accelerator(cfg, out_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    refuse_fsdp()
     _reset_accelerate_singletons()
     no_cuda = not torch.cuda.is_available()
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
