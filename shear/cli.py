@@ -18,28 +18,72 @@ COMMANDS = [
 ]
 
 
+# Errors whose message says what to fix; anything else is a bug or an environment problem.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FloatingPointError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shear import __version__
 
     p = argparse.ArgumentParser(prog="shear", description="Structured pruning and distillation for HF language models.")
     p.add_argument("--version", action="version", version=f"shear {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMANDS:
         importlib.import_module(mod).register(sub)
+    for cmd in sub.choices.values():  # also accepted after the subcommand; SUPPRESS keeps a global --debug
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    _take_late_overrides(parser, args, extra)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "debug", False):
+        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
-        print(f"shear {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("shear: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - known kinds: one line; others: one line and how to see more
+        msg = user_error(e)
+        if msg is not None:
+            print(f"shear: error: {msg}", file=sys.stderr)
+            return 2
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"shear: unexpected error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _take_late_overrides(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """``key=value`` given after an option (``shear run R -o OUT train.steps=3``) joins the overrides."""
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error the user can fix (bad input, missing file), else None."""
+    import yaml
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):  # a config built from flags: name its keys
+        from shear.config import format_errors
+
+        return format_errors(e, root=e.title)
+    if isinstance(e, yaml.YAMLError):
+        return f"not valid YAML: {' '.join(str(e).split())}"
+    if isinstance(e, USER_ERRORS) or type(e).__name__ == "SafetensorError":
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":

@@ -42,11 +42,16 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def recipe_overrides(args) -> list[str]:
+    """The command line's ``key=value`` overrides plus the flags that map to recipe keys."""
+    return list(args.overrides) + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
+
+
 def _cmd_run(args) -> int:
     from shear.config import load_recipe
     from shear.pipeline import run_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, recipe_overrides(args))
     summary = run_recipe(recipe, args.output_dir)
     print(f"done in {summary['wall_s']} s; stages: {', '.join(summary['stages']) or 'none'}; "
           f"outputs in {summary['output_dir']}")
@@ -67,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
     p.add_argument("-o", "--output-dir", default=None, help="override the recipe's output_dir")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("recipes", help="list the shipped recipes with their purpose")

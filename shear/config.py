@@ -39,6 +39,8 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = Field(None, description="tokenizer directory (default: the model's); init=scratch trains a BPE on the data when unset")
     tokenizer_vocab: int = Field(2048, ge=259, description="init=scratch: vocabulary size of the BPE trained on the data")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype when loading")
+    trust_remote_code: bool = Field(False, description="consent to run modeling code shipped in a model directory "
+                                    "(auto_map: per-layer pruned exports); also covers distill.teacher")
 
 
 class ExportConfig(BaseModel):
@@ -80,7 +82,8 @@ class Recipe(BaseModel):
         return self
 
 
-def _format_errors(err: ValidationError, root: str = "recipe") -> str:
+def format_errors(err: ValidationError, root: str = "recipe") -> str:
+    """The errors of a pydantic validation by dotted key: one line for one error, else one line each."""
     lines = []
     for e in err.errors():
         key = ".".join([root] + [str(p) for p in e["loc"] if not str(p).startswith("function-")])
@@ -91,8 +94,8 @@ def _format_errors(err: ValidationError, root: str = "recipe") -> str:
         elif isinstance(e.get("input"), dict):  # a section-level check: the message names the field
             lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid recipe:\n  " + "\n  ".join(lines)
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+    return f"invalid {root}: {lines[0]}" if len(lines) == 1 else f"invalid {root}:\n  " + "\n  ".join(lines)
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -110,7 +113,10 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p!r} is set to a value and used as a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return out
 
 
@@ -128,7 +134,7 @@ def validate_recipe(data: dict) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise ValueError(_format_errors(e)) from None
+        raise ValueError(format_errors(e)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -8,6 +8,8 @@ trained on the corpus's train split.
 from __future__ import annotations
 
 import os
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ REFERENCE_ARCHS = {
 }
 REFERENCE_VOCAB = 2048
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -58,11 +61,20 @@ def resolve_model_path(path: str) -> str:
 
 
 def needs_remote_code(path: str) -> bool:
-    """True when a local model directory declares its own modeling code (per-layer pruned exports)."""
+    """True when a local model directory declares its own modeling code (per-layer pruned exports).
+
+    Decided by ``auto_map`` in ``config.json`` only, never by ``model_type``."""
     import json
 
     cfg = Path(path) / "config.json"
     return cfg.exists() and "auto_map" in json.loads(cfg.read_text())
+
+
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a directory that carries its own modeling code unless the user consented to run it."""
+    if not trust_remote_code and needs_remote_code(path):
+        raise ValueError(f"{path} carries its own modeling code (auto_map: per-layer pruned export); "
+                         "pass --trust-remote-code (or model.trust_remote_code: true) to run it")
 
 
 def check_local(path: str) -> None:
@@ -76,11 +88,11 @@ def check_local(path: str) -> None:
         raise FileNotFoundError(f"model directory not found: {local}")
 
 
-def load_model(path: str, dtype: str = "fp32", device: str | None = None):
+def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_remote_code: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` on a hub name or directory, in eval mode.
 
-    Per-layer pruned exports carry their modeling file (``auto_map``); only those are loaded with
-    ``trust_remote_code=True``.
+    Per-layer pruned exports carry their modeling file (``auto_map``); they load only with
+    ``trust_remote_code=True`` (the user's consent), otherwise that is an error naming the directory.
     """
     from transformers import AutoModelForCausalLM
 
@@ -88,11 +100,52 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None):
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     check_local(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=needs_remote_code(path))
+    check_weights(path)
+    check_remote_code(path, trust_remote_code)
+    with _clear_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if device:
         model.to(device)
     return model.eval()
+
+
+def check_weights(path: str) -> None:
+    """Fail clearly on a local model directory that has a config but no weights file."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not any(next(local.glob(pat), None) for pat in WEIGHT_FILES):
+        raise FileNotFoundError(f"{local} has a config.json but no weights (*.safetensors or *.bin); "
+                                "only `shear analyze` works on a config-only directory")
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+@contextmanager
+def _clear_errors(path: str):
+    """Re-raise failures of ``from_pretrained`` we know (offline hub, corrupt weights) as one line naming ``path``."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - unknown errors are re-raised unchanged
+        err = _load_error(path, e)
+        if err is e:
+            raise
+        raise err from e
+
+
+def _load_error(path: str, e: Exception) -> Exception:
+    """The user-facing error for a failed ``from_pretrained`` (``e`` itself when it is not one we know)."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if type(e).__name__ == "SafetensorError" or isinstance(e, (EOFError, pickle.UnpicklingError)):
+        return ValueError(f"{path}: corrupt or truncated weights file ({first})")
+    if isinstance(e, OSError) and not Path(path).expanduser().exists():
+        if _hub_offline():
+            return FileNotFoundError(f"{path}: not a local directory, and the hub is offline (HF_HUB_OFFLINE=1); "
+                                     "download the model first or give a local path")
+        return FileNotFoundError(f"{path}: not a local directory and not loadable from the hub ({first})")
+    return e
 
 
 def load_tokenizer(path: str):
@@ -100,4 +153,5 @@ def load_tokenizer(path: str):
 
     path = resolve_model_path(path)
     check_local(path)
-    return AutoTokenizer.from_pretrained(path)
+    with _clear_errors(path):
+        return AutoTokenizer.from_pretrained(path)

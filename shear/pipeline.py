@@ -33,7 +33,8 @@ def build_model(recipe: Recipe, train_texts=None):
 
     m = recipe.model
     if m.init == "pretrained":
-        return load_model(m.path, m.dtype), load_tokenizer(m.tokenizer or m.path)
+        model = load_model(m.path, m.dtype, trust_remote_code=m.trust_remote_code)
+        return model, load_tokenizer(m.tokenizer or m.path)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if m.tokenizer:
@@ -56,6 +57,18 @@ def build_model(recipe: Recipe, train_texts=None):
     return LlamaForCausalLM(cfg), tok
 
 
+def check_lengths(recipe: Recipe, model) -> None:
+    """Every window the recipe will run through the model fits its positions (before any work)."""
+    from shear.eval.report import check_context
+
+    if recipe.train is not None:
+        check_context(model, recipe.data.seq_len, "data.seq_len")
+    if recipe.prune is not None and recipe.importance is not None:
+        check_context(model, recipe.importance.seq_len, "importance.seq_len")
+    if recipe.eval is not None and recipe.eval.perplexity:
+        check_context(model, recipe.eval.seq_len, "eval.seq_len")
+
+
 def resolve_teacher(recipe: Recipe, model):
     """The KD teacher: distill.teacher when named, else a frozen copy of the model before pruning."""
     d = recipe.distill  # the recipe validator guarantees a train section and a teacher source
@@ -64,7 +77,7 @@ def resolve_teacher(recipe: Recipe, model):
     if d.teacher is not None:
         from shear.models import load_model
 
-        return load_model(d.teacher, d.teacher_dtype)
+        return load_model(d.teacher, d.teacher_dtype, trust_remote_code=recipe.model.trust_remote_code)
     return copy.deepcopy(model).eval()
 
 
@@ -89,13 +102,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
     summary: dict = {"output_dir": str(out), "stages": []}
 
     model, tok = build_model(recipe)
+    check_lengths(recipe, model)
     evals: dict = {}
 
     def evaluate_as(name: str) -> None:
         if recipe.eval is not None and main:
             from shear.eval.report import evaluate
 
-            evals[name] = evaluate(model, tok, recipe.eval)
+            evals[name] = evaluate(model, tok, recipe.eval, name=f"{name} model ({recipe.model.path})")
             log.info("eval %s: %s", name, {k: v for k, v in evals[name].items() if not isinstance(v, dict)})
 
     teacher = resolve_teacher(recipe, model)

@@ -50,5 +50,5 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch):
     ev = s["eval"]
     assert ev["pruned"]["params"] < ev["original"]["params"]
     assert ev["final"]["ppl"] < ev["pruned"]["ppl"]
-    reloaded = load_model(s["model_dir"])
+    reloaded = load_model(s["model_dir"], trust_remote_code=True)
     assert sum(p.numel() for p in reloaded.parameters()) == ev["final"]["params"]

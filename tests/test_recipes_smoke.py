@@ -82,7 +82,7 @@ def test_recipe_runs_shrunk(path, tiny_dir, corpus, tmp_path):
     if "export" in data:
         model_dir = Path(summary["model_dir"])
         assert (model_dir / "shear_recipe.yaml").exists(), "an export carries the recipe that made it"
-        reloaded = load_model(str(model_dir))
+        reloaded = load_model(str(model_dir), trust_remote_code=True)  # per-layer exports carry auto_map
         if "eval" in data:  # the reloaded model scores exactly what the in-memory result scored
             from shear.eval.report import evaluate
             from shear.models import load_tokenizer

@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--heads", choices=("kv_group", "query_head"), default="kv_group",
                    help="GQA attention units: whole KV groups or the query heads inside every group")
     p.add_argument("--groups", action="store_true", help="one row per group instead of one per kind")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     p.set_defaults(func=run_analyze)
     e = subparsers.add_parser("export", help="apply a prune plan to a model and save a from_pretrained directory")
     e.add_argument("model", help="model directory, hub name, or reference/reference-quick")
@@ -26,10 +28,12 @@ def register(subparsers) -> None:
                    help="attention units the plan refers to (default: inferred from group names)")
     e.add_argument("--dtype", default="fp32", help="dtype to load and save (fp32, bf16, fp16)")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     e.set_defaults(func=run_export)
 
 
-def _analyze_target(target: str, heads: str):
+def _analyze_target(target: str, heads: str, trust_remote_code: bool = False):
     from shear.analyze import analyze, analyze_path
     from shear.analyze.families import FAMILIES
     from shear.models import resolve_model_path
@@ -43,12 +47,15 @@ def _analyze_target(target: str, heads: str):
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear message
             raise FileNotFoundError(f"{target}: not a local model directory and its config could not be "
                                     f"fetched ({type(e).__name__})") from None
+    from shear.models import check_remote_code
+
+    check_remote_code(str(path), trust_remote_code)  # the meta-device build runs the directory's code too
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type in FAMILIES:
         return analyze_path(path, heads)
     from shear.models import load_model
 
-    return analyze(load_model(str(path)), heads)
+    return analyze(load_model(str(path), trust_remote_code=trust_remote_code), heads)
 
 
 def run_analyze(args) -> int:
@@ -56,7 +63,7 @@ def run_analyze(args) -> int:
     from rich.table import Table
 
     t0 = time.perf_counter()
-    graph = _analyze_target(args.model, args.heads)
+    graph = _analyze_target(args.model, args.heads, args.trust_remote_code)
     dt = time.perf_counter() - t0
     table = Table(title=f"{args.model}: {graph.family}, {graph.total_params / 1e6:,.2f}M params, "
                         f"{graph.total_macs / 1e6:,.2f}M MACs/token ({dt:.1f} s)")
@@ -115,7 +122,7 @@ def run_export(args) -> int:
     from shear.prune import export, prune_
 
     src = resolve_model_path(args.model)
-    model = load_model(src, dtype=args.dtype)
+    model = load_model(src, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = None
     try:
         from transformers import AutoTokenizer

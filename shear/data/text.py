@@ -3,6 +3,7 @@
 Sources (``DataConfig.source``):
 - ``"shakespeare"``: the embedded corpus with its fixed held-out split (see ``corpus.py``);
 - a local ``.txt`` / ``.jsonl`` / ``.json`` file, a directory of them, or a list of files;
+  each .txt file is one document, except a single one, which is cut into documents (``split_documents``);
 - an HF dataset name (``load_dataset(name, config)``; offline it must be in the local cache).
 
 Two formats. ``text``: documents are tokenized, joined with EOS and cut into blocks of ``seq_len``
@@ -12,6 +13,8 @@ Items of the resulting datasets are ``{"input_ids": LongTensor[L], "labels": Lon
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 IGNORE_INDEX = -100
+DOC_CHARS = 20_000  # a single .txt file is cut into documents of at most about this many characters ...
+MIN_DOCS = 20  # ... and into at least this many, so a validation share can be held out
 
 
 class DataConfig(BaseModel):
@@ -33,11 +38,19 @@ class DataConfig(BaseModel):
     prompt_field: str = Field("prompt", description="column holding the prompt (format=instruction)")
     response_field: str = Field("response", description="column holding the response (format=instruction)")
     prompt_template: str = Field("### Instruction:\n{prompt}\n\n### Response:\n", description="template rendering a prompt; the response follows it")
-    seq_len: int = Field(256, gt=0, description="tokens per block")
+    seq_len: int = Field(256, description="tokens per block (at least 2: a 1-token block predicts nothing)")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out when the source has no validation split")
     seed: int = Field(0, description="seed of the train/validation split and of the calibration sampler")
     max_train_blocks: int | None = Field(None, gt=0, description="cap on training blocks (None = all)")
     max_validation_blocks: int | None = Field(None, gt=0, description="cap on validation blocks (None = all)")
+
+    @field_validator("seq_len")
+    @classmethod
+    def _two_tokens(cls, v):
+        if v < 2:
+            raise ValueError("must be at least 2: a block of 1 token has no next token to predict "
+                             "(its perplexity would be 1.0 trivially)")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -57,10 +70,11 @@ def load_text_splits(cfg: DataConfig):
         return DatasetDict({s: Dataset.from_list([{cfg.text_field: d["text"], "work": d["work"]} for d in load_corpus(s)])
                             for s in ("train", "validation")})
     files = _local_files(cfg.source)
-    if files is not None:
-        kind = "json" if files[0].suffix in (".jsonl", ".json") else "text"
-        kw = {"sample_by": "document"} if kind == "text" else {}
-        ds = load_dataset(kind, data_files=[str(f) for f in files], split="train", **kw)
+    if files is not None and files[0].suffix in (".jsonl", ".json"):
+        ds = load_json_records(files)
+    elif files is not None:  # .txt: one document per file; a single file is cut into documents
+        texts = [read_utf8(f) for f in files]
+        ds = Dataset.from_dict({"text": split_documents(texts[0]) if len(texts) == 1 else texts})
     else:
         ds = load_dataset(cfg.source, cfg.config_name)
         if "validation" in ds and "train" in ds:
@@ -68,9 +82,87 @@ def load_text_splits(cfg: DataConfig):
         ds = ds["train"]
     if cfg.validation_fraction == 0 or len(ds) < 2:
         raise ValueError(f"data.source {cfg.source!r}: no validation split; set data.validation_fraction > 0 "
-                         "and give at least 2 documents")
+                         f"and give at least 2 documents (found {len(ds)})")
     split = ds.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed, shuffle=True)
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a file, or an error naming the file and the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it first, "
+                         "e.g. iconv -t UTF-8") from None
+
+
+def split_documents(text: str, min_docs: int = MIN_DOCS, max_chars: int = DOC_CHARS) -> list[str]:
+    """Cut one file's text into documents so that a validation share can be held out.
+
+    Paragraphs (blank-line separated) are grouped, in order, into documents of about
+    ``min(max_chars, len(text) // min_docs)`` characters, joined back with a blank line; a text
+    without blank lines is cut into chunks of that size at whitespace. Documents are later joined
+    with EOS, so large documents keep EOS rare.
+    """
+    size = max(1, min(max_chars, len(text) // min_docs))
+    paras = [p for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+    if len(paras) < 2:
+        paras = _chunks(text, size)
+    docs, cur, n = [], [], 0
+    for para in paras:
+        cur.append(para)
+        n += len(para)
+        if n >= size:
+            docs.append("\n\n".join(cur))
+            cur, n = [], 0
+    if cur:
+        docs.append("\n\n".join(cur))
+    return docs if len(docs) >= 2 else paras
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """``text`` in pieces of about ``size`` characters, cut at the last whitespace when there is one."""
+    out, i = [], 0
+    while i < len(text):
+        j = min(len(text), i + size)
+        if j < len(text):
+            k = max(text.rfind(c, i + size // 2, j) for c in " \n\t")
+            j = k + 1 if k > i else j
+        if text[i:j].strip():
+            out.append(text[i:j])
+        i = j
+    return out
+
+
+def load_json_records(files: list[Path]):
+    """A ``datasets.Dataset`` of the records of .jsonl/.json files; a malformed file is named with its line."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except Exception:  # noqa: BLE001 - find the file and line at fault; re-raise when none is
+        for f in files:
+            problem = _json_problem(Path(f))
+            if problem:
+                raise ValueError(problem) from None
+        raise
+
+
+def _json_problem(path: Path) -> str | None:
+    """What is wrong with a .jsonl/.json file (encoding, or the first line that is not JSON), else None."""
+    text = read_utf8(path)
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError:
+        pass  # not one JSON document: must be JSON Lines
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})"
+    return None
 
 
 def _local_files(source) -> list[Path] | None:

@@ -12,12 +12,12 @@ from pathlib import Path
 from shear.eval.config import EvalConfig
 
 
-def load_model(model_dir: str, dtype: str = "float32"):
+def load_model(model_dir: str, dtype: str = "float32", trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a saved directory (or a reference name) through ``shear.models``:
-    remote code is trusted only when the config carries its own modeling file (``auto_map``)."""
+    a directory with its own modeling file (``auto_map``) needs ``trust_remote_code``."""
     from shear.models import load_model as load, load_tokenizer
 
-    return load(model_dir, dtype), load_tokenizer(model_dir)
+    return load(model_dir, dtype, trust_remote_code=trust_remote_code), load_tokenizer(model_dir)
 
 
 def config_from_args(args) -> EvalConfig:
@@ -53,8 +53,8 @@ def run(args) -> int:
     rows: dict[str, dict] = {}
     for name, path in targets:
         console.print(f"[bold]{name}[/bold]: {path}")
-        model, tok = load_model(path, args.dtype)
-        rows[name] = {**evaluate(model, tok, cfg, progress=True), "path": str(path)}
+        model, tok = load_model(path, args.dtype, args.trust_remote_code)
+        rows[name] = {**evaluate(model, tok, cfg, progress=True, name=str(path)), "path": str(path)}
         del model
     console.print(compare_table(rows, title="shear eval", with_caption=False))
     console.print(caption(rows), soft_wrap=True)
@@ -91,4 +91,6 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype when loading (default float32)")
     p.add_argument("--json", metavar="OUT", help="also write all metrics and the config to this JSON file")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ sequence length, stride); every field here that changes the number is printed ne
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class EvalConfig(BaseModel):
@@ -20,7 +20,7 @@ class EvalConfig(BaseModel):
     split: str = Field("validation", description="split to score; 'validation' of the embedded corpus is held out "
                                                  "(macbeth, tempest); ignored for a local .txt file")
     text_field: str = Field("text", description="column holding the text in jsonl / HF datasets")
-    seq_len: int = Field(256, gt=1, description="tokens per window (the model's context during scoring)")
+    seq_len: int = Field(256, description="tokens per window (the model's context during scoring); at least 2")
     stride: int | None = Field(None, gt=0, description="step between window starts; None = seq_len (non-overlapping). "
                                                        "With stride < seq_len only the last `stride` tokens of each "
                                                        "window after the first are scored")
@@ -47,6 +47,14 @@ class EvalConfig(BaseModel):
 
     # --- comparison ---
     vs: str | None = Field(None, description="directory of a second model (e.g. the original) evaluated side by side")
+
+    @field_validator("seq_len")
+    @classmethod
+    def _two_tokens(cls, v):
+        if v < 2:
+            raise ValueError("must be at least 2: a window of 1 token scores nothing "
+                             "(its perplexity would be 1.0 trivially)")
+        return v
 
     @model_validator(mode="after")
     def _check(self):

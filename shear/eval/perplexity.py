@@ -104,7 +104,8 @@ def perplexity(model, token_ids: torch.Tensor, seq_len: int = 256, stride: int |
         n += sum(seq_len - f for _, f in chunk)
     proto = dict(protocol or {})
     proto.update(seq_len=seq_len, stride=stride, windows=len(plan), tokens_scored=n)
-    return PPLResult(ppl=math.exp(nll / n), nll=nll, tokens=n, protocol=proto)
+    mean = nll / n
+    return PPLResult(ppl=math.exp(mean) if not mean > 700 else math.inf, nll=nll, tokens=n, protocol=proto)
 
 
 def load_eval_text(dataset: str = "shakespeare", split: str = "validation", text_field: str = "text",
@@ -116,6 +117,8 @@ def load_eval_text(dataset: str = "shakespeare", split: str = "validation", text
     """
     from pathlib import Path
 
+    from shear.data.text import load_json_records, read_utf8
+
     if dataset == "shakespeare":
         from shear.data.corpus import load_corpus_text
 
@@ -124,14 +127,14 @@ def load_eval_text(dataset: str = "shakespeare", split: str = "validation", text
     if path.suffix == ".txt" or (path.exists() and path.suffix not in (".jsonl", ".json")):
         if not path.is_file():
             raise FileNotFoundError(f"eval.dataset: no such file: {path}")
-        return path.read_text(encoding="utf-8")
-    from datasets import load_dataset
-
+        return read_utf8(path)
     if path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise FileNotFoundError(f"eval.dataset: no such file: {path}")
-        ds = load_dataset("json", data_files=str(path), split="train")
+        ds = load_json_records([path])
     else:
+        from datasets import load_dataset
+
         ds = load_dataset(dataset, dataset_config, split=split)
     if text_field not in ds.column_names:
         raise ValueError(f"eval.text_field: no column {text_field!r}; have {ds.column_names}")

@@ -25,21 +25,31 @@ METRICS = [
 ]
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = False) -> dict:
+def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = False, name: str = "model") -> dict:
     """Every metric ``cfg`` asks for, on one in-memory model (see the module docstring for keys).
 
     The model is put in eval mode for the measurements and given back in the mode it came in.
+    Errors name the model as ``name``: a window longer than its context, a NaN/inf perplexity.
     """
     cfg = cfg or EvalConfig()
+    if cfg.perplexity:
+        check_context(model, cfg.seq_len, f"{name}: eval seq_len")
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, tokenizer, cfg, progress)
+        return _evaluate(model, tokenizer, cfg, progress, name)
     finally:
         model.train(was_training)
 
 
-def _evaluate(model, tokenizer, cfg: EvalConfig, progress: bool) -> dict:
+def check_context(model, seq_len: int, what: str) -> None:
+    """Refuse windows longer than the positions the model was built for (``max_position_embeddings``)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}")
+
+
+def _evaluate(model, tokenizer, cfg: EvalConfig, progress: bool, name: str) -> dict:
     from shear.eval.cost import count_params, macs_per_token
 
     out: dict = {}
@@ -57,6 +67,9 @@ def _evaluate(model, tokenizer, cfg: EvalConfig, progress: bool) -> dict:
                  "split": cfg.split}
         r = eval_text(model, tokenizer, text, cfg.seq_len, cfg.effective_stride, cfg.batch_size,
                       cfg.max_windows, proto, progress)
+        if not math.isfinite(r.ppl):
+            raise FloatingPointError(f"{name}: perplexity is {r.ppl} ({r.protocol_line()}); the model's logits "
+                                     "are not finite or it assigns ~0 probability to the text: check its weights")
         out.update(ppl=r.ppl, nll=r.nll, ppl_protocol=r.protocol)
     if cfg.speed:
         from shear.eval.speed import measure_speed

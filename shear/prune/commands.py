@@ -30,10 +30,11 @@ def _cmd_prune(args) -> int:
 
     src = Path(args.source)
     if src.suffix in (".yaml", ".yml"):
+        from shear.commands import recipe_overrides
         from shear.config import load_recipe
         from shear.pipeline import build_model
 
-        recipe = load_recipe(src, args.overrides)
+        recipe = load_recipe(src, recipe_overrides(args))
         if recipe.prune is None:
             raise ValueError(f"recipe {src}: no prune section")
         model, tok = build_model(recipe)
@@ -45,7 +46,8 @@ def _cmd_prune(args) -> int:
             raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
         from shear.models import load_model, load_tokenizer
 
-        model, tok = load_model(args.source), load_tokenizer(args.source)
+        model = load_model(args.source, trust_remote_code=args.trust_remote_code)
+        tok = load_tokenizer(args.source)
         prune, imp = _configs_from_flags(args)
         out = Path(args.output_dir or "shear-prune")
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
@@ -65,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="recipe only: dotted key=value overrides, e.g. prune.target.ratio=0.5")
     p.add_argument("-o", "--output-dir", default=None, help="output directory (default: OUTPUT_DIR/prune or ./shear-prune)")
     p.add_argument("--no-export", action="store_true", help="write the report only")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     g = p.add_argument_group("model directory flags (ignored with a recipe)")
     g.add_argument("--ratio", type=float, default=0.35, help="fraction of parameters to remove")
     g.add_argument("--params", type=int, default=None, help="parameter budget (instead of --ratio)")

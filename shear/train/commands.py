@@ -7,10 +7,11 @@ import argparse
 
 
 def _cmd_train(args) -> int:
+    from shear.commands import recipe_overrides
     from shear.config import load_recipe
     from shear.pipeline import run_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, recipe_overrides(args))
     if recipe.train is None:
         raise ValueError(f"{args.recipe}: recipe.train: required by `shear train` (use `shear run` for recipes without training)")
     summary = run_recipe(recipe, args.output_dir)
@@ -31,4 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML with a train section (and distill for KD)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 distill.kd_weight=0.5")
     p.add_argument("--output-dir", default=None, help="where outputs go (default: the recipe's output_dir)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     p.set_defaults(func=_cmd_train)
