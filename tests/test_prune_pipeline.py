@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from conftest import tiny_llama_config
 from shear.analyze.graph import PrunePlan
 from shear.importance.calibrate import collect_activation_stats
-from shear.importance.compensation import apply_biases_, compensation_biases
+from shear.analyze.families import FAMILIES
+from shear.importance.compensation import apply_biases_, compensation_biases, plan_biases
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
 
@@ -18,8 +19,10 @@ def ids():
     return torch.randint(0, 128, (6, 16))
 
 
-def test_bias_compensation_by_hand(tiny_llama, ids):
-    """Sliced down_proj + bias == original down_proj with the removed inputs at their calibration mean."""
+@pytest.mark.parametrize("stock", [True, False])
+def test_bias_compensation_by_hand(tiny_llama, ids, stock):
+    """Sliced down_proj + bias == original down_proj with the removed inputs at their calibration mean.
+    A stock export sets mlp_bias (zero biases on gate/up and the other layer); a per-layer one adds none."""
     from shear.analyze import analyze
     from shear.prune.slice import prune_
 
@@ -31,16 +34,21 @@ def test_bias_compensation_by_hand(tiny_llama, ids):
     W = m.model.layers[1].mlp.down_proj.weight.detach().clone()
     mean = stats.linears["model.layers.1.mlp.down_proj"].mean.float()
     biases = compensation_biases(m, plan, g, stats)
+    bp = plan_biases(m, FAMILIES["llama"], g, biases, stock=stock)
     prune_(m, plan, g)
-    assert apply_biases_(m, biases) == ["mlp_bias"] and m.config.mlp_bias
+    apply_biases_(m, bp)
+    assert bp.flags == (["mlp_bias"] if stock else []) and m.config.mlp_bias == stock
     x = torch.randn(3, 96)
     x_mean = x.clone()
     x_mean[:, removed] = mean[removed]
     kept = [i for i in range(96) if i not in removed]
     down = m.model.layers[1].mlp.down_proj
     assert torch.allclose(down(x[:, kept]), x_mean @ W.T, atol=1e-5)
-    assert torch.count_nonzero(m.model.layers[0].mlp.down_proj.bias) == 0  # siblings: zero biases
-    assert m.model.layers[0].mlp.gate_proj.bias is not None
+    if stock:
+        assert torch.count_nonzero(m.model.layers[0].mlp.down_proj.bias) == 0  # siblings: zero biases
+        assert m.model.layers[0].mlp.gate_proj.bias is not None
+    else:
+        assert m.model.layers[0].mlp.down_proj.bias is None and m.model.layers[1].mlp.gate_proj.bias is None
 
 
 @pytest.mark.parametrize("est,pc", [

@@ -33,6 +33,12 @@ class Family:
         prenorm: sublayers are residual branches ``x + f(norm(x))``; only then can one be dropped.
         cfg: config attribute names: heads, kv_heads (None = MHA only), intermediate, hidden, layers.
         extra_square: hidden->hidden Linears outside the blocks (BERT pooler): both dims are hidden.
+        bias_flags: config flags that give the stock class bias slots, and the projections each flag
+            covers (Llama ``attention_bias`` covers q/k/v/o together). A projection that has no bias
+            and no flag has no slot: the stock class cannot hold a bias added there.
+        causal: a decoder trained on next-token prediction (False: encoders such as BERT).
+        hidden_per_head: the stock config rejects a hidden size that is not a multiple of the head
+            count (Llama, Gemma2 validate it): uniform hidden plans round to it to stay stock.
     """
 
     name: str
@@ -61,23 +67,33 @@ class Family:
                   "num_hidden_layers")
     extra_square: tuple[str, ...] = ()
     attn_style: str = "llama"
+    bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    causal: bool = True
+    hidden_per_head: bool = False
 
     @property
     def mlp_out(self) -> str:
         return self.down or self.fc2
+
+    def flag_for(self, path: str) -> str | None:
+        """The config flag that gives projection ``path`` (relative to a block) a bias, if any."""
+        return next((flag for flag, paths in self.bias_flags if path in paths), None)
 
 
 _LLAMA = dict(layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
               q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
               gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
 
+_ATTN_BIAS = ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+_MLP_BIAS = ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", **_LLAMA),
+    "llama": Family("llama", **_LLAMA, bias_flags=(_ATTN_BIAS, _MLP_BIAS), hidden_per_head=True),
     "mistral": Family("mistral", **_LLAMA),
-    "qwen2": Family("qwen2", **_LLAMA),
-    "qwen3": Family("qwen3", **_LLAMA),
-    "gemma": Family("gemma", **_LLAMA, norm="rms1p"),
-    "gemma2": Family("gemma2", **_LLAMA, norm="rms1p",
+    "qwen2": Family("qwen2", **_LLAMA),  # q/k/v always biased, o_proj and the MLP never
+    "qwen3": Family("qwen3", **_LLAMA, bias_flags=(_ATTN_BIAS,)),
+    "gemma": Family("gemma", **_LLAMA, norm="rms1p", bias_flags=(_ATTN_BIAS,)),
+    "gemma2": Family("gemma2", **_LLAMA, norm="rms1p", bias_flags=(_ATTN_BIAS,), hidden_per_head=True,
                      attn_norms=("input_layernorm", "post_attention_layernorm"),
                      mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
     "phi3": Family("phi3", layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
@@ -100,7 +116,7 @@ FAMILIES: dict[str, Family] = {
                    k="attention.self.key", v="attention.self.value", o="attention.output.dense",
                    fc1="intermediate.dense", fc2="output.dense", mlp=("intermediate", "output"),
                    attn_norms=("attention.output.LayerNorm",), mlp_norms=("output.LayerNorm",), norm="ln",
-                   prenorm=False, attn_style="bert", extra_square=("pooler.dense",),
+                   prenorm=False, attn_style="bert", extra_square=("pooler.dense",), causal=False,
                    cfg=("num_attention_heads", None, "intermediate_size", "hidden_size", "num_hidden_layers")),
 }
 
@@ -122,9 +138,21 @@ def lora_targets(fam: Family) -> list[str]:
     return list(dict.fromkeys(p for p in paths if p))
 
 
+#: per-layer pruned exports carry ``model_type = PRUNED_PREFIX + <stock model_type>`` so that loading
+#: one without its modeling file fails by name instead of loading re-initialised weights.
+PRUNED_PREFIX = "shear_"
+
+
+def stock_model_type(model_type: str | None) -> str | None:
+    """``"llama"`` for ``"shear_llama"`` (a per-layer export); other names unchanged."""
+    if isinstance(model_type, str) and model_type.startswith(PRUNED_PREFIX):
+        return model_type[len(PRUNED_PREFIX):]
+    return model_type
+
+
 def family_of(model) -> Family | None:
     """The :class:`Family` of a transformers model (by ``config.model_type``), or None."""
-    return FAMILIES.get(getattr(model.config, "model_type", None))
+    return FAMILIES.get(stock_model_type(getattr(model.config, "model_type", None)))
 
 
 def head_dim_of(fam: Family, attn, config) -> int:

@@ -77,13 +77,30 @@ class _Stop(Exception):
     pass
 
 
+def _family(model: nn.Module):
+    from shear.analyze.families import family_of
+
+    fam = family_of(model)
+    if fam is None:
+        raise ValueError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}): "
+                         "activation statistics need a supported family (shear.analyze.families)")
+    return fam
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of an HF causal LM (``model.model.layers`` for Llama-style models)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layers found (expected .model.layers)")
-    return layers
+    """The blocks of a supported model (``model.model.layers`` for Llama, ``transformer.h`` for GPT-2,
+    ``bert.encoder.layer`` for BERT), located through its :class:`~shear.analyze.families.Family`."""
+    fam = _family(model)
+    try:
+        return model.base_model.get_submodule(fam.layers)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__}: no blocks at {fam.layers!r} (unsupported variant of "
+                         f"{fam.name})") from None
+
+
+def is_matmul(mod: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2: weight ``[in, out]``); both see inputs ``[.., in]``."""
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
 
 
 def _to(obj, device):
@@ -105,15 +122,16 @@ def _device(module: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Run the model up to block 0 for each batch; return (hidden states list, kwargs list)."""
+    """Run the model up to block 0 for each batch; return (hidden states, (extra args, kwargs)) lists."""
     layers = decoder_layers(model)
     hidden, kwargs_list = [], []
 
     def pre(_mod, args, kwargs):
+        kwargs = dict(kwargs)
         h = args[0] if args else kwargs.pop("hidden_states")
         hidden.append(h.detach())
         kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
-        kwargs_list.append(kw)
+        kwargs_list.append((tuple(args[1:]), kw))  # BERT passes its attention mask positionally
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
@@ -153,9 +171,10 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
         from tqdm import tqdm
 
         it = tqdm(it, desc="calibrating blocks")
+    fam = _family(model)
     for i in it:
         layer, dev = layers[i], _device(layers[i])
-        handles, sub_out = [], {}
+        handles, mid = [], {}
 
         def rec(name):
             def hook(_m, inp, _out):
@@ -167,24 +186,24 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
             return hook
 
         for mod in layer.modules():
-            if isinstance(mod, nn.Linear) and (modules is None or names[mod] in modules):
+            if is_matmul(mod) and (modules is None or names[mod] in modules):
                 handles.append(mod.register_forward_hook(rec(names[mod])))
-        for key in ("self_attn", "mlp"):
-            sub = getattr(layer, key, None)
-            if sub is not None:
-                handles.append(sub.register_forward_hook(
-                    lambda _m, _i, out, key=key: sub_out.__setitem__(key, out[0] if isinstance(out, tuple) else out)))
+        # pre-norm blocks: the MLP's input norm sees the residual stream between the sublayers
+        mid_norm = _submodule(layer, fam.mlp_norms[0]) if fam.prenorm else None
+        if mid_norm is not None:
+            handles.append(mid_norm.register_forward_pre_hook(lambda _m, a: mid.__setitem__("x", a[0])))
         try:
             for b in range(len(hidden)):
                 x = hidden[b].to(dev)
-                out = layer(x, **_to(kws[b], dev))
+                args, kw = kws[b]
+                out = layer(x, *_to(args, dev), **_to(kw, dev))
                 out = out[0] if isinstance(out, tuple) else out
                 _add_angles(stats.layer_cos, stats.layer_angle, i, x, out)
-                if "self_attn" in sub_out and "mlp" in sub_out:
-                    mid = x + sub_out["self_attn"]
-                    _add_angles(stats.attn_cos, stats.attn_angle, i, x, mid)
-                    _add_angles(stats.mlp_cos, stats.mlp_angle, i, mid, mid + sub_out["mlp"])
-                sub_out.clear()
+                if "x" in mid:
+                    m = mid["x"].reshape(x.shape)  # OPT flattens tokens before its MLP norm
+                    _add_angles(stats.attn_cos, stats.attn_angle, i, x, m)
+                    _add_angles(stats.mlp_cos, stats.mlp_angle, i, m, out)
+                mid.clear()
                 hidden[b] = out
         finally:
             for h in handles:
@@ -193,17 +212,26 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
     return stats
 
 
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _record_head(model, hidden, stats: ActivationStats, names, modules) -> None:
-    """Stats of the output head's input (the final norm's output), if the head is wanted."""
+    """Stats of the output head's input (the final norm's output), if the model has a head and it is wanted."""
+    fam = _family(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = model.get_decoder() if hasattr(model, "get_decoder") else None
-    norm = getattr(base, "norm", None)
-    if head is None or norm is None or not isinstance(head, nn.Linear):
+    if head is None or not fam.causal or not is_matmul(head):
+        return
+    norm = _submodule(model.base_model, fam.final_norms[-1])
+    if norm is None:
         return
     name = names[head]
     if modules is not None and name not in modules:
         return
-    st = stats.linears[name] = LinearStats.zeros(head.in_features)
+    st = stats.linears[name] = LinearStats.zeros(hidden[0].shape[-1])
     for h in hidden:
         st.add(norm(h.to(_device(norm))))
 

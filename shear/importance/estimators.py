@@ -78,10 +78,15 @@ class ScoringContext:
             raise ValueError(f"importance.estimator={self.cfg.estimator!r} needs calibration ids")
 
     def linear_stats(self, m: Member):
-        """The input statistics of the Linear whose input columns ``m`` indexes, or None."""
-        if m.dim != 1 or not m.param.endswith(".weight"):
+        """The input statistics of the Linear/Conv1D whose input columns ``m`` indexes, or None."""
+        if m.role != "in" or not m.param.endswith(".weight"):
             return None
         return self.activations().linears.get(m.param[: -len(".weight")])
+
+    def weight_out_in(self, m: Member) -> torch.Tensor:
+        """The member's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``; its input dim is 0)."""
+        w = self.params[m.param].detach()
+        return w.t() if (m.role == "in" and m.dim == 0) else w
 
 
 def _combine(ctx: ScoringContext, groups: list[Group], member_fn, what: str) -> Scores:
@@ -132,13 +137,11 @@ def taylor_element2(ctx: ScoringContext, groups: list[Group]) -> Scores:
 
 
 def _column_estimator(ctx: ScoringContext, groups: list[Group], col_fn, what: str) -> Scores:
-    p = ctx.params
-
     def member(g, j, m):
         st = ctx.linear_stats(m)
         if st is None:
             return None
-        return C.columns_to_units(col_fn(p[m.param].detach(), st), m.units)
+        return C.columns_to_units(col_fn(ctx.weight_out_in(m), st), m.units)
     return _combine(ctx, groups, member, what)
 
 

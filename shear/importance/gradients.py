@@ -9,7 +9,11 @@ mode (``W`` = weight bytes in fp32):
 - ``element1``: the mean gradient ``g`` (1 W);
 - ``element2``: ``g`` and the diagonal Fisher ``mean_s g_s^2`` from per-sample backward passes (2 W).
 
-Loss: the model's mean next-token cross-entropy per sequence; ``g`` is the mean over sequences.
+Loss (:func:`objective`): a decoder's mean next-token cross-entropy; an encoder (no LM head to
+trust) denoises itself: 15% of the tokens are replaced by random ones (seeded) and the loss is the
+mean squared distance of the last hidden states to the clean input's, normalised by their mean
+square — a reconstruction loss whose gradient is not zero at the dense model. ``g`` is the mean over
+sequences.
 Gradient checkpointing (HF ``gradient_checkpointing_enable``) trades compute for activations.
 """
 from __future__ import annotations
@@ -43,6 +47,35 @@ def _members_by_param(graph: StructureGraph, kinds: set[str] | None):
         for j, m in enumerate(g.members):
             out.setdefault(m.param, []).append((g.name, j, m))
     return out
+
+
+def _fill_unreached(stats: GradientStats, by_param: dict, params: dict) -> None:
+    """Zero statistics for members the loss does not reach (e.g. BERT's pooler under the encoder
+    objective): their gradient is exactly zero, so their Taylor terms are zero, not missing."""
+    for name, entries in by_param.items():
+        if stats.mode == "vector":
+            for gname, j, m in entries:
+                stats.wg.setdefault((gname, j), torch.zeros(m.units.shape[0]))
+        elif name not in stats.grad:
+            stats.grad[name] = torch.zeros_like(params[name], dtype=torch.float32)
+            if stats.mode == "element2":
+                stats.fisher[name] = torch.zeros_like(params[name], dtype=torch.float32)
+
+
+def objective(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The scalar loss the Taylor criteria differentiate (see the module docstring). ``batch``: ``[B, L]``."""
+    from shear.analyze.families import family_of
+
+    fam = family_of(model)
+    if fam is None or fam.causal:
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+    with torch.no_grad():
+        clean = model(input_ids=batch).last_hidden_state.float()
+    noise = torch.rand(batch.shape, generator=gen) < 0.15
+    vocab = model.get_input_embeddings().weight.shape[0]
+    corrupt = torch.where(noise.to(batch.device), torch.randint(0, vocab, batch.shape, generator=gen).to(batch.device), batch)
+    h = model(input_ids=corrupt).last_hidden_state.float()
+    return ((h - clean) ** 2).mean() / clean.pow(2).mean().clamp_min(1e-12)
 
 
 def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGraph, mode: str = "vector",
@@ -92,6 +125,7 @@ def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGr
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF checkpointing is active in training mode only
     dev = model.get_input_embeddings().weight.device
+    gen = torch.Generator().manual_seed(0)  # the encoder objective's corruption: same plan for a seed
     batches = ids.split(bs)
     if progress:
         from tqdm import tqdm
@@ -101,10 +135,11 @@ def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGr
         for batch in batches:
             scale["w"] = batch.shape[0] / n_total
             batch = batch.to(dev)
-            out = model(input_ids=batch, labels=batch, use_cache=False)
-            out.loss.backward()
-            stats.loss += float(out.loss.detach()) * scale["w"]
+            loss = objective(model, batch, gen)
+            loss.backward()
+            stats.loss += float(loss.detach()) * scale["w"]
             stats.n_samples += batch.shape[0]
+        _fill_unreached(stats, by_param, params)
     finally:
         for h in handles:
             h.remove()

@@ -69,6 +69,7 @@ def stock_reference(model: nn.Module):
     with 1 head at top level; its real head counts go to ``shear_layout`` (and ``shear_layers``).
     """
     cfg = copy.deepcopy(model.config)
+    cfg.__class__ = stock_class(model).config_class  # a reloaded per-layer export has Shear<Config>
     for k in ("shear_layout", "auto_map"):
         if hasattr(cfg, k):
             delattr(cfg, k)
@@ -120,7 +121,7 @@ def _auto_class(model: nn.Module) -> str:
     base = stock_class(model)
     for name in ("AutoModelForCausalLM", "AutoModel", "AutoModelForMaskedLM", "AutoModelForSequenceClassification"):
         try:
-            if getattr(transformers, name)._model_mapping[type(model.config)] is base:
+            if getattr(transformers, name)._model_mapping[base.config_class] is base:
                 return name
         except KeyError:
             continue
@@ -165,15 +166,20 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
                 setattr(model.config, k, v)
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        base = stock_class(model).__name__
+        stock = stock_class(model)
+        base = stock.__name__
         cfg["architectures"] = [base]
+        cfg["model_type"] = stock.config_class.model_type
         cfg.pop("auto_map", None)
         cfg.pop("shear_layout", None)
         for f in tmp.glob("*.py"):  # a re-exported model may carry an older copy
             f.unlink()
-        if layout:
+        if layout:  # a model_type of its own: without the modeling file it must not load at all
             cfg["shear_layout"] = layout
-            cfg["auto_map"] = {_auto_class(model): f"{MODELING_FILE[:-3]}.Shear{base}"}
+            cfg["model_type"] = modeling_pruned.PREFIX + cfg["model_type"]
+            mod = MODELING_FILE[:-3]
+            cfg["auto_map"] = {"AutoConfig": f"{mod}.Shear{stock.config_class.__name__}",
+                               _auto_class(model): f"{mod}.Shear{base}"}
             shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:

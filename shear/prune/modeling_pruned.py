@@ -2,10 +2,12 @@
 
 This file is copied verbatim beside the weights of such exports (per-layer head counts or MLP
 widths, dropped attention/MLP sublayers, GPT-2/OPT heads that no longer multiply to the hidden
-size). It depends on torch and transformers only. ``config.json`` keeps the stock ``model_type``
-and adds:
+size, compensation biases the stock class has no slot for). It depends on torch and transformers
+only. ``config.json`` has ``model_type = "shear_<stock model_type>"`` (so that loading it without
+this file fails by name instead of silently re-initialising mismatched weights) and adds:
 
-* ``auto_map``: ``{"AutoModelForCausalLM": "modeling_shear_pruned.Shear<StockClass>"}``;
+* ``auto_map``: ``{"AutoConfig": "modeling_shear_pruned.Shear<StockConfig>",
+  "AutoModelForCausalLM": "modeling_shear_pruned.Shear<StockClass>"}``;
 * ``shear_layout``: what differs from the stock model built from the config:
   ``params`` (name -> shape), ``attrs`` (``module.path.attribute`` -> value; ``.config.`` in the
   path gives that module its own config copy), ``modules`` (path -> ``{"type": "Dropped", ...}`` or
@@ -13,7 +15,7 @@ and adds:
 
 ``Shear<StockClass>`` builds the stock model, then applies the layout, so loading is
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. Any stock class name works:
-the class is made on first access (module ``__getattr__``).
+the classes are made on first access (module ``__getattr__``).
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
     for name, shape in (layout.get("params") or {}).items():
         mod_path, _, attr = name.rpartition(".")
         mod = model.get_submodule(mod_path)
-        old = getattr(mod, attr)
-        new = torch.empty(tuple(shape), dtype=old.dtype, device=old.device)
-        setattr(mod, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        like = getattr(mod, attr, None)
+        if like is None:  # a bias the stock class does not build (bias compensation)
+            like = mod.weight
+        new = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+        setattr(mod, attr, nn.Parameter(new, requires_grad=like.requires_grad))
     for key, value in (layout.get("attrs") or {}).items():
         if ".config." in key or key.startswith("config."):
             mod_path, _, attr = key.partition("config.")
@@ -82,6 +86,15 @@ def apply_layout(model: nn.Module, layout: dict) -> None:
 
 
 _CLASSES: dict[str, type] = {}
+PREFIX = "shear_"
+
+
+def pruned_config_class(base: type) -> type:
+    """``Shear<base>``: the stock config class under ``model_type = "shear_<stock model_type>"``."""
+    name = "Shear" + base.__name__
+    if name not in _CLASSES:
+        _CLASSES[name] = type(name, (base,), {"model_type": PREFIX + base.model_type, "__module__": __name__})
+    return _CLASSES[name]
 
 
 def pruned_class(base: type) -> type:
@@ -92,11 +105,15 @@ def pruned_class(base: type) -> type:
             base.__init__(self, config, *args, **kwargs)
             apply_layout(self, getattr(config, "shear_layout", None) or {})
 
-        _CLASSES[name] = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+        _CLASSES[name] = type(name, (base,), {"__init__": __init__, "__module__": __name__,
+                                              "config_class": pruned_config_class(base.config_class)})
     return _CLASSES[name]
 
 
 def __getattr__(name: str):
-    if name.startswith("Shear") and hasattr(transformers, name[5:]):
-        return pruned_class(getattr(transformers, name[5:]))
+    base = getattr(transformers, name[5:], None) if name.startswith("Shear") else None
+    if isinstance(base, type) and issubclass(base, transformers.PretrainedConfig):
+        return pruned_config_class(base)
+    if isinstance(base, type):
+        return pruned_class(base)
     raise AttributeError(name)

@@ -20,7 +20,8 @@ import torch
 from shear.analyze import analyze
 from shear.analyze.graph import PrunePlan, StructureGraph
 from shear.importance import needs_data, score
-from shear.importance.compensation import apply_biases_, compensation_biases
+from shear.analyze.families import family_of
+from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, plan_biases
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.plan import STRUCTURE_KINDS, ParamCounter, build_plan, model_shapes
 
@@ -92,6 +93,47 @@ def layer_widths(graph: StructureGraph) -> dict:
     return out
 
 
+HEAD_KINDS = ("head", "kv_group", "query_head")
+
+
+def stays_stock(model, graph: StructureGraph, plan: PrunePlan) -> bool:
+    """Whether ``model`` exports as its stock class now and still will after ``plan`` (same widths in
+    every surviving layer, no dropped sublayer). Conservative: True may still export per-layer (e.g. a
+    hidden size the stock config rejects), which only means fewer bias slots are used."""
+    from shear.prune.export import layout_of
+
+    if layout_of(model):
+        return False
+    dead = {g.layer for g in graph.by_kind("layer") if plan.remove.get(g.name)}
+    for kinds in (HEAD_KINDS, ("mlp_channel",)):
+        kept = {g.num_units - len(plan.remove.get(g.name, [])) for g in graph.groups
+                if g.kind in kinds and g.layer not in dead}
+        if len(kept) > 1:
+            return False
+    return not any(plan.remove.get(g.name) for g in graph.groups if g.kind in ("attn_sublayer", "mlp_sublayer"))
+
+
+def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePlan, BiasPlan]:
+    """The plan and its compensation biases; with a parameter target the biases' parameters count
+    (re-planned for a budget lowered by them until plan + biases fit)."""
+    shapes = model_shapes(model)
+    plan = build_plan(graph, scores, cfg, shapes, target_params=tp)
+    counter = ParamCounter(graph, shapes)
+    for _ in range(6):
+        biases = compensation_biases(model, plan, graph, ctx.activations())
+        dead = {g.module for g in graph.by_kind("layer") if plan.remove.get(g.name)}
+        bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan), dead)
+        if tp is None:
+            return plan, bp
+        removed = {k: len(v) for k, v in plan.remove.items()}
+        extra = bp.added_params(counter, removed)
+        if counter.count(removed) + extra <= tp:
+            return plan, bp
+        plan = build_plan(graph, scores, cfg, shapes, target_params=tp - extra)
+    raise ValueError(f"prune.target: {tp} parameters cannot be met with bias compensation's added biases; "
+                     "set importance.bias_compensation=false")
+
+
 def _renumber(biases: dict, plan: PrunePlan, graph: StructureGraph) -> dict:
     """Module names after removed layers are deleted and the rest renumbered."""
     gone = sorted(int(k.split(".")[1]) for k, v in plan.remove.items() if k.endswith(".layer") and v)
@@ -158,7 +200,12 @@ def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig |
             final = int(counter0.count({}) * (1 - cfg.target.ratio)) if cfg.target.ratio is not None else cfg.target.params
         steps = cfg.iterative_steps if cfg.target.shape is None else 1
         compensate = icfg.bias_compensation if icfg.bias_compensation is not None else icfg.estimator == "flap"
-        plans, flags = [], []
+        fam = family_of(model)
+        if compensate and fam is None:
+            log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
+                        "unknown", type(model).__name__)
+            compensate = False
+        plans, flags, compensated, skipped = [], [], [], []
         for k in range(1, steps + 1):
             if k > 1:
                 graph = analyze(model, heads=cfg.heads)
@@ -167,14 +214,24 @@ def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig |
             t["scoring"] += time.time() - ts
             ts = time.time()
             tp = None if cfg.target.shape is not None else int(p0 - (p0 - final) * k / steps)
-            plan = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp)
+            if compensate:
+                plan, bp = _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam)
+            else:
+                plan, bp = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp), BiasPlan()
             t["planning"] += time.time() - ts
             ts = time.time()
-            biases = compensation_biases(model, plan, graph, ctx.activations()) if compensate else {}
             from shear.prune.slice import prune_
 
             prune_(model, plan, graph)
-            flags = sorted(set(flags) | set(apply_biases_(model, _renumber(biases, plan, graph))))
+            bp.add = _renumber(bp.add, plan, graph)
+            apply_biases_(model, bp)
+            flags = sorted(set(flags) | set(bp.flags))
+            compensated += [n for n, b in bp.add.items() if b is not None]
+            skipped += bp.skipped
+            if bp.skipped:
+                log.warning("bias compensation skipped for %d projection(s) (e.g. %s): the stock %s class has no "
+                            "bias there and this uniform plan exports as the stock class; a global (per-layer) plan "
+                            "keeps them", len(bp.skipped), bp.skipped[0], fam.name)
             t["slicing"] += time.time() - ts
             plans.append(plan)
             log.info("prune step %d/%d: %s", k, steps, {kk: len(v) for kk, v in plan.remove.items()})
@@ -187,7 +244,8 @@ def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig |
         "allocation": cfg.allocation, "heads": cfg.heads, "iterative_steps": steps,
         "params_before": p0, "params_after": after.total_params, "removed_ratio": 1 - after.total_params / p0,
         "macs_before": macs0, "macs_after": after.total_macs, "mac_ratio": after.total_macs / macs0,
-        "widths_before": before_w, "widths_after": layer_widths(after), "bias_compensation": flags,
+        "widths_before": before_w, "widths_after": layer_widths(after),
+        "bias_compensation": {"flags": flags, "compensated": len(compensated), "skipped": skipped} if compensate else None,
         "time_s": {**{k: round(v, 3) for k, v in t.items()}, "total": round(time.time() - t0, 3)},
         "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1),
         "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1), "weights_after_mb": round(weights / 2**20, 1),

@@ -34,10 +34,13 @@ class ParamCounter:
         self.graph, self.shapes = graph, shapes
         self.dims: dict[str, list[list[tuple[str, int]]]] = {p: [[] for _ in s] for p, s in shapes.items()}
         self.depth: dict[str, list[str]] = {p: [] for p in shapes}
+        self.out_dim: dict[str, int] = {}  # weight -> its output dim (1 for GPT-2's Conv1D)
         for g in graph.groups:
             for m in g.members:
                 if m.param not in shapes:
                     continue
+                if m.role == "out":
+                    self.out_dim[m.param] = m.dim
                 if m.width == 0:
                     self.depth[m.param].append(g.name)
                 else:
@@ -76,7 +79,19 @@ class _Planner:
         return [g for g in gs if not self.cfg.is_protected(g.layer)]
 
     def _align(self, structure: str) -> int:
-        return self.cfg.round_to if structure in ("mlp", "hidden") else 1
+        if structure == "hidden":
+            return math.lcm(self.cfg.round_to, self._hidden_multiple())
+        return self.cfg.round_to if structure == "mlp" else 1
+
+    def _hidden_multiple(self) -> int:
+        """Head count when the family's stock config requires hidden % heads == 0 (else 1)."""
+        from shear.analyze.families import FAMILIES
+
+        fam = FAMILIES.get(self.graph.family)
+        if fam is None or not fam.hidden_per_head:
+            return 1
+        heads = [g.meta.get("heads") for g in self.graph.groups if g.kind in STRUCTURE_KINDS["heads"]]
+        return heads[0] if heads and all(h == heads[0] for h in heads) and heads[0] else 1
 
     def counts(self, structure: str, f: float) -> dict[str, int]:
         """Units removed per group of ``structure`` when a fraction ``f`` of its units goes."""
