@@ -47,12 +47,46 @@ def recipe_overrides(args) -> list[str]:
     return list(args.overrides) + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
 
 
+def add_run_dir_flags(p: argparse.ArgumentParser) -> None:
+    """``--resume`` / ``--restart`` and ``--trust-remote-code``: shared by ``shear run`` and ``shear train``."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="the output dir holds a run of a changed recipe: continue it anyway (the change is recorded)")
+    g.add_argument("--restart", action="store_true",
+                   help="start the run over: delete what shear wrote in the output dir (checkpoints, reports) first")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
+
+
+def run_interruptible(recipe, args) -> dict | int:
+    """``run_recipe`` as the run directory flags say; Ctrl-C ends it with exit code 130 and where to resume."""
+    import sys
+
+    from shear.pipeline import run_recipe
+    from shear.rundir import newest_checkpoint
+
+    out = Path(args.output_dir or recipe.output_dir)
+    try:
+        return run_recipe(recipe, out, "resume" if args.resume else "restart" if args.restart else "refuse")
+    except KeyboardInterrupt:
+        pass
+    import gc
+
+    gc.collect()  # progress bars of the interrupted frames close (and print) now, before the last line
+    ck = newest_checkpoint(out) if out.is_dir() else None
+    where = f"last checkpoint: {ck} (the same command resumes from it)" if ck else "no checkpoint was written yet"
+    lead = "\n" if sys.stderr.isatty() else ""  # a progress bar may hold the line
+    print(f"{lead}shear: interrupted; {where}", file=sys.stderr)
+    return 130
+
+
 def _cmd_run(args) -> int:
     from shear.config import load_recipe
-    from shear.pipeline import run_recipe
 
     recipe = load_recipe(args.recipe, recipe_overrides(args))
-    summary = run_recipe(recipe, args.output_dir)
+    summary = run_interruptible(recipe, args)
+    if isinstance(summary, int):
+        return summary
     print(f"done in {summary['wall_s']} s; stages: {', '.join(summary['stages']) or 'none'}; "
           f"outputs in {summary['output_dir']}")
     if "model_dir" in summary:
@@ -72,8 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
     p.add_argument("-o", "--output-dir", default=None, help="override the recipe's output_dir")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
+    add_run_dir_flags(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("recipes", help="list the shipped recipes with their purpose")

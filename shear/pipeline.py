@@ -1,7 +1,8 @@
 """``shear run RECIPE``: the stages a recipe names, in order, with their outputs in one directory.
 
 model -> (prune: analyze, score, plan, slice) -> (train: recovery, with KD when distill is set)
--> export -> eval. The resolved recipe is written first, so a run that fails still says what it was.
+-> export -> eval. The resolved recipe is written first, so a run that fails still says what it was;
+a directory belongs to one recipe (shear/rundir.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shear.config import Recipe, dump_recipe
+from shear.config import Recipe
+from shear.rundir import OnChange, open_run_dir
 
 log = logging.getLogger("shear")
 
@@ -86,17 +88,17 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path | None = None) -> dict:
+def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnChange = "refuse") -> dict:
     """Run every stage the recipe names; return a summary (also written to OUTPUT_DIR/summary.json).
 
-    Under a multi-process launch every rank prunes (deterministically, the same plan) and trains;
-    rank 0 alone writes the recipe, the prune report, the export, the evaluation and the summary.
+    A directory that holds a run of another recipe is refused, continued or restarted as
+    ``on_change`` says (see shear/rundir.py). Under a multi-process launch every rank prunes
+    (deterministically, the same plan) and trains; rank 0 alone writes the recipe, the prune report,
+    the export, the evaluation and the summary.
     """
     main = is_main_process()
     out = Path(out_dir or recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_recipe(recipe, out / "recipe.yaml")
+    open_run_dir(recipe, out, on_change, write=main)
     seed_everything(recipe.seed)
     t0 = time.time()
     summary: dict = {"output_dir": str(out), "stages": []}

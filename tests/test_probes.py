@@ -1,50 +1,25 @@
 """shear refuses or warns instead of failing silently or with a traceback: remote code needs consent,
 user errors are one line, overrides go anywhere, a single .txt file is a corpus, degenerate eval
-settings are errors. (Run directories, checkpoints, Ctrl-C and --smoke: test_probes_runs.py.)"""
+settings are errors. (Run directories, damaged checkpoints, Ctrl-C: test_probes_runs.py.)"""
 import json
 
 import pytest
 import torch
 import yaml
 
-from conftest import tiny_llama_config
 from shear.cli import main
 
 
 @pytest.fixture(scope="module")
-def text():
-    from shear.data.corpus import load_corpus
-
-    return load_corpus("validation")[0]["text"][:30_000]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, text):
-    """A tiny Llama (max_position_embeddings=128) and a BPE tokenizer (vocab 300), saved."""
-    from transformers import LlamaForCausalLM
-
-    from shear.data.tokenizer import train_bpe
-
-    d = tmp_path_factory.mktemp("tiny")
-    tok = train_bpe([text], vocab_size=300)
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                            pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def per_layer_dir(tmp_path_factory, tiny_dir):
+def per_layer_dir(tmp_path_factory, tiny_lm_dir):
     """A per-layer pruned export: its config.json carries auto_map and a modeling file."""
     from shear.analyze import PrunePlan
     from shear.models import load_model, load_tokenizer
     from shear.prune import export, prune_
 
-    model = load_model(str(tiny_dir))
+    model = load_model(str(tiny_lm_dir))
     prune_(model, PrunePlan({"layers.0.mlp_channel": [1, 5, 7]}))
-    out = export(model, tmp_path_factory.mktemp("pl") / "model", tokenizer=load_tokenizer(str(tiny_dir)))
+    out = export(model, tmp_path_factory.mktemp("pl") / "model", tokenizer=load_tokenizer(str(tiny_lm_dir)))
     assert "auto_map" in json.loads((out / "config.json").read_text())
     return out
 
@@ -96,15 +71,15 @@ def test_remote_code_needs_consent(per_layer_dir, tmp_path, capsys):
 
 # 5. one-line errors -----------------------------------------------------------------------------
 
-def _config_only(d, tiny_dir):
+def _config_only(d, tiny_lm_dir):
     d.mkdir()
-    (d / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (d / "config.json").write_text((tiny_lm_dir / "config.json").read_text())
     return d
 
 
-def _corrupt(d, tiny_dir):
+def _corrupt(d, tiny_lm_dir):
     d.mkdir()
-    for f in tiny_dir.iterdir():
+    for f in tiny_lm_dir.iterdir():
         data = f.read_bytes()
         (d / f.name).write_bytes(data[:2000] if f.suffix == ".safetensors" else data)
     return d
@@ -112,18 +87,18 @@ def _corrupt(d, tiny_dir):
 
 @pytest.mark.parametrize("case", ["hub_offline", "config_only", "corrupt_safetensors", "non_utf8_txt",
                                   "malformed_jsonl", "bad_override", "bad_yaml_override"])
-def test_user_errors_are_one_line(case, tiny_dir, tmp_path, capsys, monkeypatch):
+def test_user_errors_are_one_line(case, tiny_lm_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    recipe = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_dir)}, data={"seq_len": 16},
+    recipe = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, data={"seq_len": 16},
                           train={"steps": 1, "batch_size": 2})
     bad_txt, bad_jsonl = tmp_path / "latin1.txt", tmp_path / "broken.jsonl"
     bad_txt.write_bytes("caf\xe9 au lait\n\nencore".encode("latin-1"))
     bad_jsonl.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
     argv, named = {
         "hub_offline": (["eval", "some-org/some-model"], "some-org/some-model: not a local directory, and the hub is offline"),
-        "config_only": (["eval", str(_config_only(tmp_path / "c", tiny_dir))], "has a config.json but no weights"),
-        "corrupt_safetensors": (["eval", str(_corrupt(tmp_path / "x", tiny_dir)), *EVAL_FAST], "corrupt or truncated weights"),
-        "non_utf8_txt": (["eval", str(tiny_dir), *EVAL_FAST, "--dataset", str(bad_txt)], f"{bad_txt}: not UTF-8 text (byte 3"),
+        "config_only": (["eval", str(_config_only(tmp_path / "c", tiny_lm_dir))], "has a config.json but no weights"),
+        "corrupt_safetensors": (["eval", str(_corrupt(tmp_path / "x", tiny_lm_dir)), *EVAL_FAST], "corrupt or truncated weights"),
+        "non_utf8_txt": (["eval", str(tiny_lm_dir), *EVAL_FAST, "--dataset", str(bad_txt)], f"{bad_txt}: not UTF-8 text (byte 3"),
         "malformed_jsonl": (["run", recipe, "-o", str(tmp_path / "o"), f"data.source={bad_jsonl}"], f"{bad_jsonl}:3: not valid JSON"),
         "bad_override": (["run", recipe, "train.lr=abc"], "recipe.train.lr: Input should be a valid number"),
         "bad_yaml_override": (["run", recipe, "train.lr=[abc"], "override 'train.lr=[abc': the value is not valid YAML"),
@@ -151,8 +126,8 @@ def test_unexpected_errors_hint_at_debug(monkeypatch, capsys):
 
 # 6. overrides after options ---------------------------------------------------------------------
 
-def test_override_after_output_option(tiny_dir, tmp_path, capsys):
-    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_dir)}, train={"steps": 1})
+def test_override_after_output_option(tiny_lm_dir, tmp_path, capsys):
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, train={"steps": 1})
     assert main(["run", r, "-o", str(tmp_path / "o"), "train.lr=abc"]) == 2  # reached the recipe, not argparse
     assert "recipe.train.lr" in one_line_error(capsys)
     with pytest.raises(SystemExit):
@@ -162,17 +137,17 @@ def test_override_after_output_option(tiny_dir, tmp_path, capsys):
 
 # 7. a single .txt file is a corpus --------------------------------------------------------------
 
-def test_single_txt_file_is_split_into_documents(text, tmp_path):
+def test_single_txt_file_is_split_into_documents(tiny_text, tmp_path):
     from shear.data.text import DataConfig, load_text_splits, split_documents
 
     f = tmp_path / "one.txt"
-    f.write_text(text)
+    f.write_text(tiny_text)
     splits = load_text_splits(DataConfig(source=str(f)))
     n_train, n_val = len(splits["train"]), len(splits["validation"])
     assert n_train >= 10 and n_val >= 1
     docs = list(splits["train"]["text"]) + list(splits["validation"]["text"])
-    assert sorted(docs) == sorted(split_documents(text))
-    assert sum(len(d) for d in docs) >= 0.95 * len(text.strip())
+    assert sorted(docs) == sorted(split_documents(tiny_text))
+    assert sum(len(d) for d in docs) >= 0.95 * len(tiny_text.strip())
     paras = split_documents("first paragraph\n\nsecond one\n \nthird")
     assert paras == ["first paragraph", "second one", "third"]  # blank-line boundaries, text kept
     chunks = split_documents("word " * 400)  # no blank line: size chunks cut at spaces
@@ -181,35 +156,35 @@ def test_single_txt_file_is_split_into_documents(text, tmp_path):
 
 # 8. degenerate eval / data settings -------------------------------------------------------------
 
-def test_seq_len_one_is_an_error(tiny_dir, capsys):
+def test_seq_len_one_is_an_error(tiny_lm_dir, capsys):
     from shear.data.text import DataConfig
     from shear.eval.config import EvalConfig
 
     for cls in (DataConfig, EvalConfig):
         with pytest.raises(ValueError, match="at least 2"):
             cls(seq_len=1)
-    assert main(["eval", str(tiny_dir), "--seq-len", "1"]) == 2
+    assert main(["eval", str(tiny_lm_dir), "--seq-len", "1"]) == 2
     assert "seq_len: must be at least 2" in one_line_error(capsys)
 
 
-def test_seq_len_beyond_the_models_positions(tiny_dir, tmp_path, capsys):
-    assert main(["eval", str(tiny_dir), "--no-speed", "--seq-len", "200"]) == 2
+def test_seq_len_beyond_the_models_positions(tiny_lm_dir, tmp_path, capsys):
+    assert main(["eval", str(tiny_lm_dir), "--no-speed", "--seq-len", "200"]) == 2
     assert "seq_len=200 exceeds the model's max_position_embeddings=128" in one_line_error(capsys)
-    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_dir)}, data={"seq_len": 129},
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, data={"seq_len": 129},
                      train={"steps": 1}, export={})
     assert main(["run", r, "-o", str(tmp_path / "o")]) == 2
     assert "data.seq_len=129 exceeds the model's max_position_embeddings=128" in one_line_error(capsys)
     assert not (tmp_path / "o" / "train").exists()
 
 
-def test_nan_perplexity_is_an_error(tiny_dir, tmp_path, capsys):
+def test_nan_perplexity_is_an_error(tiny_lm_dir, tmp_path, capsys):
     from shear.models import load_model, load_tokenizer
 
-    model = load_model(str(tiny_dir))
+    model = load_model(str(tiny_lm_dir))
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     model.save_pretrained(tmp_path / "nan")
-    load_tokenizer(str(tiny_dir)).save_pretrained(tmp_path / "nan")
+    load_tokenizer(str(tiny_lm_dir)).save_pretrained(tmp_path / "nan")
     assert main(["eval", str(tmp_path / "nan"), *EVAL_FAST]) == 2
     err = one_line_error(capsys)
     assert f"{tmp_path / 'nan'}: perplexity is nan" in err and "check its weights" in err

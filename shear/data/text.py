@@ -14,6 +14,7 @@ Items of the resulting datasets are ``{"input_ids": LongTensor[L], "labels": Lon
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -138,6 +139,9 @@ def load_json_records(files: list[Path]):
     """A ``datasets.Dataset`` of the records of .jsonl/.json files; a malformed file is named with its line."""
     from datasets import load_dataset
 
+    ds_log = logging.getLogger("datasets")
+    level = ds_log.level
+    ds_log.setLevel(logging.CRITICAL)  # its parse-error log would precede the one line below
     try:
         return load_dataset("json", data_files=[str(f) for f in files], split="train")
     except Exception:  # noqa: BLE001 - find the file and line at fault; re-raise when none is
@@ -146,6 +150,8 @@ def load_json_records(files: list[Path]):
             if problem:
                 raise ValueError(problem) from None
         raise
+    finally:
+        ds_log.setLevel(level)
 
 
 def _json_problem(path: Path) -> str | None:

@@ -1,10 +1,12 @@
 """Checkpoints: OUT/checkpoints/step-N with the trainable weights (safetensors), optimizer and
 scheduler state (torch.save of plain tensors/numbers, read back with weights_only=True), every
 rank's RNG states, and the data position. Written to a temporary directory and renamed, so a
-kill mid-write never leaves a half checkpoint that resume would pick up."""
+kill mid-write never leaves a half checkpoint that resume would pick up; a checkpoint damaged later
+(truncated by a full disk, a bad copy) is skipped on resume with a warning, for the one before it."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _STEP = re.compile(r"^step-(\d+)$")
+log = logging.getLogger("shear")
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -95,25 +98,83 @@ def save_checkpoint(accelerator, module, optimizer, scheduler, state: dict, root
 
 
 def load_checkpoint(accelerator, module, optimizer, scheduler, path: Path) -> dict:
-    """Restore everything save_checkpoint wrote; returns the saved trainer state (step, history)."""
+    """Restore everything save_checkpoint wrote; returns the saved trainer state (step, history).
+
+    Every file is read before anything is restored, so a truncated file raises with the model untouched.
+    """
     path = Path(path)
-    if _is_deepspeed(accelerator):
+    data = None if _is_deepspeed(accelerator) else read_checkpoint(path, accelerator.process_index)
+    return _restore(accelerator, module, optimizer, scheduler, path, data)
+
+
+def _restore(accelerator, module, optimizer, scheduler, path: Path, data: dict | None) -> dict:
+    if data is None:  # DeepSpeed: its engine reads its own sharded files
         module.load_checkpoint(str(path), tag="ds")
+        data = {"scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+                **_read_small(path, accelerator.process_index)}
     else:
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(accelerator.unwrap_model(module).named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-        if missing:
-            raise ValueError(f"checkpoint {path}: no weights for {missing[:3]}... (was it made by another setup?)")
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng_file = path / f"rng-{accelerator.process_index}.json"
-    if rng_file.exists():
-        set_rng_state(json.loads(rng_file.read_text()))
-    return json.loads((path / "state.json").read_text())
+        _load_weights(accelerator.unwrap_model(module), data["weights"], path)
+        optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    if data["rng"] is not None:
+        set_rng_state(data["rng"])
+    return data["state"]
+
+
+def read_checkpoint(path: Path, process_index: int = 0) -> dict:
+    """The files of a (non-DeepSpeed) checkpoint in memory: weights, optimizer, scheduler, rng, state."""
+    path = Path(path)
+    return {"weights": load_file(str(path / "trainable.safetensors")),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+            "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+            **_read_small(path, process_index)}
+
+
+def _read_small(path: Path, process_index: int) -> dict:
+    rng_file = path / f"rng-{process_index}.json"
+    return {"rng": json.loads(rng_file.read_text()) if rng_file.exists() else None,
+            "state": json.loads((path / "state.json").read_text())}
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise ValueError(f"checkpoint {path}: no weights for {missing[:3]}... (was it made by another setup?)")
+    for n, w in weights.items():
+        if n not in params or params[n].shape != w.shape:
+            have = tuple(params[n].shape) if n in params else "no such parameter"
+            raise ValueError(f"checkpoint {path}: {n} has shape {tuple(w.shape)}, the model {have}: it was made "
+                             "by a differently shaped model (another prune setting?); start over (shear run --restart)")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+
+
+def resume_checkpoint(accelerator, module, optimizer, scheduler, root: Path) -> tuple[Path | None, dict | None]:
+    """Restore the newest readable checkpoint under ``root``: ``(its path, trainer state)``, or (None, None).
+
+    A truncated or corrupt checkpoint (a file that does not read back) is skipped with a warning that
+    names it, and the previous one is used. Every rank takes the same decision.
+    """
+    for _, path in reversed(list_checkpoints(root)):
+        problem, data = None, None
+        if not _is_deepspeed(accelerator):
+            try:
+                data = read_checkpoint(path, accelerator.process_index)
+            except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+                problem = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        bad = torch.tensor([float(problem is not None)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad, "sum")
+        if bad.item() > 0:
+            log.warning("checkpoint %s is unreadable (%s); falling back to the previous checkpoint",
+                        path, problem or "on another process")
+            continue
+        return path, _restore(accelerator, module, optimizer, scheduler, path, data)
+    if list_checkpoints(root):
+        log.warning("no readable checkpoint in %s: training starts from step 0", root)
+    return None, None
 
 
 def _is_deepspeed(accelerator) -> bool:

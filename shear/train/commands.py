@@ -7,14 +7,15 @@ import argparse
 
 
 def _cmd_train(args) -> int:
-    from shear.commands import recipe_overrides
+    from shear.commands import recipe_overrides, run_interruptible
     from shear.config import load_recipe
-    from shear.pipeline import run_recipe
 
     recipe = load_recipe(args.recipe, recipe_overrides(args))
     if recipe.train is None:
         raise ValueError(f"{args.recipe}: recipe.train: required by `shear train` (use `shear run` for recipes without training)")
-    summary = run_recipe(recipe, args.output_dir)
+    summary = run_interruptible(recipe, args)
+    if isinstance(summary, int):
+        return summary
     tr = summary.get("train", {})
     if tr.get("final_val_ppl") is not None:
         print(f"validation PPL after training: {tr['final_val_ppl']:.2f} "
@@ -26,12 +27,13 @@ def _cmd_train(args) -> int:
 
 
 def register(subparsers) -> None:
+    from shear.commands import add_run_dir_flags
+
     p = subparsers.add_parser(
         "train", help="train / recover a model as a recipe says (LoRA or full, CE and/or KD)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML with a train section (and distill for KD)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 distill.kd_weight=0.5")
-    p.add_argument("--output-dir", default=None, help="where outputs go (default: the recipe's output_dir)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
+    p.add_argument("-o", "--output-dir", default=None, help="where outputs go (default: the recipe's output_dir)")
+    add_run_dir_flags(p)
     p.set_defaults(func=_cmd_train)

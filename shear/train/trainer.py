@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .accel import build_accelerator, is_deepspeed, prepare
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import StepSampler, collate, local_micro_batches
 from .lora import apply_lora, merge_lora
@@ -53,6 +53,18 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _use_config_hparams(optimizer, scheduler, cfg: TrainConfig, fresh: list[dict]) -> None:
+    """After a resume, the config's lr, betas and weight decay apply, not those saved in the checkpoint.
+
+    They differ only when a run continues under a changed recipe (``shear run --resume``); otherwise
+    this sets the very values the checkpoint held (LambdaLR's lr = base_lr * factor(last_epoch)).
+    """
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for g, f in zip(optimizer.param_groups, fresh):
+        g.update(f, initial_lr=cfg.lr, lr=cfg.lr * lr_factor(scheduler.last_epoch, cfg))
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _prepare_teacher(teacher, distill, device):
@@ -118,9 +130,13 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
 
     ckpt_root = out_dir / "checkpoints"
     state = {"step": 0, "eval": [], "train": []}
-    last = latest_checkpoint(ckpt_root) if cfg.resume else None
+    last = None
+    if cfg.resume:  # the newest readable checkpoint; a damaged one is skipped with a warning
+        fresh = [{k: g[k] for k in ("weight_decay", "betas")} for g in optimizer.param_groups]
+        last, saved = resume_checkpoint(accelerator, module, optimizer, scheduler, ckpt_root)
     if last is not None:
-        state = load_checkpoint(accelerator, module, optimizer, scheduler, last)
+        state = saved
+        _use_config_hparams(optimizer, scheduler, cfg, fresh)
         if main:
             print(f"resuming from {last} (step {state['step']})")
     if main:
