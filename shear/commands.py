@@ -47,8 +47,11 @@ def recipe_overrides(args) -> list[str]:
     return list(args.overrides) + (["model.trust_remote_code=true"] if args.trust_remote_code else [])
 
 
-def add_run_dir_flags(p: argparse.ArgumentParser) -> None:
-    """``--resume`` / ``--restart`` and ``--trust-remote-code``: shared by ``shear run`` and ``shear train``."""
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """``--smoke``, ``--resume`` / ``--restart`` and ``--trust-remote-code``: shared by ``shear run`` and ``shear train``."""
+    p.add_argument("--smoke", action="store_true",
+                   help="check the recipe end to end in minutes: every stage, a few steps and samples, "
+                        "outputs in OUTPUT_DIR-smoke (unless -o)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="the output dir holds a run of a changed recipe: continue it anyway (the change is recorded)")
@@ -80,10 +83,16 @@ def run_interruptible(recipe, args) -> dict | int:
     return 130
 
 
-def _cmd_run(args) -> int:
-    from shear.config import load_recipe
+def load_run_recipe(args):
+    """The recipe of ``shear run`` / ``shear train``: file, overrides, flags, then ``--smoke`` shrinking."""
+    from shear.config import load_recipe, smoke_recipe
 
     recipe = load_recipe(args.recipe, recipe_overrides(args))
+    return smoke_recipe(recipe) if args.smoke else recipe
+
+
+def _cmd_run(args) -> int:
+    recipe = load_run_recipe(args)
     summary = run_interruptible(recipe, args)
     if isinstance(summary, int):
         return summary
@@ -106,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
     p.add_argument("-o", "--output-dir", default=None, help="override the recipe's output_dir")
-    add_run_dir_flags(p)
+    add_run_flags(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("recipes", help="list the shipped recipes with their purpose")

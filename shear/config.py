@@ -152,6 +152,37 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+def smoke_recipe(recipe: Recipe) -> Recipe:
+    """The recipe shrunk to check it end to end in minutes (``shear run RECIPE --smoke``).
+
+    Every stage and option it names stays (model, dtype, LoRA, KD, prune structures and rounds,
+    sequence lengths); only the amounts shrink: train 3 steps (at least one per prune round), no
+    warmup, micro-batch <= 2, grad_accum <= 2, one validation batch, a checkpoint at the end; data
+    <= 64 training and 4 validation blocks; 2 calibration samples; eval 2 perplexity windows, one
+    timed repeat of 16 + 4 tokens, <= 4 examples per lm-eval task. Outputs go to OUTPUT_DIR-smoke and
+    the export to its ``model`` directory (never a shared one such as the cache), replaced on rerun.
+    """
+    d = recipe.model_dump(mode="json")
+    d["output_dir"] = recipe.output_dir.rstrip("/") + "-smoke"
+    data = d["data"]
+    data.update(max_train_blocks=min(data["max_train_blocks"] or 64, 64),
+                max_validation_blocks=min(data["max_validation_blocks"] or 4, 4))
+    if d["train"] is not None:
+        t, rounds = d["train"], d["prune"]["tune_rounds"] if d["prune"] else 1
+        t.update(steps=min(t["steps"], max(3, rounds)), warmup_steps=0, batch_size=min(t["batch_size"], 2),
+                 grad_accum=min(t["grad_accum"], 2), eval_every=0, eval_batches=1, save_every=0, log_every=1)
+    if d["prune"] is not None:
+        d["importance"] = {**(d["importance"] or {}), "n_samples": 2}
+    if d["eval"] is not None:
+        e = d["eval"]
+        e.update(max_windows=min(e["max_windows"] or 2, 2), repeats=1, warmup=0,
+                 prefill_tokens=min(e["prefill_tokens"], 16), decode_tokens=min(e["decode_tokens"], 4),
+                 task_limit=min(e["task_limit"] or 4, 4))
+    if d["export"] is not None:
+        d["export"].update(dir=None, overwrite=True)
+    return validate_recipe(d)
+
+
 def dump_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write the resolved recipe (every default filled in) as YAML."""
     path = Path(path)

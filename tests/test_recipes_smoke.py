@@ -1,9 +1,10 @@
-"""Every shipped recipe runs end to end, shrunk by overrides (tiny model, tiny data, 2 steps).
+"""Every shipped recipe runs end to end with ``shear run RECIPE --smoke`` (a few steps and samples).
 
 Recipes that start from a pretrained model get a tiny Llama saved to disk; recipes that build one
-from scratch get a tiny architecture. Whatever each recipe's stages are, the run must finish, write
-its resolved recipe, and export a model that reloads with the logits it had in memory.
+from scratch get a tiny architecture; both read a tiny corpus. Whatever each recipe's stages are, the
+run must finish, write its resolved recipe, and export a model that reloads with the PPL it had in memory.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,8 @@ def tiny_dir(tmp_path_factory, corpus):
     return d
 
 
-def shrink(data: dict, tiny_dir: Path, corpus: Path, out: Path) -> list[str]:
-    """Overrides that keep the recipe's stages but make every one of them tiny."""
+def stand_ins(data: dict, tiny_dir: Path, corpus: Path) -> list[str]:
+    """What --smoke cannot know: the tiny model and corpus stand in for the recipe's, at lengths they fit."""
     ov = [f"data.source={corpus}", "data.seq_len=32", "data.validation_fraction=0.34"]
     if data["model"].get("init") == "scratch":
         ov += [f"model.arch={yaml.safe_dump(TINY_ARCH, default_flow_style=True).strip()}", "model.tokenizer_vocab=300"]
@@ -54,33 +55,51 @@ def shrink(data: dict, tiny_dir: Path, corpus: Path, out: Path) -> list[str]:
         ov += [f"model.path={tiny_dir}"]
         if data.get("distill", {}) and data["distill"].get("teacher"):
             ov += [f"distill.teacher={tiny_dir}"]
-    if "train" in data:
-        ov += ["train.steps=3", "train.warmup_steps=0", "train.batch_size=2", "train.eval_batches=1",
-               "train.eval_every=1", "train.save_every=1"]
     if "prune" in data:
-        ov += ["importance.n_samples=2", "importance.seq_len=16", f"importance.source={corpus}", "prune.round_to=1"]
+        ov += ["importance.seq_len=16", f"importance.source={corpus}", "prune.round_to=1"]
     if "eval" in data:
-        ov += ["eval.speed=false", "eval.max_windows=2", "eval.seq_len=32", f"eval.dataset={corpus / 'part0.txt'}",
-               "eval.dataset_config=null", "eval.split=validation"]
-    if "export" in data:
-        ov += [f"export.dir={out / 'model'}"]
+        ov += ["eval.seq_len=32", f"eval.dataset={corpus / 'part0.txt'}", "eval.dataset_config=null", "eval.split=validation"]
     return ov
 
 
+def test_smoke_shrinks_amounts_not_stages():
+    from shear.config import load_recipe, smoke_recipe
+
+    for path in RECIPES:
+        full = load_recipe(path)
+        smoke = smoke_recipe(full)
+        assert smoke.output_dir == full.output_dir + "-smoke"
+        assert [s for s in ("prune", "train", "distill", "export", "eval") if getattr(smoke, s) is not None] == \
+               [s for s in ("prune", "train", "distill", "export", "eval") if getattr(full, s) is not None]
+        if full.train:
+            assert smoke.train.steps <= max(3, full.prune.tune_rounds if full.prune else 1)
+            assert smoke.train.lora == full.train.lora and smoke.train.precision == full.train.precision
+        if full.prune:
+            assert smoke.importance.n_samples == 2 and smoke.prune == full.prune
+        if full.eval:
+            assert smoke.eval.max_windows == 2 and smoke.eval.seq_len == full.eval.seq_len
+        if full.export:
+            assert smoke.export.dir is None, "a smoke run never writes into a shared export directory"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
-def test_recipe_runs_shrunk(path, tiny_dir, corpus, tmp_path):
-    from shear.config import load_recipe
+def test_recipe_runs_smoke(path, tiny_dir, corpus, tmp_path):
+    from shear.cli import main
+    from shear.config import validate_recipe
     from shear.models import load_model
-    from shear.pipeline import run_recipe
 
     data = yaml.safe_load(path.read_text())
-    recipe = load_recipe(path, shrink(data, tiny_dir, corpus, tmp_path))
-    summary = run_recipe(recipe, tmp_path / "run")
-    assert (tmp_path / "run" / "recipe.yaml").exists()
+    run = tmp_path / "run"
+    assert main(["run", str(path), *stand_ins(data, tiny_dir, corpus), "--smoke", "-o", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    recipe = validate_recipe(yaml.safe_load((run / "recipe.yaml").read_text()))
     expected = [s for s in ("prune", "train", "export") if s in data]
     assert [s for s in summary["stages"] if s != "eval"] == expected
+    if "train" in data:
+        assert summary["train"].get("steps", 3) <= 3
     if "export" in data:
         model_dir = Path(summary["model_dir"])
+        assert model_dir == run / "model"
         assert (model_dir / "shear_recipe.yaml").exists(), "an export carries the recipe that made it"
         reloaded = load_model(str(model_dir), trust_remote_code=True)  # per-layer exports carry auto_map
         if "eval" in data:  # the reloaded model scores exactly what the in-memory result scored

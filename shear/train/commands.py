@@ -7,10 +7,9 @@ import argparse
 
 
 def _cmd_train(args) -> int:
-    from shear.commands import recipe_overrides, run_interruptible
-    from shear.config import load_recipe
+    from shear.commands import load_run_recipe, run_interruptible
 
-    recipe = load_recipe(args.recipe, recipe_overrides(args))
+    recipe = load_run_recipe(args)
     if recipe.train is None:
         raise ValueError(f"{args.recipe}: recipe.train: required by `shear train` (use `shear run` for recipes without training)")
     summary = run_interruptible(recipe, args)
@@ -27,7 +26,7 @@ def _cmd_train(args) -> int:
 
 
 def register(subparsers) -> None:
-    from shear.commands import add_run_dir_flags
+    from shear.commands import add_run_flags
 
     p = subparsers.add_parser(
         "train", help="train / recover a model as a recipe says (LoRA or full, CE and/or KD)",
@@ -35,5 +34,5 @@ def register(subparsers) -> None:
     p.add_argument("recipe", help="recipe YAML with a train section (and distill for KD)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 distill.kd_weight=0.5")
     p.add_argument("-o", "--output-dir", default=None, help="where outputs go (default: the recipe's output_dir)")
-    add_run_dir_flags(p)
+    add_run_flags(p)
     p.set_defaults(func=_cmd_train)
