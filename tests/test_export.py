@@ -118,3 +118,49 @@ def test_layer_removal_with_uniform_widths_stays_stock(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert "auto_map" not in cfg and cfg["intermediate_size"] == 94 and cfg["num_hidden_layers"] == 1
     torch.testing.assert_close(outputs(load("mistral", out, False), IDS), outputs(model, IDS), atol=0, rtol=0)
+
+
+def test_overwrite_replaces_only_what_shear_wrote(tmp_path):
+    """Twice into a run directory with overwrite: checkpoints, user files and nested dirs survive."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-10").mkdir(parents=True)
+    (run / "checkpoints" / "step-10" / "model.safetensors").write_bytes(b"ckpt")
+    (run / "notes.txt").write_text("mine")
+    model = family_model("llama")
+    export(model, run, recipe={"a": 1})
+    prune_(model, PrunePlan({"layers.0.mlp_channel": [1, 2]}))
+    export(model, run, overwrite=True)  # no recipe this time: the old recipe file is shear's and goes
+    assert (run / "checkpoints" / "step-10" / "model.safetensors").read_bytes() == b"ckpt"
+    assert (run / "notes.txt").read_text() == "mine" and not (run / "shear_recipe.yaml").exists()
+    torch.testing.assert_close(outputs(load("llama", run, True), IDS), outputs(model, IDS), atol=0, rtol=0)
+
+
+def test_export_never_replaces_its_own_input(tmp_path):
+    """`shear export SRC SRC --overwrite`: the directory the model came from is refused, untouched."""
+    src = export(family_model("llama"), tmp_path / "src")
+    (src / "README.md").write_text("model card")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    model = load("llama", src, False)
+    with pytest.raises(FileExistsError, match="loaded from"):
+        export(model, src, overwrite=True)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_overwrite_refuses_a_model_shear_did_not_write(tmp_path):
+    """A model directory without shear's manifest (e.g. a downloaded checkpoint) is never replaced."""
+    theirs = tmp_path / "theirs"
+    family_model("llama").save_pretrained(theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    with pytest.raises(FileExistsError, match="did not export"):
+        export(family_model("llama"), theirs, overwrite=True)
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+
+
+def test_export_refuses_to_clobber_a_foreign_file(tmp_path):
+    """A directory without a model but with a user's model.safetensors: refused, the file kept."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "model.safetensors").write_bytes(b"user's")
+    with pytest.raises(FileExistsError, match="did not write"):
+        export(family_model("llama"), tmp_path / "d")
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == b"user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -128,29 +128,77 @@ def _auto_class(model: nn.Module) -> str:
     raise ValueError(f"{base.__name__}: no Auto class maps {type(model.config).__name__} to it")
 
 
-def _merge_into(tmp: Path, out: Path) -> None:
-    """Move the export's files into an existing non-model directory, ``config.json`` last."""
-    files = sorted(tmp.iterdir(), key=lambda f: f.name == "config.json")
-    for f in files:
-        dest = out / f.name
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(f, dest)
+MANIFEST = "shear_export.json"
+
+
+def _written_by_shear(out: Path) -> list[str]:
+    """Files a previous export listed in ``out/shear_export.json`` (empty: none, or not shear's)."""
+    try:
+        files = json.loads((out / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [f for f in files if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")]
+
+
+def _input_dirs(model: nn.Module) -> list[Path]:
+    """Local directories the model was loaded from (``from_pretrained`` records them)."""
+    out = []
+    for v in (getattr(model, "name_or_path", None), getattr(model.config, "_name_or_path", None)):
+        if v and Path(str(v)).expanduser().is_dir():
+            out.append(Path(str(v)).expanduser().resolve())
+    return out
+
+
+def _check_target(model: nn.Module, out: Path, overwrite: bool, protect) -> None:
+    """Refuse targets whose replacement could lose what shear did not write (see :func:`export`)."""
+    for src in _input_dirs(model) + [Path(p).expanduser().resolve() for p in protect]:
+        if out == src:
+            raise FileExistsError(f"{out} is the directory the model was loaded from; export elsewhere")
+    if not (out / "config.json").exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a model (pass overwrite=True to replace it)")
+    if not _written_by_shear(out):
+        raise FileExistsError(f"{out} holds a model that shear did not export (no {MANIFEST}); it is not "
+                              "replaced — export elsewhere or remove it yourself")
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Replace the previous export's files in ``out`` with ``tmp``'s; nothing else in ``out`` is touched.
+
+    The old ``config.json`` goes first and the new one comes last, so an interruption leaves a
+    directory that does not load rather than one that loads a mix of two exports.
+    """
+    new = {f.name for f in tmp.iterdir()}
+    old = _written_by_shear(out)
+    clash = sorted(f.name for f in out.iterdir() if f.name in new and f.name not in old)
+    if clash:
+        raise FileExistsError(f"{out} has files shear did not write where the export goes ({', '.join(clash[:4])}); "
+                              "not replaced — export elsewhere")
+    for name in ["config.json"] + [n for n in old if n != "config.json"]:
+        f = out / name
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+        os.replace(f, out / f.name)
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe: dict | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, protect: tuple = ()) -> Path:
     """Save ``model`` (pruned by ``prune_``) to ``out_dir``: safetensors + config (+ tokenizer, recipe).
 
     Uniform models get the stock architecture; others get ``shear_layout`` + ``auto_map`` and the
-    modeling file. Writes go to a temporary sibling directory renamed at the end, so an interrupted
-    export never leaves a complete-looking ``out_dir`` (into an existing directory without a
-    ``config.json``, files are moved in with ``config.json`` last). A directory that already holds a
-    model is replaced only with ``overwrite=True``. Returns ``out_dir``.
+    modeling file. Writes go to a temporary sibling directory first, so an interrupted export never
+    leaves a complete-looking ``out_dir``; ``shear_export.json`` lists the files written.
+
+    Nothing shear did not write is deleted: into an existing directory the files are moved in beside
+    what is there (a run directory keeps its reports and checkpoints); a directory that already holds
+    a model is replaced only with ``overwrite=True``, only if shear exported it (its manifest), and
+    then only the files the manifest lists are replaced. The directory the model was loaded from
+    (and any path in ``protect``) is never a target, nor a directory containing it. Returns ``out_dir``.
     """
     out = Path(out_dir).expanduser().resolve()
-    if (out / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a model (pass overwrite=True to replace it)")
+    _check_target(model, out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     layout = layout_of(model)
@@ -188,13 +236,10 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
             import yaml
 
             (tmp / "shear_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        if out.exists() and not (out / "config.json").exists():  # e.g. a run directory with reports
-            _merge_into(tmp, out)
-        elif out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
+        files = sorted(f.name for f in tmp.iterdir()) + [MANIFEST]
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+        if out.exists():  # a run directory with reports, or shear's own earlier export
+            _move_in(tmp, out)
         else:
             tmp.rename(out)
     finally:
