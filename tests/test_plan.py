@@ -95,3 +95,26 @@ def test_unreachable_target_names_structures(setup):
     cfg = PruneConfig(target={"ratio": 0.9}, structures=["heads"])
     with pytest.raises(ValueError, match="cannot be reached"):
         build_plan(g, scores, cfg, model_shapes(m))
+
+
+def test_degenerate_targets_and_protection_are_refused(setup, caplog):
+    m, g, scores = setup
+    total = sum(p.numel() for p in m.parameters())
+    with pytest.raises(ValueError, match="not below the model's"):  # was: silently pruned nothing
+        build_plan(g, scores, PruneConfig(target={"params": total + 1}), model_shapes(m))
+    with pytest.raises(ValueError, match=r"\[99\] do not exist \(the model has layers 0..2\)"):
+        build_plan(g, scores, PruneConfig(target={"ratio": 0.2}, protected_layers=[99]), model_shapes(m))
+    with pytest.raises(ValueError, match="matches none"):
+        build_plan(g, scores, PruneConfig(target={"ratio": 0.2}, protected_layers="^9$"), model_shapes(m))
+    caplog.set_level("WARNING", logger="shear")
+    plan = build_plan(g, scores, PruneConfig(target={"ratio": 0.2}, structures=["mlp", "hidden"], protected_layers=[1]),
+                      model_shapes(m))
+    assert plan.remove["hidden"] and "layers.1.mlp_channel" not in plan.remove
+    assert any("slices the protected layers" in r.message for r in caplog.records)
+
+
+def test_uniform_hidden_rounds_to_the_head_count_for_llama(setup):
+    """LlamaConfig rejects hidden % heads != 0: a hidden plan keeps a multiple of 4 heads' worth."""
+    m, g, scores = setup
+    plan = build_plan(g, scores, PruneConfig(target={"ratio": 0.1}, structures=["hidden"]), model_shapes(m))
+    assert (64 - len(plan.remove["hidden"])) % 4 == 0

@@ -115,7 +115,8 @@ class PruneConfig(BaseModel):
         "global", description="uniform: the same kept width in every layer; global: units ranked across layers (per-layer widths)")
     heads: Literal["kv_group", "query_head"] = Field(
         "kv_group", description="GQA head strategy: remove whole KV groups, or the same number of query heads inside each group")
-    round_to: int = Field(1, gt=0, description="kept MLP / hidden widths are multiples of this (8, 64, 128); heads round to 1")
+    round_to: int = Field(1, gt=0, description="kept MLP / hidden widths are multiples of this (8, 64, 128); heads round to 1; "
+                                                "hidden also rounds to the head count where the stock config requires it (Llama, Gemma2)")
     protected_layers: list[int] | str = Field(
         default_factory=list, description="layers never pruned: indices, or a regex matched against the layer index string")
     min_keep: int = Field(1, ge=0, description="units every width group keeps at least (per layer)")

@@ -187,6 +187,29 @@ def _shape_counts(p: _Planner, shape) -> dict[str, int]:
     return counts
 
 
+def check_protection(graph: StructureGraph, cfg) -> None:
+    """``protected_layers`` must name layers that exist; hidden channels cannot be protected (warned)."""
+    n = graph.meta.get("num_layers")
+    if n is None:
+        n = 1 + max((g.layer for g in graph.groups if g.layer is not None), default=-1)
+    if isinstance(cfg.protected_layers, str):
+        if cfg.protected_layers and not any(cfg.is_protected(i) for i in range(n)):
+            raise ValueError(f"prune.protected_layers: regex {cfg.protected_layers!r} matches none of the "
+                             f"model's layers 0..{n - 1}")
+    else:
+        bad = sorted(i for i in cfg.protected_layers if not 0 <= i < n)
+        if bad:
+            raise ValueError(f"prune.protected_layers: {bad} do not exist (the model has layers 0..{n - 1})")
+    shrinks_hidden = "hidden" in cfg.structures or "hidden" in cfg.structure_ratios or (
+        cfg.target.shape is not None and cfg.target.shape.hidden_size is not None)
+    if cfg.protected_layers and shrinks_hidden:
+        import logging
+
+        logging.getLogger("shear").warning(
+            "prune.protected_layers: hidden channels are shared by every layer, so pruning 'hidden' slices the "
+            "protected layers too (their heads, MLP channels and the layers themselves stay)")
+
+
 def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shapes: dict[str, tuple[int, ...]],
                target_params: int | None = None) -> PrunePlan:
     """A :class:`PrunePlan` meeting ``cfg.target`` (or ``target_params`` when given, for iterative steps).
@@ -197,6 +220,7 @@ def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shap
     p = _Planner(graph, scores, cfg)
     counter = ParamCounter(graph, shapes)
     before = counter.count({})
+    check_protection(graph, cfg)
     meta = {"params_before": before, "allocation": cfg.allocation, "round_to": cfg.round_to}
     if cfg.target.shape is not None and target_params is None:
         counts = _shape_counts(p, cfg.target.shape)
@@ -204,6 +228,9 @@ def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shap
         if target_params is None:
             target_params = (int(before * (1 - cfg.target.ratio)) if cfg.target.ratio is not None
                              else cfg.target.params)
+            if target_params >= before:
+                raise ValueError(f"prune.target.params: {target_params:,} is not below the model's {before:,} "
+                                 "parameters; nothing would be pruned")
         fixed = dict(cfg.structure_ratios)
         free = [s for s in cfg.structures if s not in fixed and p.groups[s]]
 
