@@ -126,7 +126,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
             summary["prune"], summary["train"] = report, {"final_val_ppl": report["final_val_ppl"]}
             summary["stages"] += ["prune", "train"]
         else:
-            model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune" if main else None)
+            model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune" if main else None,
+                                            data=recipe.data)
             summary["prune"] = report
             summary["stages"].append("prune")
             if recipe.train is not None:

@@ -97,7 +97,7 @@ def test_cli_prune_model_dir(tmp_path):
     m.save_pretrained(tmp_path / "src")
     tok.save_pretrained(tmp_path / "src")
     parser = argparse.ArgumentParser()
-    from shear.prune.commands import register
+    from shear.cli.prune import register
 
     register(parser.add_subparsers())
     args = parser.parse_args(["prune", str(tmp_path / "src"), "--ratio", "0.3", "--estimator", "wanda_sp", "--n-samples", "4",
@@ -105,3 +105,47 @@ def test_cli_prune_model_dir(tmp_path):
     assert args.func(args) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["removed_ratio"] >= 0.3 and (tmp_path / "out" / "model" / "config.json").exists()
+
+
+def test_calibration_follows_the_recipe_data(tmp_path, caplog):
+    """importance.source unset: the calibration windows come from the recipe's data section, and the
+    report and log say which text, how many samples and which tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from shear.data.text import DataConfig
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["alpha", "beta", "gamma", "delta"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    (tmp_path / "a.txt").write_text(" ".join(["alpha beta"] * 400))
+    (tmp_path / "b.txt").write_text(" ".join(["gamma delta"] * 400))
+    caplog.set_level("INFO", logger="shear")
+    m = LlamaForCausalLM(tiny_llama_config()).eval()
+    cfg = PruneConfig(target={"ratio": 0.2}, structures=["mlp"])
+    icfg = ImportanceConfig(estimator="wanda_sp", n_samples=4, seq_len=16)
+    _, _, rep = run_prune(m, tokenizer, cfg, icfg, data=DataConfig(source=str(tmp_path), validation_fraction=0.5))
+    assert f"data.source={tmp_path}," in rep["calibration_text"] and type(tokenizer).__name__ in rep["calibration_text"]
+    assert rep["calibration"] == [4, 16] and any("calibration: 4 x 16" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="spread over devices"):
+        m2 = LlamaForCausalLM(tiny_llama_config()).eval()
+        m2.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+        run_prune(m2, tokenizer, cfg, icfg.model_copy(update={"device": "cpu"}), data=DataConfig(source=str(tmp_path)))
+
+
+def test_scoring_device_moves_the_model_and_back(ids, monkeypatch):
+    """importance.device: scored where asked (the calibration forward sees it), returned where it was."""
+    seen = []
+    import shear.importance.calibrate as cal
+
+    real = cal.capture_block_inputs
+    monkeypatch.setattr(cal, "capture_block_inputs", lambda m, *a, **k: (seen.append(next(m.parameters()).device),
+                                                                        real(m, *a, **k))[1])
+    m = LlamaForCausalLM(tiny_llama_config()).eval()
+    moves = []
+    orig_to = m.to
+    monkeypatch.setattr(m, "to", lambda d, *a, **k: (moves.append(str(d)), orig_to(d, *a, **k))[1])
+    run_prune(m, None, PruneConfig(target={"ratio": 0.2}, structures=["mlp"]),
+              ImportanceConfig(estimator="flap", device="cpu"), ids=ids)
+    assert moves == ["cpu", "cpu"] and seen == [torch.device("cpu")]

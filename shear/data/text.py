@@ -264,9 +264,12 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[BlockDataset, BlockDatas
 
 
 def calibration_ids(tokenizer, n_samples: int = 32, seq_len: int = 128, seed: int = 0,
-                    source: str = "shakespeare", split: str = "train") -> torch.Tensor:
-    """``n_samples`` random windows of ``seq_len`` tokens from one split: LongTensor[n, L], seeded."""
-    cfg = DataConfig(source=source, seq_len=seq_len, seed=seed)
+                    source: str = "shakespeare", split: str = "train", data: "DataConfig | None" = None) -> torch.Tensor:
+    """``n_samples`` random windows of ``seq_len`` tokens from one split: LongTensor[n, L], seeded.
+
+    ``data``: a whole data section (its source, text field, dataset config...) instead of ``source``."""
+    cfg = (data.model_copy(update={"seq_len": seq_len, "seed": seed}) if data is not None
+           else DataConfig(source=source, seq_len=seq_len, seed=seed))
     texts = load_text_splits(cfg)[split][cfg.text_field]
     stream = token_stream(texts, tokenizer)
     if stream.numel() <= seq_len:

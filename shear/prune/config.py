@@ -35,7 +35,11 @@ class ImportanceConfig(BaseModel):
     n_samples: int = Field(32, gt=0, description="calibration sequences")
     seq_len: int = Field(128, gt=1, description="tokens per calibration sequence")
     seed: int = Field(0, description="seed of the calibration sampler and of the random estimator")
-    source: str = Field("shakespeare", description="calibration text: 'shakespeare' or a local file/dir/HF dataset (as data.source)")
+    source: str | list[str] | None = Field(None, description="calibration text: 'shakespeare', local file/dir path(s) or an HF dataset "
+                                                              "name; None = the recipe's data section (data.source), or the "
+                                                              "shipped Shakespeare corpus where there is none (said in the log and report)")
+    device: str | None = Field(None, description="device for scoring and slicing, e.g. 'cuda' (the model moves there and back); "
+                                                 "None = where the model is (a model loaded with model.device_map stays spread)")
     batch_size: int = Field(8, gt=0, description="sequences per forward pass while calibrating (per-sample gradients use 1)")
     standardize: bool | None = Field(None, description="standardize scores of each kind across layers (FLAP); None = the "
                                                        "estimator's own default (on for flap, off otherwise)")

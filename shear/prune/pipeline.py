@@ -175,15 +175,48 @@ def plot_widths(before: dict, after: dict, path: Path) -> Path:
 
 def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig | None = None,
               out_dir: str | Path | None = None, recipe: dict | None = None, export_dir: str | Path | None = None,
-              ids: torch.Tensor | None = None) -> tuple[torch.nn.Module, PrunePlan, dict]:
+              ids: torch.Tensor | None = None, data=None) -> tuple[torch.nn.Module, PrunePlan, dict]:
     """Prune ``model`` in place to ``cfg.target``; return ``(model, last plan, report)``.
 
-    ``ids`` (LongTensor ``[n, L]``) overrides the calibration sampler. With ``out_dir`` the report
+    ``ids`` (LongTensor ``[n, L]``) overrides the calibration sampler; otherwise calibration text comes
+    from ``importance.source``, else ``data`` (a recipe's ``DataConfig``), else the shipped corpus.
+    With ``importance.device`` the model is scored and sliced there, then moved back. With ``out_dir`` the report
     (``report.json``), the plans (``plans.json``) and the width plot (``kept_widths.png``) are written;
     with ``export_dir`` the model is exported (``shear.prune.export.export``) with ``recipe``.
     """
     icfg = importance or ImportanceConfig()
+    home = _move_for_scoring(model, icfg.device)
+    try:
+        return _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data)
+    finally:
+        if home is not None:
+            model.to(home)
+
+
+def _move_for_scoring(model, device: str | None):
+    """Move ``model`` to ``importance.device``; return where it was (None: not moved)."""
+    if device is None:
+        return None
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        raise ValueError("importance.device: the model is spread over devices (model.device_map); leave "
+                         "importance.device unset to score it where it is")
+    home = next(model.parameters()).device
+    model.to(device)
+    return home
+
+
+def calibration_source(icfg: ImportanceConfig, data) -> tuple[object, str]:
+    """(DataConfig or None, a line naming the text) for the calibration sampler."""
+    if icfg.source is not None:
+        return None, f"importance.source={icfg.source}"
+    if data is not None:
+        return data, f"data.source={data.source}"
+    return None, "the shipped Shakespeare corpus (no importance.source or data section)"
+
+
+def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data):
     kinds = kinds_needed(cfg)
+    calib = None
     t = {"calibration": 0.0, "scoring": 0.0, "planning": 0.0, "slicing": 0.0}
     t0 = time.time()
     with PeakMemory() as mem:
@@ -193,7 +226,11 @@ def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig |
             from shear.data.text import calibration_ids
 
             tc = time.time()
-            ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed, source=icfg.source)
+            dcfg, what = calibration_source(icfg, data)
+            ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed,
+                                  source=icfg.source or "shakespeare", data=dcfg)
+            calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split, tokenizer {type(tokenizer).__name__}"
+            log.info("calibration: %s", calib)
             t["calibration"] = time.time() - tc
         counter0 = ParamCounter(graph, model_shapes(model))
         if cfg.target.shape is None:
@@ -249,7 +286,7 @@ def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig |
         "time_s": {**{k: round(v, 3) for k, v in t.items()}, "total": round(time.time() - t0, 3)},
         "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1),
         "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1), "weights_after_mb": round(weights / 2**20, 1),
-        "calibration": None if ids is None else list(ids.shape),
+        "calibration": None if ids is None else list(ids.shape), "calibration_text": calib,
     }
     if out_dir is not None:
         out = Path(out_dir)

@@ -186,7 +186,7 @@ def _width_groups(model, cfg, kinds) -> list[Group]:
 
 
 def prune_while_tuning(model, tokenizer, prune_cfg, importance_cfg, train_cfg, train_ds, val_ds, out_dir, *,
-                       rounds: int, teacher=None, distill=None) -> tuple[torch.nn.Module, dict]:
+                       rounds: int, teacher=None, distill=None, data=None) -> tuple[torch.nn.Module, dict]:
     """K = ``rounds`` rounds of prune (to the round's parameter budget) then tune; see the module docstring.
 
     Returns ``(model, report)``: the pruned, tuned plain HF model (LoRA merged) and
@@ -216,7 +216,11 @@ def prune_while_tuning(model, tokenizer, prune_cfg, importance_cfg, train_cfg, t
     if lorap or needs_data(icfg, kinds):
         from shear.data.text import calibration_ids
 
-        ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed, source=icfg.source)
+        from shear.prune.pipeline import calibration_source
+
+        dcfg, _ = calibration_source(icfg, data)  # importance.source, else the recipe's data section
+        ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed,
+                              source=icfg.source or "shakespeare", data=dcfg)
     report = {"estimator": icfg.estimator, "rounds_total": rounds, "params_before": p0, "target_params": final,
               "rounds": []}
     scores = None
@@ -282,5 +286,6 @@ def run_rounds_from_recipe(recipe, model, tokenizer, teacher, out: Path) -> tupl
         raise ValueError("recipe.distill: no teacher; set distill.teacher or keep the unpruned model as teacher")
     train_ds, val_ds = build_datasets(recipe.data, tokenizer)
     return prune_while_tuning(model, tokenizer, recipe.prune, recipe.importance, recipe.train, train_ds, val_ds,
-                              out / "rounds", rounds=recipe.prune.tune_rounds, teacher=teacher, distill=recipe.distill)
+                              out / "rounds", rounds=recipe.prune.tune_rounds, teacher=teacher, distill=recipe.distill,
+                              data=recipe.data)
 
