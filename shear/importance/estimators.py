@@ -185,3 +185,15 @@ def angular(ctx: ScoringContext, groups: list[Group]) -> Scores:
 def random_scores(ctx: ScoringContext, groups: list[Group]) -> Scores:
     gen = torch.Generator().manual_seed(int(ctx.cfg.seed))
     return {g.name: torch.rand(g.num_units, generator=gen) for g in groups}
+
+
+LORAPRUNE = "loraprune"
+
+
+@register(LORAPRUNE, "lora", WIDTH_KINDS,
+          "LoRAPrune: per-module L2-normalised sum_u |W' (G_B A + B G_A - G_B G_A)| from LoRA factors and "
+          "their gradients, EMA over steps, during LoRA tuning (prune.tune_rounds > 1 with train.lora; "
+          "computed by shear.train.iterative)")
+def _loraprune_outside_tuning(ctx: ScoringContext, groups: list[Group]) -> Scores:
+    raise ValueError("importance.estimator='loraprune' scores from LoRA gradients while tuning: it needs "
+                     "prune.tune_rounds > 1 and a train section with train.lora (prune-while-tuning)")

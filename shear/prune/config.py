@@ -47,13 +47,6 @@ class ImportanceConfig(BaseModel):
     bias_compensation: bool | None = Field(None, description="after slicing, add b = W[:, removed] @ mean(X_removed) to o_proj / "
                                                              "down_proj (FLAP); None = on for flap only")
 
-    @field_validator("estimator", mode="before")
-    @classmethod
-    def _register_loraprune(cls, v):
-        if v == "loraprune":
-            import shear.train.iterative  # noqa: F401  (registers the LoRAPrune estimator)
-        return v
-
     @field_validator("estimator")
     @classmethod
     def _known_estimator(cls, v: str) -> str:

@@ -28,23 +28,13 @@ from pathlib import Path
 
 import torch
 
-from shear.analyze.graph import DEPTH_KINDS, WIDTH_KINDS, Group, StructureGraph
+from shear.analyze.graph import DEPTH_KINDS, Group, StructureGraph
 from shear.importance import criteria as C
-from shear.importance import register
 
 log = logging.getLogger("shear")
 
-LORAPRUNE = "loraprune"
+from shear.importance.estimators import LORAPRUNE  # registered there (no import from importance up to train)
 EMA_BETA = 0.9
-
-
-@register(LORAPRUNE, "lora", WIDTH_KINDS,
-          "LoRAPrune: per-module L2-normalised sum_u |W' (G_B A + B G_A - G_B G_A)| from LoRA factors and "
-          "their gradients, EMA over steps, during LoRA tuning "
-          "(prune.tune_rounds > 1 with train.lora)")
-def _loraprune_outside_tuning(ctx, groups):
-    raise ValueError("importance.estimator='loraprune' scores from LoRA gradients while tuning: it needs "
-                     "prune.tune_rounds > 1 and a train section with train.lora (prune-while-tuning)")
 
 
 def round_targets(p0: int, final: int, rounds: int) -> list[int]:
