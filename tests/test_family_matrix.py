@@ -53,6 +53,7 @@ def cases(fam):
     for est in LAYER_ESTIMATORS:
         yield est, "layers", "global"
     yield "flap", "default", "global"  # shear prune's default: heads + MLP, global, FLAP + compensation
+    yield "flap", "default", "pool"  # FLAP's AL-AM: heads and MLP channels in one ranking
 
 
 def configs(est, struct, alloc):

@@ -118,3 +118,27 @@ def test_uniform_hidden_rounds_to_the_head_count_for_llama(setup):
     m, g, scores = setup
     plan = build_plan(g, scores, PruneConfig(target={"ratio": 0.1}, structures=["hidden"]), model_shapes(m))
     assert (64 - len(plan.remove["hidden"])) % 4 == 0
+
+
+def test_pool_allocation_ranks_heads_and_channels_together(setup):
+    """FLAP AL-AM: with every KV group scored below every MLP channel, the pool takes KV groups first
+    (down to one per layer) and only then channels; 'global' takes the same fraction of each."""
+    m, g, _ = setup
+    scores = {x.name: (torch.rand(x.num_units) - (10 if x.kind == "kv_group" else 0)) for x in g.groups}
+    shapes = model_shapes(m)
+    target = {"ratio": 0.2}
+    pool = build_plan(g, scores, PruneConfig(target=target, allocation="pool"), shapes)
+    glob = build_plan(g, scores, PruneConfig(target=target, allocation="global"), shapes)
+    heads = lambda plan: sum(len(v) for k, v in plan.remove.items() if k.endswith("kv_group"))  # noqa: E731
+    assert heads(pool) == 3 and heads(glob) < 3  # one of two KV groups per layer: the most min_keep allows
+    total = sum(p.numel() for p in m.parameters())
+    assert pool.meta["params_after"] <= int(total * 0.8) and pool.meta["removed_ratio"] < 0.22
+
+
+def test_pool_allocation_needs_standardized_scores():
+    from shear.prune.config import ImportanceConfig
+    from shear.prune.pipeline import run_prune
+
+    m = LlamaForCausalLM(tiny_llama_config()).eval()
+    with pytest.raises(ValueError, match="standardize=true"):
+        run_prune(m, None, PruneConfig(target={"ratio": 0.2}, allocation="pool"), ImportanceConfig(estimator="magnitude_l2"))

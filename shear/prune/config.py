@@ -6,7 +6,7 @@ Recipe sections (every key documented below; unknown keys are errors)::
     prune:
       target: {ratio: 0.35}            # or {params: 4_000_000} or {shape: {intermediate_size: 512}}
       structures: [heads, mlp]         # what may shrink: heads, mlp, hidden, layers
-      allocation: global               # uniform: same width in every layer; global: ranked across layers
+      allocation: global               # uniform: same width in every layer; global: ranked across layers; pool: heads+MLP in one ranking
       round_to: 8
       protected_layers: [0]            # or a regex on the layer index, e.g. "^(0|5)$"
 """
@@ -108,8 +108,11 @@ class PruneConfig(BaseModel):
         default_factory=dict,
         description="fixed fraction of UNITS removed per structure (e.g. {layers: 0.25}); structures listed in `structures` "
                     "without a fixed ratio share one common fraction solved to meet the parameter target")
-    allocation: Literal["uniform", "global"] = Field(
-        "global", description="uniform: the same kept width in every layer; global: units ranked across layers (per-layer widths)")
+    allocation: Literal["uniform", "global", "pool"] = Field(
+        "global", description="uniform: the same kept width in every layer; global: each structure's units ranked across layers "
+                              "(per-layer widths, one removed fraction per structure); pool: heads and MLP channels of all layers "
+                              "ranked in ONE pool (FLAP's AL-AM: needs standardized scores, e.g. flap), so the split between "
+                              "attention and MLP follows the scores")
     heads: Literal["kv_group", "query_head"] = Field(
         "kv_group", description="GQA head strategy: remove whole KV groups, or the same number of query heads inside each group")
     round_to: int = Field(1, gt=0, description="kept MLP / hidden widths are multiples of this (8, 64, 128); heads round to 1; "

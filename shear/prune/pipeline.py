@@ -215,6 +215,12 @@ def calibration_source(icfg: ImportanceConfig, data) -> tuple[object, str]:
 
 
 def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data):
+    from shear.importance import STANDARDIZED
+
+    std = icfg.standardize if icfg.standardize is not None else icfg.estimator in STANDARDIZED
+    if cfg.allocation == "pool" and not std:
+        raise ValueError("prune.allocation=pool ranks heads against MLP channels, so their scores must share a scale: "
+                         f"set importance.standardize=true (estimator {icfg.estimator!r} is not standardized by default)")
     kinds = kinds_needed(cfg)
     calib = None
     t = {"calibration": 0.0, "scoring": 0.0, "planning": 0.0, "slicing": 0.0}

@@ -134,6 +134,35 @@ class _Planner:
         return out
 
 
+def _pool_order(p: _Planner, structures: list[str]) -> list[str]:
+    """FLAP AL-AM: the groups of the pooled units in removal order (lowest score first, every group
+    keeping ``min_keep`` units): unit ``k`` of the order removes one unit of group ``order[k]``."""
+    gs = [g for s in structures for g in p._free(p.groups[s])]
+    if not gs:
+        return []
+    pool = torch.cat([p._score(g) for g in gs])
+    owner = torch.cat([torch.full((g.num_units,), i) for i, g in enumerate(gs)])
+    taken, order = [0] * len(gs), []
+    for idx in torch.argsort(pool, stable=True).tolist():
+        i = int(owner[idx])
+        if taken[i] < gs[i].num_units - max(p.cfg.min_keep, 1):
+            taken[i] += 1
+            order.append(gs[i].name)
+    return order
+
+
+def _pool_counts(p: _Planner, order: list[str], k: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in order[:k]:
+        counts[name] = counts.get(name, 0) + 1
+    out = {}
+    for name, n in counts.items():
+        g = p.graph[name]
+        align = p._align("mlp" if g.kind == "mlp_channel" else "heads")
+        out[name] = g.num_units - _round_keep(g.num_units - n, g.num_units, align, p.cfg.min_keep)
+    return out
+
+
 def _shape_counts(p: _Planner, shape) -> dict[str, int]:
     """Per-group removal counts for an explicit target shape (uniform per layer)."""
     counts: dict[str, int] = {}
@@ -233,13 +262,18 @@ def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shap
                                  "parameters; nothing would be pruned")
         fixed = dict(cfg.structure_ratios)
         free = [s for s in cfg.structures if s not in fixed and p.groups[s]]
+        pooled = [s for s in free if s in ("heads", "mlp")] if cfg.allocation == "pool" else []
+        order = _pool_order(p, pooled)
 
         def counts_at(f: float) -> dict[str, int]:
             c: dict[str, int] = {}
             for s, r in fixed.items():
                 c.update(p.counts(s, r))
             for s in free:
-                c.update(p.counts(s, f))
+                if s not in pooled:
+                    c.update(p.counts(s, f))
+            if pooled:  # f is the share of the pool removed
+                c.update(_pool_counts(p, order, int(math.floor(f * len(order) + 1e-9))))
             return c
 
         lo, hi = 0.0, 1.0 - 1e-6
