@@ -62,6 +62,21 @@ def stand_ins(data: dict, tiny_dir: Path, corpus: Path) -> list[str]:
     return ov
 
 
+def shrink(data: dict, tiny_dir: Path, corpus: Path, out: Path) -> list[str]:
+    """``stand_ins`` plus tiny amounts as overrides, for tests that call ``run_recipe`` directly."""
+    ov = stand_ins(data, tiny_dir, corpus)
+    if "train" in data:
+        ov += ["train.steps=3", "train.warmup_steps=0", "train.batch_size=2", "train.eval_batches=1",
+               "train.eval_every=1", "train.save_every=1"]
+    if "prune" in data:
+        ov += ["importance.n_samples=2"]
+    if "eval" in data:
+        ov += ["eval.speed=false", "eval.max_windows=2"]
+    if "export" in data:
+        ov += [f"export.dir={out / 'model'}"]
+    return ov
+
+
 def test_smoke_shrinks_amounts_not_stages():
     from shear.config import load_recipe, smoke_recipe
 
