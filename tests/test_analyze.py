@@ -160,7 +160,7 @@ def test_cli_analyze_and_export(tmp_path, capsys, monkeypatch):
     import yaml
 
     monkeypatch.setenv("COLUMNS", "200")
-    from shear.analyze.commands import register
+    from shear.cli.analyze import register
     import argparse
 
     model = family_model("llama")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from shear.cli import main
-from shear.commands import list_recipes
+from shear.cli.run import list_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,15 @@ def test_run_rejects_bad_recipe_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "recipe.train.lr" in err and "'fast'" in err
     assert not (tmp_path / "out").exists(), "nothing may be written before validation passes"
+
+
+def test_nothing_imports_the_cli_layer():
+    """The CLI (shear/cli/) sits on top: no library module imports it (only ``python -m shear``)."""
+    pkg = ROOT / "shear"
+    offenders = [str(p.relative_to(ROOT)) for p in pkg.rglob("*.py")
+                 if pkg / "cli" not in p.parents and p.name != "__main__.py" and "shear.cli" in p.read_text()]
+    assert offenders == []
+    assert not list(pkg.rglob("commands.py")), "command modules live in shear/cli/"
 
 
 def test_run_missing_recipe(capsys):

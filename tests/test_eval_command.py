@@ -38,7 +38,7 @@ def model_dirs(tmp_path_factory):
 
 def test_eval_command_vs_table_and_json(model_dirs, tmp_path, capsys):
     from shear.cli import main
-    from shear.eval.commands import load_model
+    from shear.cli.eval import load_model
     from shear.eval.perplexity import eval_text, load_eval_text
 
     dense, small = model_dirs

@@ -61,7 +61,7 @@ def _hand_accuracy(model, tok) -> float:
 
 
 def test_run_tasks_local_multiple_choice(tmp_path, task_dir):
-    from shear.eval.commands import load_model
+    from shear.cli.eval import load_model
     from shear.eval.lm_eval_bridge import run_tasks
 
     d = make_model_dir(tmp_path / "m")

@@ -110,12 +110,12 @@ def test_user_errors_are_one_line(case, tiny_lm_dir, tmp_path, capsys, monkeypat
 
 
 def test_unexpected_errors_hint_at_debug(monkeypatch, capsys):
-    import shear.commands
+    import shear.cli.run
 
     def boom(args):
         raise RuntimeError("something nobody planned for\nsecond line")
 
-    monkeypatch.setattr(shear.commands, "_cmd_recipes", boom)
+    monkeypatch.setattr(shear.cli.run, "_cmd_recipes", boom)
     assert main(["recipes"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("shear: unexpected error: RuntimeError: something nobody planned for "

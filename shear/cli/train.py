@@ -7,7 +7,7 @@ import argparse
 
 
 def _cmd_train(args) -> int:
-    from shear.commands import load_run_recipe, run_interruptible
+    from shear.cli.run import load_run_recipe, run_interruptible
 
     recipe = load_run_recipe(args)
     if recipe.train is None:
@@ -26,7 +26,7 @@ def _cmd_train(args) -> int:
 
 
 def register(subparsers) -> None:
-    from shear.commands import add_run_flags
+    from shear.cli.run import add_run_flags
 
     p = subparsers.add_parser(
         "train", help="train / recover a model as a recipe says (LoRA or full, CE and/or KD)",

@@ -1,8 +1,7 @@
-"""Subcommands ``shear run``, ``shear recipes`` and ``shear quickstart``."""
+"""Subcommands ``shear run``, ``shear recipes`` and ``shear quickstart``, and the run flags ``shear train`` shares."""
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import yaml
@@ -10,7 +9,7 @@ import yaml
 
 def recipes_root() -> Path:
     """The shipped ``recipes/`` directory: beside the package in a checkout, else under the cwd."""
-    here = Path(__file__).resolve().parents[1] / "recipes"
+    here = Path(__file__).resolve().parents[2] / "recipes"
     return here if here.is_dir() else Path.cwd() / "recipes"
 
 
@@ -126,4 +125,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output-dir", default="shear-quickstart", help="where the run's outputs go")
     p.add_argument("--rebuild", action="store_true", help="retrain the quick reference model even if cached")
     p.set_defaults(func=_cmd_quickstart)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")

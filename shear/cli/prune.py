@@ -30,7 +30,7 @@ def _cmd_prune(args) -> int:
 
     src = Path(args.source)
     if src.suffix in (".yaml", ".yml"):
-        from shear.commands import recipe_overrides
+        from shear.cli.run import recipe_overrides
         from shear.config import load_recipe
         from shear.pipeline import build_model
 
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--params", type=int, default=None, help="parameter budget (instead of --ratio)")
     g.add_argument("--estimator", default="flap", help="importance estimator name")
     g.add_argument("--structures", nargs="+", default=["heads", "mlp"], help="heads mlp hidden layers")
-    g.add_argument("--allocation", default="global", choices=["uniform", "global"])
+    g.add_argument("--allocation", default="global", choices=["uniform", "global", "pool"])
     g.add_argument("--heads", default="kv_group", choices=["kv_group", "query_head"])
     g.add_argument("--round-to", type=int, default=1)
     g.add_argument("--steps", type=int, default=1, help="iterative steps")

@@ -1,20 +1,23 @@
-"""The ``shear`` command line: one subcommand per job, each registered by the module that runs it.
+"""The ``shear`` command line: one subcommand per job, one module per command group in this package.
 
-Each module in ``COMMANDS`` exposes ``register(subparsers)``, which adds its parser and sets
-``func`` (called with the parsed args, returns an exit code).
+The CLI is the top layer: it imports the library, nothing in the library imports it. Each module in
+``COMMANDS`` exposes ``register(subparsers)``, which adds its parsers and sets ``func`` (called with
+the parsed args, returns an exit code). ``main`` turns errors the user can fix into one line
+(``shear: error: ...``, exit code 2) and Ctrl-C into exit code 130; ``--debug`` shows tracebacks.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMANDS = [
-    "shear.commands",  # run, recipes, quickstart
-    "shear.eval.commands",  # eval
-    "shear.analyze.commands",  # analyze, export
-    "shear.prune.commands",  # prune
-    "shear.train.commands",  # train
+    "shear.cli.run",  # run, recipes, quickstart
+    "shear.cli.eval",  # eval
+    "shear.cli.analyze",  # analyze, export
+    "shear.cli.prune",  # prune
+    "shear.cli.train",  # train
 ]
 
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if getattr(args, "debug", False):
         return int(args.func(args) or 0)
     try:
