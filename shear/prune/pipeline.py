@@ -1,8 +1,5 @@
-"""``run_prune``: analyze -> score -> plan -> slice (-> export), with a report of what it did and cost.
+"""``run_prune``: calibration text -> the transform (``shear.prune.transform``) -> report, plot, export.
 
-Iterative (``prune.iterative_steps = K``): step ``k`` rescored on the model left by step ``k-1`` and
-pruned to ``P0 - (P0 - P_target) * k / K`` parameters. FLAP bias compensation is applied after each
-step's slicing (the analyzer lists the new biases as group members, so later steps slice them).
 The report holds params and MACs before/after, kept widths per layer (also plotted), the time of
 each phase and the peak memory (process RSS, sampled; CUDA peak when on GPU).
 """
@@ -10,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from pathlib import Path
@@ -19,11 +15,9 @@ import torch
 
 from shear.analyze import analyze
 from shear.analyze.graph import PrunePlan, StructureGraph
-from shear.importance import needs_data, score
-from shear.analyze.families import family_of
-from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, plan_biases
+from shear.importance import needs_data
 from shear.prune.config import ImportanceConfig, PruneConfig
-from shear.prune.plan import STRUCTURE_KINDS, ParamCounter, build_plan, model_shapes
+from shear.prune.transform import check_settings, kinds_needed, prune_to_target_  # noqa: F401 (kinds_needed re-exported)
 
 log = logging.getLogger("shear")
 
@@ -65,19 +59,6 @@ class PeakMemory:
         self.cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
-def kinds_needed(cfg: PruneConfig) -> set[str]:
-    """Group kinds the plan may shrink (structures, fixed ratios, target-shape fields)."""
-    structures = set(cfg.structures) | set(cfg.structure_ratios)
-    s = cfg.target.shape
-    if s is not None:
-        structures = set()
-        structures |= {"hidden"} if s.hidden_size else set()
-        structures |= {"mlp"} if s.intermediate_size else set()
-        structures |= {"heads"} if (s.num_attention_heads or s.num_key_value_heads) else set()
-        structures |= {"layers"} if s.num_hidden_layers else set()
-    return {k for st in structures for k in STRUCTURE_KINDS[st]}
-
-
 def layer_widths(graph: StructureGraph) -> dict:
     """``{"heads": [..], "kv_heads": [..], "intermediate": [..], "hidden": d, "layers": n}`` from a graph."""
     n = graph.meta.get("num_layers", 0)
@@ -90,64 +71,6 @@ def layer_widths(graph: StructureGraph) -> dict:
     hidden = [g for g in graph.groups if g.kind == "hidden"]
     out["hidden"] = hidden[0].num_units if hidden else None
     out["layers"] = n
-    return out
-
-
-HEAD_KINDS = ("head", "kv_group", "query_head")
-
-
-def stays_stock(model, graph: StructureGraph, plan: PrunePlan) -> bool:
-    """Whether ``model`` exports as its stock class now and still will after ``plan`` (same widths in
-    every surviving layer, no dropped sublayer). Conservative: True may still export per-layer (e.g. a
-    hidden size the stock config rejects), which only means fewer bias slots are used."""
-    from shear.prune.export import layout_of
-
-    if layout_of(model):
-        return False
-    dead = {g.layer for g in graph.by_kind("layer") if plan.remove.get(g.name)}
-    for kinds in (HEAD_KINDS, ("mlp_channel",)):
-        kept = {g.num_units - len(plan.remove.get(g.name, [])) for g in graph.groups
-                if g.kind in kinds and g.layer not in dead}
-        if len(kept) > 1:
-            return False
-    return not any(plan.remove.get(g.name) for g in graph.groups if g.kind in ("attn_sublayer", "mlp_sublayer"))
-
-
-def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePlan, BiasPlan]:
-    """The plan and its compensation biases; with a parameter target the biases' parameters count
-    (re-planned for a budget lowered by them until plan + biases fit)."""
-    shapes = model_shapes(model)
-    plan = build_plan(graph, scores, cfg, shapes, target_params=tp)
-    counter = ParamCounter(graph, shapes)
-    for _ in range(6):
-        biases = compensation_biases(model, plan, graph, ctx.activations())
-        dead = {g.module for g in graph.by_kind("layer") if plan.remove.get(g.name)}
-        bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan), dead)
-        if tp is None:
-            return plan, bp
-        removed = {k: len(v) for k, v in plan.remove.items()}
-        extra = bp.added_params(counter, removed)
-        if counter.count(removed) + extra <= tp:
-            return plan, bp
-        plan = build_plan(graph, scores, cfg, shapes, target_params=tp - extra)
-    raise ValueError(f"prune.target: {tp} parameters cannot be met with bias compensation's added biases; "
-                     "set importance.bias_compensation=false")
-
-
-def _renumber(biases: dict, plan: PrunePlan, graph: StructureGraph) -> dict:
-    """Module names after removed layers are deleted and the rest renumbered."""
-    gone = sorted(int(k.split(".")[1]) for k, v in plan.remove.items() if k.endswith(".layer") and v)
-    if not gone:
-        return biases
-    prefix = re.escape(graph.meta.get("layers", "model.layers"))
-    out = {}
-    for name, b in biases.items():
-        m = re.match(rf"^({prefix})\.(\d+)\.(.*)$", name)
-        if m is None:
-            out[name] = b
-            continue
-        i = int(m.group(2))
-        out[f"{m.group(1)}.{i - sum(j < i for j in gone)}.{m.group(3)}"] = b
     return out
 
 
@@ -215,20 +138,13 @@ def calibration_source(icfg: ImportanceConfig, data) -> tuple[object, str]:
 
 
 def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data):
-    from shear.importance import STANDARDIZED
-
-    std = icfg.standardize if icfg.standardize is not None else icfg.estimator in STANDARDIZED
-    if cfg.allocation == "pool" and not std:
-        raise ValueError("prune.allocation=pool ranks heads against MLP channels, so their scores must share a scale: "
-                         f"set importance.standardize=true (estimator {icfg.estimator!r} is not standardized by default)")
-    kinds = kinds_needed(cfg)
-    calib = None
-    t = {"calibration": 0.0, "scoring": 0.0, "planning": 0.0, "slicing": 0.0}
+    check_settings(cfg, icfg)
+    calib, t_calib = None, 0.0
     t0 = time.time()
     with PeakMemory() as mem:
         graph = analyze(model, heads=cfg.heads)
         before_w, p0, macs0 = layer_widths(graph), graph.total_params, graph.total_macs
-        if ids is None and needs_data(icfg, kinds):
+        if ids is None and needs_data(icfg, kinds_needed(cfg)):
             from shear.data.text import calibration_ids
 
             tc = time.time()
@@ -237,49 +153,11 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
                                   source=icfg.source or "shakespeare", data=dcfg)
             calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split, tokenizer {type(tokenizer).__name__}"
             log.info("calibration: %s", calib)
-            t["calibration"] = time.time() - tc
-        counter0 = ParamCounter(graph, model_shapes(model))
-        if cfg.target.shape is None:
-            final = int(counter0.count({}) * (1 - cfg.target.ratio)) if cfg.target.ratio is not None else cfg.target.params
-        steps = cfg.iterative_steps if cfg.target.shape is None else 1
-        compensate = icfg.bias_compensation if icfg.bias_compensation is not None else icfg.estimator == "flap"
-        fam = family_of(model)
-        if compensate and fam is None:
-            log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
-                        "unknown", type(model).__name__)
-            compensate = False
-        plans, flags, compensated, skipped = [], [], [], []
-        for k in range(1, steps + 1):
-            if k > 1:
-                graph = analyze(model, heads=cfg.heads)
-            ts = time.time()
-            scores, ctx = score(model, graph, icfg, ids, kinds=kinds)
-            t["scoring"] += time.time() - ts
-            ts = time.time()
-            tp = None if cfg.target.shape is not None else int(p0 - (p0 - final) * k / steps)
-            if compensate:
-                plan, bp = _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam)
-            else:
-                plan, bp = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp), BiasPlan()
-            t["planning"] += time.time() - ts
-            ts = time.time()
-            from shear.prune.slice import prune_
-
-            prune_(model, plan, graph)
-            bp.add = _renumber(bp.add, plan, graph)
-            apply_biases_(model, bp)
-            flags = sorted(set(flags) | set(bp.flags))
-            compensated += [n for n, b in bp.add.items() if b is not None]
-            skipped += bp.skipped
-            if bp.skipped:
-                log.warning("bias compensation skipped for %d projection(s) (e.g. %s): the stock %s class has no "
-                            "bias there and this uniform plan exports as the stock class; a global (per-layer) plan "
-                            "keeps them", len(bp.skipped), bp.skipped[0], fam.name)
-            t["slicing"] += time.time() - ts
-            plans.append(plan)
-            log.info("prune step %d/%d: %s", k, steps, {kk: len(v) for kk, v in plan.remove.items()})
-            del ctx, scores
+            t_calib = time.time() - tc
+        res = prune_to_target_(model, cfg, icfg, ids)
         after = analyze(model, heads=cfg.heads)
+    plans, steps = res.plans, len(res.plans)
+    t = {"calibration": t_calib, **res.time_s}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     report = {
         "estimator": icfg.estimator, "layer_estimator": icfg.layer_estimator, "aggregation": icfg.aggregation,
@@ -288,7 +166,8 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
         "params_before": p0, "params_after": after.total_params, "removed_ratio": 1 - after.total_params / p0,
         "macs_before": macs0, "macs_after": after.total_macs, "mac_ratio": after.total_macs / macs0,
         "widths_before": before_w, "widths_after": layer_widths(after),
-        "bias_compensation": {"flags": flags, "compensated": len(compensated), "skipped": skipped} if compensate else None,
+        "bias_compensation": {"flags": res.flags, "compensated": len(res.compensated), "skipped": res.skipped}
+        if res.compensate else None,
         "time_s": {**{k: round(v, 3) for k, v in t.items()}, "total": round(time.time() - t0, 3)},
         "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1),
         "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1), "weights_after_mb": round(weights / 2**20, 1),

@@ -1,0 +1,170 @@
+"""The transform of ``shear prune``: score -> plan -> slice (+ bias compensation), in place, no I/O.
+
+``prune_to_target_(model, cfg, icfg, ids)`` reaches ``cfg.target`` in ``cfg.iterative_steps`` steps:
+step ``k`` rescores the model left by step ``k-1`` and prunes it to ``P0 - (P0 - P_target) * k / K``
+parameters. FLAP bias compensation (``shear.importance.compensation``) is planned with each step's
+plan (its added parameters count against the target) and written after the slicing; the analyzer
+lists the new biases as group members, so later steps slice them. Calibration sampling, reports,
+plots and export live in ``shear.prune.pipeline``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from shear.analyze import analyze
+from shear.analyze.families import family_of
+from shear.analyze.graph import PrunePlan, StructureGraph
+from shear.importance import STANDARDIZED, score
+from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, plan_biases
+from shear.prune.config import ImportanceConfig, PruneConfig
+from shear.prune.plan import STRUCTURE_KINDS, ParamCounter, build_plan, model_shapes
+
+log = logging.getLogger("shear")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune_to_target_` did: one plan per step, compensation, seconds per phase."""
+
+    plans: list[PrunePlan] = field(default_factory=list)
+    compensate: bool = False
+    flags: list[str] = field(default_factory=list)
+    compensated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    time_s: dict = field(default_factory=lambda: {"scoring": 0.0, "planning": 0.0, "slicing": 0.0})
+
+
+def kinds_needed(cfg: PruneConfig) -> set[str]:
+    """Group kinds the plan may shrink (structures, fixed ratios, target-shape fields)."""
+    structures = set(cfg.structures) | set(cfg.structure_ratios)
+    s = cfg.target.shape
+    if s is not None:
+        structures = set()
+        structures |= {"hidden"} if s.hidden_size else set()
+        structures |= {"mlp"} if s.intermediate_size else set()
+        structures |= {"heads"} if (s.num_attention_heads or s.num_key_value_heads) else set()
+        structures |= {"layers"} if s.num_hidden_layers else set()
+    return {k for st in structures for k in STRUCTURE_KINDS[st]}
+
+
+HEAD_KINDS = ("head", "kv_group", "query_head")
+
+
+def stays_stock(model, graph: StructureGraph, plan: PrunePlan) -> bool:
+    """Whether ``model`` exports as its stock class now and still will after ``plan`` (same widths in
+    every surviving layer, no dropped sublayer). Conservative: True may still export per-layer (e.g. a
+    hidden size the stock config rejects), which only means fewer bias slots are used."""
+    from shear.prune.export import layout_of
+
+    if layout_of(model):
+        return False
+    dead = {g.layer for g in graph.by_kind("layer") if plan.remove.get(g.name)}
+    for kinds in (HEAD_KINDS, ("mlp_channel",)):
+        kept = {g.num_units - len(plan.remove.get(g.name, [])) for g in graph.groups
+                if g.kind in kinds and g.layer not in dead}
+        if len(kept) > 1:
+            return False
+    return not any(plan.remove.get(g.name) for g in graph.groups if g.kind in ("attn_sublayer", "mlp_sublayer"))
+
+
+def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePlan, BiasPlan]:
+    """The plan and its compensation biases; with a parameter target the biases' parameters count
+    (re-planned for a budget lowered by them until plan + biases fit)."""
+    shapes = model_shapes(model)
+    plan = build_plan(graph, scores, cfg, shapes, target_params=tp)
+    counter = ParamCounter(graph, shapes)
+    for _ in range(6):
+        biases = compensation_biases(model, plan, graph, ctx.activations())
+        dead = {g.module for g in graph.by_kind("layer") if plan.remove.get(g.name)}
+        bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan), dead)
+        if tp is None:
+            return plan, bp
+        removed = {k: len(v) for k, v in plan.remove.items()}
+        extra = bp.added_params(counter, removed)
+        if counter.count(removed) + extra <= tp:
+            return plan, bp
+        plan = build_plan(graph, scores, cfg, shapes, target_params=tp - extra)
+    raise ValueError(f"prune.target: {tp} parameters cannot be met with bias compensation's added biases; "
+                     "set importance.bias_compensation=false")
+
+
+def check_settings(cfg: PruneConfig, icfg: ImportanceConfig) -> None:
+    """Settings that cannot be honoured together are errors before any work."""
+    std = icfg.standardize if icfg.standardize is not None else icfg.estimator in STANDARDIZED
+    if cfg.allocation == "pool" and not std:
+        raise ValueError("prune.allocation=pool ranks heads against MLP channels, so their scores must share a scale: "
+                         f"set importance.standardize=true (estimator {icfg.estimator!r} is not standardized by default)")
+
+
+def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch.Tensor | None) -> PruneResult:
+    """Prune ``model`` in place to ``cfg.target`` (see the module docstring); ``ids``: calibration ``[n, L]``."""
+    from shear.prune.slice import prune_
+
+    check_settings(cfg, icfg)
+    kinds = kinds_needed(cfg)
+    res = PruneResult()
+    graph = analyze(model, heads=cfg.heads)
+    p0 = graph.total_params
+    if cfg.target.shape is None:
+        final = int(ParamCounter(graph, model_shapes(model)).count({}) * (1 - cfg.target.ratio)) \
+            if cfg.target.ratio is not None else cfg.target.params
+    steps = cfg.iterative_steps if cfg.target.shape is None else 1
+    compensate = icfg.bias_compensation if icfg.bias_compensation is not None else icfg.estimator == "flap"
+    fam = family_of(model)
+    if compensate and fam is None:
+        log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
+                    "unknown", type(model).__name__)
+        compensate = False
+    res.compensate = compensate
+    t = res.time_s
+    for k in range(1, steps + 1):
+        if k > 1:
+            graph = analyze(model, heads=cfg.heads)
+        ts = time.time()
+        scores, ctx = score(model, graph, icfg, ids, kinds=kinds)
+        t["scoring"] += time.time() - ts
+        ts = time.time()
+        tp = None if cfg.target.shape is not None else int(p0 - (p0 - final) * k / steps)
+        if compensate:
+            plan, bp = _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam)
+        else:
+            plan, bp = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp), BiasPlan()
+        t["planning"] += time.time() - ts
+        ts = time.time()
+        prune_(model, plan, graph)
+        bp.add = _renumber(bp.add, plan, graph)
+        apply_biases_(model, bp)
+        res.flags = sorted(set(res.flags) | set(bp.flags))
+        res.compensated += [n for n, b in bp.add.items() if b is not None]
+        res.skipped += bp.skipped
+        if bp.skipped:
+            log.warning("bias compensation skipped for %d projection(s) (e.g. %s): the stock %s class has no "
+                        "bias there and this uniform plan exports as the stock class; a global (per-layer) plan "
+                        "keeps them", len(bp.skipped), bp.skipped[0], fam.name)
+        t["slicing"] += time.time() - ts
+        res.plans.append(plan)
+        log.info("prune step %d/%d: %s", k, steps, {kk: len(v) for kk, v in plan.remove.items()})
+        del ctx, scores
+    return res
+
+
+def _renumber(biases: dict, plan: PrunePlan, graph: StructureGraph) -> dict:
+    """Module names after removed layers are deleted and the rest renumbered."""
+    gone = sorted(int(k.split(".")[1]) for k, v in plan.remove.items() if k.endswith(".layer") and v)
+    if not gone:
+        return biases
+    prefix = re.escape(graph.meta.get("layers", "model.layers"))
+    out = {}
+    for name, b in biases.items():
+        m = re.match(rf"^({prefix})\.(\d+)\.(.*)$", name)
+        if m is None:
+            out[name] = b
+            continue
+        i = int(m.group(2))
+        out[f"{m.group(1)}.{i - sum(j < i for j in gone)}.{m.group(3)}"] = b
+    return out
