@@ -41,6 +41,8 @@ class ModelConfig(BaseModel):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype when loading")
     trust_remote_code: bool = Field(False, description="consent to run modeling code shipped in a model directory "
                                     "(auto_map: per-layer pruned exports); also covers distill.teacher")
+    device_map: str | None = Field(None, description="'auto' spreads a model larger than one GPU over the GPUs (and CPU) for "
+                                                     "scoring and pruning; None = load on the CPU")
 
 
 class ExportConfig(BaseModel):

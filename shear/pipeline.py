@@ -35,7 +35,7 @@ def build_model(recipe: Recipe, train_texts=None):
 
     m = recipe.model
     if m.init == "pretrained":
-        model = load_model(m.path, m.dtype, trust_remote_code=m.trust_remote_code)
+        model = load_model(m.path, m.dtype, trust_remote_code=m.trust_remote_code, device_map=m.device_map)
         return model, load_tokenizer(m.tokenizer or m.path)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
