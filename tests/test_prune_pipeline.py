@@ -151,14 +151,18 @@ def test_scoring_device_moves_the_model_and_back(ids, monkeypatch):
     assert moves == ["cpu", "cpu"] and seen == [torch.device("cpu")]
 
 
-def test_device_map_loads_and_prunes_in_place(tmp_path, ids):
-    """model.device_map: accelerate places the model (here all on the CPU); pruning scores it where it sits,
-    and a device beside a device_map is refused."""
+def test_device_map_loads_and_prunes_in_place(tmp_path, ids, monkeypatch):
+    """model.device_map reaches from_pretrained (accelerate places the model; here all on the CPU);
+    pruning scores it where it sits, and a device beside a device_map is refused."""
     from shear.models import load_model
 
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "m")
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: (seen.update(k), real(cls, *a, **k))[1]))
     m = load_model(str(tmp_path / "m"), device_map={"": "cpu"})
-    assert getattr(m, "hf_device_map", None) == {"": "cpu"}
+    assert seen["device_map"] == {"": "cpu"}
     _, _, rep = run_prune(m, None, PruneConfig(target={"ratio": 0.2}, structures=["mlp"]), ImportanceConfig(), ids=ids)
     assert rep["removed_ratio"] >= 0.2
     with pytest.raises(ValueError, match="exclusive"):
