@@ -5,6 +5,7 @@ A recipe names the stages it runs by the sections it has::
     model: {path: reference}          # what to start from
     data: {source: shakespeare, seq_len: 256}
     prune: {target: {ratio: 0.5}}      # analyze -> score -> plan -> slice
+    sparsify: {method: sparsegpt, sparsity: 0.5}   # or zero single weights (not with prune)
     train: {steps: 200, lr: 3e-4}      # recovery (with distill: KD from the unpruned model)
     distill: {kd_weight: 1.0}
     export: {}                         # save_pretrained directory
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from shear.data.text import DataConfig
 from shear.eval.config import EvalConfig
 from shear.prune.config import ImportanceConfig, PruneConfig
+from shear.sparse.config import SparsifyConfig
 from shear.train.config import DistillConfig, TrainConfig
 
 
@@ -67,6 +69,8 @@ class Recipe(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig, description="text used for training, calibration and evaluation")
     importance: ImportanceConfig | None = Field(None, description="how to score groups (used by prune)")
     prune: PruneConfig | None = Field(None, description="what to remove; absent = no pruning")
+    sparsify: SparsifyConfig | None = Field(None, description="zero single weights (unstructured or N:M) instead of "
+                                                              "removing structures; absent = not run")
     train: TrainConfig | None = Field(None, description="training / recovery; absent = no training")
     distill: DistillConfig | None = Field(None, description="distillation from the unpruned teacher during train")
     export: ExportConfig | None = Field(None, description="write the resulting model; absent = no export")
@@ -76,9 +80,12 @@ class Recipe(BaseModel):
     def _stages_fit(self):
         if self.distill is not None and self.train is None:
             raise ValueError("distill: distillation happens during training; add a train section")
-        if self.distill is not None and self.distill.teacher is None and self.prune is None:
-            raise ValueError("distill.teacher: no teacher; name one, or add a prune section "
+        if self.distill is not None and self.distill.teacher is None and self.prune is None and self.sparsify is None:
+            raise ValueError("distill.teacher: no teacher; name one, or add a prune or sparsify section "
                              "(the unpruned model is then the teacher)")
+        if self.prune is not None and self.sparsify is not None:
+            raise ValueError("sparsify: prune and sparsify in one recipe is not supported; prune and export first, "
+                             "then sparsify the export (model.path)")
         if self.prune is not None and self.prune.tune_rounds > 1 and self.train is None:
             raise ValueError("prune.tune_rounds: prune while tuning needs a train section")
         return self
@@ -175,6 +182,8 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
                  grad_accum=min(t["grad_accum"], 2), eval_every=0, eval_batches=1, save_every=0, log_every=1)
     if d["prune"] is not None:
         d["importance"] = {**(d["importance"] or {}), "n_samples": 2}
+    if d["sparsify"] is not None:
+        d["sparsify"]["n_samples"] = 2
     if d["eval"] is not None:
         e = d["eval"]
         e.update(max_windows=min(e["max_windows"] or 2, 2), repeats=1, warmup=0,

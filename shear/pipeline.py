@@ -1,7 +1,8 @@
 """``shear run RECIPE``: the stages a recipe names, in order, with their outputs in one directory.
 
-model -> (prune: analyze, score, plan, slice) -> (train: recovery, with KD when distill is set)
--> export -> eval. The resolved recipe is written first, so a run that fails still says what it was;
+model -> (prune: analyze, score, plan, slice | sparsify: zero single weights) -> (train: recovery, with KD
+when distill is set; sparsify's zeros are kept) -> export (with sparsify: also OUTPUT_DIR/compressed)
+-> eval. The resolved recipe is written first, so a run that fails still says what it was;
 a directory belongs to one recipe (shear/rundir.py).
 """
 from __future__ import annotations
@@ -67,6 +68,8 @@ def check_lengths(recipe: Recipe, model) -> None:
         check_context(model, recipe.data.seq_len, "data.seq_len")
     if recipe.prune is not None and recipe.importance is not None:
         check_context(model, recipe.importance.seq_len, "importance.seq_len")
+    if recipe.sparsify is not None and recipe.sparsify.seq_len is not None:
+        check_context(model, recipe.sparsify.seq_len, "sparsify.seq_len")
     if recipe.eval is not None and recipe.eval.perplexity:
         check_context(model, recipe.eval.seq_len, "eval.seq_len")
 
@@ -133,13 +136,26 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
             if recipe.train is not None:
                 evaluate_as("pruned")
 
+    masks = None
+    if recipe.sparsify is not None:
+        from shear.sparse.pipeline import run_sparsify
+        from shear.sparse.recovery import zero_masks
+
+        evaluate_as("original")
+        model, summary["sparsify"] = run_sparsify(model, tok, recipe.sparsify, out / "sparsify" if main else None,
+                                                  data=recipe.data)
+        summary["stages"].append("sparsify")
+        masks = zero_masks(model, summary["sparsify"]["pruned"])  # training keeps these zeros
+        if recipe.train is not None:
+            evaluate_as("sparsified")
+
     if recipe.train is not None and "train" not in summary:
         from shear.data.text import build_datasets
         from shear.train.trainer import train
 
         train_ds, val_ds = build_datasets(recipe.data, tok)
         result = train(model, train_ds, val_ds, recipe.train, out / "train", teacher=teacher,
-                       distill=recipe.distill, tokenizer=tok)
+                       distill=recipe.distill, tokenizer=tok, masks=masks)
         model = result.model
         summary["train"] = result.metrics
         summary["stages"].append("train")
@@ -159,7 +175,15 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
 
         target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
                   if recipe.export.dir else out / "model")
-        export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"), overwrite=recipe.export.overwrite)
+        if recipe.sparsify is not None:  # the dense form, plus the compressed-tensors form and bytes on disk
+            from shear.sparse.pipeline import export_sparse, write_report
+
+            export_sparse(model, summary["sparsify"], recipe.sparsify, target,
+                          out / "compressed" if recipe.sparsify.compressed else None, tokenizer=tok,
+                          recipe=recipe.model_dump(mode="json"), overwrite=recipe.export.overwrite)
+            write_report(summary["sparsify"], out / "sparsify")
+        else:
+            export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"), overwrite=recipe.export.overwrite)
         summary["model_dir"] = str(target)
         summary["stages"].append("export")
 

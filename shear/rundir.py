@@ -37,8 +37,8 @@ NON_RESULT_KEYS = (
     "train.log_every", "train.save_every", "train.keep_checkpoints", "train.resume",
     "export.dir", "export.overwrite",
 )
-# What shear writes into OUTPUT_DIR for a run (``model`` only when it holds a shear export).
-SHEAR_OUTPUTS = ("recipe.yaml", "run.json", "summary.json", "prune", "train", "rounds", "model")
+# What shear writes into OUTPUT_DIR for a run (``model`` / ``compressed`` only when they hold a shear export).
+SHEAR_OUTPUTS = ("recipe.yaml", "run.json", "summary.json", "prune", "train", "rounds", "model", "sparsify", "compressed")
 OnChange = Literal["refuse", "resume", "restart"]
 
 
@@ -129,7 +129,7 @@ def clear_run_dir(out: Path) -> list[str]:
     removed = []
     for name in SHEAR_OUTPUTS:
         p = Path(out) / name
-        if name == "model" and not (p / "shear_recipe.yaml").exists():
+        if name in ("model", "compressed") and not (p / "shear_recipe.yaml").exists():
             continue  # not an export shear made: leave it
         if p.is_dir():
             shutil.rmtree(p)

@@ -91,6 +91,8 @@ def test_smoke_shrinks_amounts_not_stages():
             assert smoke.train.lora == full.train.lora and smoke.train.precision == full.train.precision
         if full.prune:
             assert smoke.importance.n_samples == 2 and smoke.prune == full.prune
+        if full.sparsify:
+            assert smoke.sparsify.n_samples == 2 and smoke.sparsify.method == full.sparsify.method
         if full.eval:
             assert smoke.eval.max_windows == 2 and smoke.eval.seq_len == full.eval.seq_len
         if full.export:
@@ -108,7 +110,7 @@ def test_recipe_runs_smoke(path, tiny_dir, corpus, tmp_path):
     assert main(["run", str(path), *stand_ins(data, tiny_dir, corpus), "--smoke", "-o", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
     recipe = validate_recipe(yaml.safe_load((run / "recipe.yaml").read_text()))
-    expected = [s for s in ("prune", "train", "export") if s in data]
+    expected = [s for s in ("prune", "sparsify", "train", "export") if s in data]
     assert [s for s in summary["stages"] if s != "eval"] == expected
     if "train" in data:
         assert summary["train"].get("steps", 3) <= 3

@@ -18,6 +18,7 @@ COMMANDS = [
     "shear.cli.analyze",  # analyze, export
     "shear.cli.prune",  # prune
     "shear.cli.train",  # train
+    "shear.cli.sparsify",  # sparsify
 ]
 
 

@@ -94,7 +94,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold W + (alpha/r) B A into W and return the plain HF model (no peft layers left)."""
+    """Fold W + (alpha/r) B A into W and return the plain HF model (no peft layers left).
+
+    The merged update is dense: a sparse model's pruned weights are zeroed again after the merge
+    (``shear.sparse.recovery.MaskKeeper.finalize``, which measures what that costs)."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model

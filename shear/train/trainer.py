@@ -99,13 +99,16 @@ def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
 
 
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
-          distill: DistillConfig | None = None, tokenizer=None) -> TrainResult:
+          distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None) -> TrainResult:
     """Train `model` on `train_ds` (items {"input_ids": [L], "labels": [L]}); see the module docstring.
 
     With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
     ce_weight*CE + kd_weight*KD + hidden_weight*H. Returns the trained model (LoRA merged) and
     metrics: final_train_loss, eval history, tokens_per_s, wall_s. `tokenizer`, when given, is saved
-    to OUT/tokenizer. Side effect: the global torch RNG is seeded with cfg.seed.
+    to OUT/tokenizer. `masks` ({parameter name: bool, True = kept}, shear.sparse.recovery.zero_masks):
+    those weights stay exactly zero (masked gradients, re-masked after every step and after the LoRA
+    merge; metrics["sparse_masks"] says what the re-masking after merge cost). Side effect: the global
+    torch RNG is seeded with cfg.seed.
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -119,6 +122,13 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache while training; restored on the returned model
+    keeper = None
+    if masks:
+        from shear.sparse.recovery import MaskKeeper
+
+        if is_deepspeed(accelerator):
+            raise ValueError("train: keeping sparse masks under DeepSpeed is not supported; train without a DeepSpeed config")
+        keeper = MaskKeeper(model, masks)  # on the plain model: the parameter objects survive peft and DDP
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     teacher = _prepare_teacher(teacher, distill, accelerator.device)
@@ -180,6 +190,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         if cfg.max_grad_norm is not None and not is_deepspeed(accelerator):
             grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        if keeper is not None:
+            keeper.apply()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
@@ -208,6 +220,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
             save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
     bar.close()
     student = _final_model(accelerator, module, cfg)  # before end_training: ZeRO-3 gathers are collective
+    remask = keeper.finalize(student, lambda m: evaluate_ppl(accelerator, LossModule(m), val_ds, cfg)["val_ppl"]) \
+        if keeper is not None else None
     if use_cache is not None:
         student.config.use_cache = use_cache
     accelerator.end_training()
@@ -216,6 +230,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
                "tokens_per_s": tokens_done / train_time if train_time else None,
                "train_s": round(train_time, 2), "wall_s": round(time.time() - t_start, 2),
                "steps": state["step"], "global_batch": global_bs, "seq_len": seq_len, "processes": world}
+    if remask is not None:
+        metrics["sparse_masks"] = remask
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(metrics, indent=1))
     return TrainResult(model=student, metrics=metrics)

@@ -1,0 +1,71 @@
+"""``shear sparsify MODEL``: zero single weights (unstructured or N:M), then write both export forms.
+
+    shear sparsify reference-quick --method sparsegpt --sparsity 0.5 --n-samples 32 --seq-len 128 -o runs/sgpt50
+    shear sparsify ~/models/llama --method wanda --pattern 2:4 -o runs/wanda24
+
+Outputs: OUT/model (dense safetensors with the zeros; plain ``from_pretrained`` loads it),
+OUT/compressed (compressed-tensors: sparse-bitmask, or sparse-24-bitmask for 2:4) and OUT/report.json
+(the per-layer plan, bytes on disk of each form, times). In a recipe the same stage is ``sparsify:``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _cmd_sparsify(args) -> int:
+    from shear.models import load_model, load_tokenizer
+    from shear.sparse.config import SparsifyConfig
+    from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
+
+    cfg = SparsifyConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
+                         owl_m=args.owl_m, owl_lambda=args.owl_lambda, targets=args.targets, n_samples=args.n_samples,
+                         seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, source=args.source,
+                         blocksize=args.blocksize, dampening=args.dampening, device=args.device,
+                         compressed=not args.no_compressed)
+    out = Path(args.output_dir)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model)
+    model, report = run_sparsify(model, tok, cfg)
+    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
+    rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
+                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite)
+    write_report(report, out)
+    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
+    forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
+    if "compressed" in rec:
+        forms.append(f"{rec['compressed']['format']} {mb(rec['compressed']['bytes']['weights'])}")
+    print(f"{report['method']} {report['pattern'] or report['sparsity']}: {100 * report['pruned_sparsity']:.1f}% of "
+          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); weights on disk: "
+          f"{', '.join(forms)} (original {mb(report['dense_weight_bytes'])}); {report['time_s']['total']:.1f} s; "
+          f"report in {out / 'report.json'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sparsify", help="zero single weights (magnitude / Wanda / SparseGPT, unstructured or N:M) "
+                                        "and export dense + compressed-tensors forms with a report")
+    p.add_argument("model", help="model directory, hub name, or 'reference' / 'reference-quick'")
+    p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--sparsity", type=float, help="fraction of each pruned linear's weights set to zero")
+    g.add_argument("--pattern", help="N:M, e.g. 2:4 or 4:8")
+    p.add_argument("-o", "--output-dir", required=True, help="OUT: model/, compressed/ and report.json go here")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration sequence (default: the model's max_position_embeddings, at most 4096)")
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer sparsity (owl: unstructured only)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="owl: outlier threshold, x the layer's mean score")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: largest deviation of a layer from the target")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="linears to prune: names (end of the module path) or re:REGEX; default every linear in the blocks")
+    p.add_argument("--source", default=None, help="calibration text (default: the shipped corpus)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: columns per lazy-update block")
+    p.add_argument("--dampening", type=float, default=0.01, help="sparsegpt: fraction of mean(diag H) added to the diagonal")
+    p.add_argument("--device", default=None, help="calibrate and prune on this device (e.g. cuda)")
+    p.add_argument("--no-compressed", action="store_true", help="write OUT/model only")
+    p.add_argument("--overwrite", action="store_true", help="replace shear's earlier export in OUT")
+    p.add_argument("--trust-remote-code", action="store_true", help="run modeling code shipped in the model directory")
+    p.set_defaults(func=_cmd_sparsify)

@@ -1,0 +1,124 @@
+"""``run_sparsify``: calibration text -> ``sparsify_`` -> report (and ``export_sparse``: the two forms + bytes).
+
+The report holds the method, the per-layer plan (target and achieved sparsity of every block and
+linear), OWL's outlier ratios when allocated, the calibration (size and text), the time of each phase,
+peak memory and, once exported, the bytes on disk of each form next to the dense original's weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from shear.sparse.config import MAX_DEFAULT_SEQ_LEN, SparsifyConfig
+from shear.sparse.sequential import sparsify_
+
+log = logging.getLogger("shear")
+
+
+def calibration_length(model, cfg: SparsifyConfig) -> int:
+    """``cfg.seq_len``, else the model's max_position_embeddings (n_positions for GPT-2) capped at 4096."""
+    if cfg.seq_len is not None:
+        return cfg.seq_len
+    c = model.config
+    n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or MAX_DEFAULT_SEQ_LEN
+    return min(int(n), MAX_DEFAULT_SEQ_LEN)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's distinct parameter tensors (tied weights once): the dense form's payload."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | None = None,
+                 ids: torch.Tensor | None = None, data=None) -> tuple[torch.nn.Module, dict]:
+    """Sparsify ``model`` in place; return ``(model, report)`` (also ``out_dir/report.json`` when given).
+
+    ``ids`` overrides the calibration sampler; otherwise ``cfg.n_samples`` windows of
+    ``calibration_length`` tokens come from ``cfg.source``, else ``data`` (a recipe's DataConfig), else
+    the shipped corpus. With ``cfg.device`` the work happens there and the model moves back.
+    """
+    from shear.prune.pipeline import PeakMemory
+
+    t0 = time.time()
+    calib, t_calib = None, 0.0
+    needs_data = cfg.method != "magnitude" or cfg.allocation == "owl"
+    if ids is None and needs_data:
+        from shear.data.text import calibration_ids
+
+        tc = time.time()
+        seq_len = calibration_length(model, cfg)
+        if cfg.source is not None:
+            dcfg, what = None, f"sparsify.source={cfg.source}"
+        elif data is not None:
+            dcfg, what = data, f"data.source={data.source}"
+        else:
+            dcfg, what = None, "the shipped Shakespeare corpus (no sparsify.source or data section)"
+        ids = calibration_ids(tokenizer, cfg.n_samples, seq_len, cfg.seed, source=cfg.source or "shakespeare", data=dcfg)
+        calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split"
+        log.info("calibration: %s", calib)
+        t_calib = time.time() - tc
+    home = None
+    if cfg.device is not None:
+        home = next(model.parameters()).device
+        model.to(cfg.device)
+    try:
+        with PeakMemory() as mem:
+            res = sparsify_(model, cfg, ids)
+    finally:
+        if home is not None:
+            model.to(home)
+    z = sum(r["zeros"] for layer in res.plan for r in layer["linears"].values())
+    n = sum(r["numel"] for layer in res.plan for r in layer["linears"].values())
+    total = sum(p.numel() for p in model.parameters())
+    report = {
+        "method": cfg.method, "sparsity": cfg.sparsity, "pattern": cfg.pattern, "allocation": cfg.allocation,
+        "owl": {"m": cfg.owl_m, "lambda": cfg.owl_lambda, "outlier_ratios": res.owl_ratios} if res.owl_ratios else None,
+        "pruned": res.pruned, "pruned_sparsity": round(z / max(n, 1), 6), "model_sparsity": round(z / total, 6),
+        "params": total, "nonzero_params": total - z, "plan": res.plan,
+        "calibration": None if ids is None else list(ids.shape), "calibration_text": calib,
+        "time_s": {"calibration": round(t_calib, 3), **res.time_s, "total": round(time.time() - t0, 3)},
+        "peak_rss_mb": round(mem.peak / 2**20, 1), "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1),
+        "dense_weight_bytes": weight_bytes(model),
+    }
+    log.info("sparsify: %s %s, %d linears, %.1f%% of their weights zero (%.1f%% of the model) in %.1f s",
+             cfg.method, cfg.pattern or f"{cfg.sparsity:.0%}", len(res.pruned), 100 * report["pruned_sparsity"],
+             100 * report["model_sparsity"], report["time_s"]["total"])
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return model, report
+
+
+def write_report(report: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return out / "report.json"
+
+
+def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Path, compressed_dir: str | Path | None,
+                  tokenizer=None, recipe: dict | None = None, overwrite: bool = False) -> dict:
+    """Write the dense form (``model_dir``) and, unless None, the compressed form; return and record in
+    ``report["export"]`` their directories and bytes on disk (``weights``: safetensors, ``total``: all files)."""
+    from shear.prune.export import export
+    from shear.sparse.export import bytes_on_disk, save_compressed
+
+    t0 = time.time()
+    export(model, model_dir, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite)
+    rec = {"model": {"dir": str(model_dir), "bytes": bytes_on_disk(model_dir)}}
+    if compressed_dir is not None:
+        info = save_compressed(model, compressed_dir, report["pruned"], cfg.nm, tokenizer=tokenizer, recipe=recipe,
+                               overwrite=overwrite)
+        rec["compressed"] = {**info, "bytes": bytes_on_disk(compressed_dir)}
+    rec["dense_weight_bytes"] = report["dense_weight_bytes"]
+    rec["time_s"] = round(time.time() - t0, 3)
+    report["export"] = rec
+    return rec
