@@ -88,8 +88,12 @@ def check_local(path: str) -> None:
         raise FileNotFoundError(f"model directory not found: {local}")
 
 
-def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_remote_code: bool = False):
+def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_remote_code: bool = False,
+               device_map: str | dict | None = None):
     """``AutoModelForCausalLM.from_pretrained`` on a hub name or directory, in eval mode.
+
+    ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the devices there are
+    (accelerate's big-model loading); scoring then streams blocks where they sit.
 
     Per-layer pruned exports carry their modeling file (``auto_map``); they load only with
     ``trust_remote_code=True`` (the user's consent), otherwise that is an error naming the directory.
@@ -102,8 +106,12 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
     check_local(path)
     check_weights(path)
     check_remote_code(path, trust_remote_code)
+    if device and device_map is not None:
+        raise ValueError("model.device_map and a device are exclusive: device_map places the model itself")
+    extra = {} if device_map is None else {"device_map": device_map}
     with _clear_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     **extra)
     if device:
         model.to(device)
     return model.eval()
