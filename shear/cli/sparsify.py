@@ -24,6 +24,9 @@ def _cmd_sparsify(args) -> int:
                          blocksize=args.blocksize, dampening=args.dampening, device=args.device,
                          compressed=not args.no_compressed)
     out = Path(args.output_dir)
+    taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
+    if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
+        raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model)
     model, report = run_sparsify(model, tok, cfg)
