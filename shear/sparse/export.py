@@ -113,7 +113,9 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     cls = getattr(transformers, (config.architectures or [""])[0], None)
     if cls is None:
         raise ValueError(f"{path}: unknown architecture {config.architectures}")
-    model = cls._from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    saved = getattr(config, "dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    model = cls._from_config(config, dtype=dtype or saved or torch.float32)
     state = dict(compressor.sparsity_compressor.decompress(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptr = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
