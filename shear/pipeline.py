@@ -99,100 +99,117 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     (deterministically, the same plan) and trains; rank 0 alone writes the recipe, the prune report,
     the export, the evaluation and the summary.
     """
-    main = is_main_process()
-    out = Path(out_dir or recipe.output_dir)
-    open_run_dir(recipe, out, on_change, write=main)
+    run = _Run(recipe, Path(out_dir or recipe.output_dir))
+    open_run_dir(recipe, run.out, on_change, write=run.main)
     seed_everything(recipe.seed)
     t0 = time.time()
-    summary: dict = {"output_dir": str(out), "stages": []}
-
     model, tok = build_model(recipe)
     check_lengths(recipe, model)
-    evals: dict = {}
-
-    def evaluate_as(name: str) -> None:
-        if recipe.eval is not None and main:
-            from shear.eval.report import evaluate
-
-            evals[name] = evaluate(model, tok, recipe.eval, name=f"{name} model ({recipe.model.path})")
-            log.info("eval %s: %s", name, {k: v for k, v in evals[name].items() if not isinstance(v, dict)})
-
+    run.tok = tok
     teacher = resolve_teacher(recipe, model)
     if recipe.prune is not None:
-        evaluate_as("original")
-        from shear.prune.pipeline import run_prune
+        model = run.prune(model, teacher)
+    masks = None
+    if recipe.sparsify is not None:
+        model, masks = run.sparsify(model)
+    if recipe.train is not None and "train" not in run.summary:
+        model = run.train(model, teacher, masks)
+    del teacher
+    if recipe.export is not None and run.main:
+        run.export(model)
+    run.evaluate_as(model, "final")
+    summary = run.summary
+    if run.evals:
+        summary["eval"] = run.evals
+        summary["stages"].append("eval")
+    summary["wall_s"] = round(time.time() - t0, 1)
+    if run.main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
+
+class _Run:
+    """The stages of one recipe run, each a step that reads the recipe and adds to ``summary``."""
+
+    def __init__(self, recipe: Recipe, out: Path):
+        self.recipe, self.out, self.main = recipe, out, is_main_process()
+        self.tok = None
+        self.summary: dict = {"output_dir": str(out), "stages": []}
+        self.evals: dict = {}
+
+    def evaluate_as(self, model, name: str) -> None:
+        """Rank 0 evaluates the model as it is now under ``name`` (when the recipe has an eval section)."""
+        if self.recipe.eval is not None and self.main:
+            from shear.eval.report import evaluate
+
+            self.evals[name] = evaluate(model, self.tok, self.recipe.eval, name=f"{name} model ({self.recipe.model.path})")
+            log.info("eval %s: %s", name, {k: v for k, v in self.evals[name].items() if not isinstance(v, dict)})
+
+    def prune(self, model, teacher):
+        recipe, summary = self.recipe, self.summary
+        self.evaluate_as(model, "original")
         if recipe.prune.tune_rounds > 1:  # prune while tuning: rounds of prune + train replace both stages
             from shear.train.iterative import run_rounds_from_recipe
 
-            model, report = run_rounds_from_recipe(recipe, model, tok, teacher, out)
+            model, report = run_rounds_from_recipe(recipe, model, self.tok, teacher, self.out)
             summary["prune"], summary["train"] = report, {"final_val_ppl": report["final_val_ppl"]}
             summary["stages"] += ["prune", "train"]
-        else:
-            model, plan, report = run_prune(model, tok, recipe.prune, recipe.importance, out / "prune" if main else None,
-                                            data=recipe.data)
-            summary["prune"] = report
-            summary["stages"].append("prune")
-            if recipe.train is not None:
-                evaluate_as("pruned")
+            return model
+        from shear.prune.pipeline import run_prune
 
-    masks = None
-    if recipe.sparsify is not None:
+        model, _, summary["prune"] = run_prune(model, self.tok, recipe.prune, recipe.importance,
+                                               self.out / "prune" if self.main else None, data=recipe.data)
+        summary["stages"].append("prune")
+        if recipe.train is not None:
+            self.evaluate_as(model, "pruned")
+        return model
+
+    def sparsify(self, model):
         from shear.sparse.pipeline import run_sparsify
         from shear.sparse.recovery import zero_masks
 
-        evaluate_as("original")
-        model, summary["sparsify"] = run_sparsify(model, tok, recipe.sparsify, out / "sparsify" if main else None,
-                                                  data=recipe.data)
-        summary["stages"].append("sparsify")
-        masks = zero_masks(model, summary["sparsify"]["pruned"])  # training keeps these zeros
-        if recipe.train is not None:
-            evaluate_as("sparsified")
+        self.evaluate_as(model, "original")
+        model, self.summary["sparsify"] = run_sparsify(model, self.tok, self.recipe.sparsify,
+                                                       self.out / "sparsify" if self.main else None, data=self.recipe.data)
+        self.summary["stages"].append("sparsify")
+        masks = zero_masks(model, self.summary["sparsify"]["pruned"])  # training keeps these zeros
+        if self.recipe.train is not None:
+            self.evaluate_as(model, "sparsified")
+        return model, masks
 
-    if recipe.train is not None and "train" not in summary:
+    def train(self, model, teacher, masks):
         from shear.data.text import build_datasets
         from shear.train.trainer import train
 
-        train_ds, val_ds = build_datasets(recipe.data, tok)
-        result = train(model, train_ds, val_ds, recipe.train, out / "train", teacher=teacher,
-                       distill=recipe.distill, tokenizer=tok, masks=masks)
-        model = result.model
-        summary["train"] = result.metrics
-        summary["stages"].append("train")
-    del teacher
+        recipe = self.recipe
+        train_ds, val_ds = build_datasets(recipe.data, self.tok)
+        result = train(model, train_ds, val_ds, recipe.train, self.out / "train", teacher=teacher,
+                       distill=recipe.distill, tokenizer=self.tok, masks=masks)
+        self.summary["train"] = result.metrics
+        self.summary["stages"].append("train")
+        return result.model
 
-    if recipe.export is not None and main:
+    def export(self, model) -> None:
+        from shear.models import DTYPES, cache_dir
         from shear.prune.export import export
 
+        recipe, summary = self.recipe, self.summary
         if recipe.export.dtype:
-            from shear.models import DTYPES
-
             # weights only: buffers such as RoPE's inv_freq stay fp32, as from_pretrained(dtype=...) leaves them,
             # so the model evaluated here is the model that reloads
             for p in model.parameters():
                 p.data = p.data.to(DTYPES[recipe.export.dtype])
-        from shear.models import cache_dir
-
         target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
-                  if recipe.export.dir else out / "model")
+                  if recipe.export.dir else self.out / "model")
+        as_json = recipe.model_dump(mode="json")
         if recipe.sparsify is not None:  # the dense form, plus the compressed-tensors form and bytes on disk
             from shear.sparse.pipeline import export_sparse, write_report
 
             export_sparse(model, summary["sparsify"], recipe.sparsify, target,
-                          out / "compressed" if recipe.sparsify.compressed else None, tokenizer=tok,
-                          recipe=recipe.model_dump(mode="json"), overwrite=recipe.export.overwrite)
-            write_report(summary["sparsify"], out / "sparsify")
+                          self.out / "compressed" if recipe.sparsify.compressed else None, tokenizer=self.tok,
+                          recipe=as_json, overwrite=recipe.export.overwrite)
+            write_report(summary["sparsify"], self.out / "sparsify")
         else:
-            export(model, target, tokenizer=tok, recipe=recipe.model_dump(mode="json"), overwrite=recipe.export.overwrite)
+            export(model, target, tokenizer=self.tok, recipe=as_json, overwrite=recipe.export.overwrite)
         summary["model_dir"] = str(target)
         summary["stages"].append("export")
-
-    evaluate_as("final")
-    if evals:
-        summary["eval"] = evals
-        summary["stages"].append("eval")
-
-    summary["wall_s"] = round(time.time() - t0, 1)
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
