@@ -171,29 +171,9 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         t0 = time.time()
         micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
         batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
-        count = sum((b["labels"][:, 1:] != -100).sum() for b in batches).float().reshape(1)
-        if world > 1:
-            count = accelerator.reduce(count, "sum")
-        scale = world * cfg.grad_accum / count.clamp(min=1)  # backward divides by accum, DDP averages over world
-        sums = torch.zeros(4, device=accelerator.device)
-        for b in batches:
-            with accelerator.accumulate(module):
-                with accelerator.autocast():
-                    t_hidden = teacher_hidden_states(teacher, b["input_ids"]) if distill is not None else None
-                    out = module(b["input_ids"], b["labels"], t_hidden)
-                _stop_if_nonfinite(accelerator, out["loss"], step, ckpt_root)  # before backward: DeepSpeed steps in it
-                accelerator.backward(out["loss"] * scale)
-                sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "hidden")])
-        sums = (accelerator.reduce(sums, "sum") if world > 1 else sums) / count.clamp(min=1)
+        sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
+                                      teacher if distill is not None else None)
         loss = sums[0].item()
-        grad_norm = None
-        if cfg.max_grad_norm is not None and not is_deepspeed(accelerator):
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        if keeper is not None:
-            keeper.apply()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
         train_time += time.time() - t0
         tokens_done += global_bs * seq_len
@@ -235,6 +215,39 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(metrics, indent=1))
     return TrainResult(model=student, metrics=metrics)
+
+
+def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list[dict], cfg: TrainConfig, step: int,
+                ckpt_root: Path, teacher) -> tuple[torch.Tensor, object]:
+    """One optimizer step over this rank's micro-batches; returns (token-mean [loss, ce, kd, hidden], grad norm).
+
+    Losses are sums over label tokens scaled by the global token count, so a step is the same whatever
+    the micro-batching and the number of processes. The loss is checked for NaN/inf before backward.
+    """
+    world = accelerator.num_processes
+    count = sum((b["labels"][:, 1:] != -100).sum() for b in batches).float().reshape(1)
+    if world > 1:
+        count = accelerator.reduce(count, "sum")
+    scale = world * cfg.grad_accum / count.clamp(min=1)  # backward divides by accum, DDP averages over world
+    sums = torch.zeros(4, device=accelerator.device)
+    for b in batches:
+        with accelerator.accumulate(module):
+            with accelerator.autocast():
+                t_hidden = teacher_hidden_states(teacher, b["input_ids"]) if teacher is not None else None
+                out = module(b["input_ids"], b["labels"], t_hidden)
+            _stop_if_nonfinite(accelerator, out["loss"], step, ckpt_root)  # before backward: DeepSpeed steps in it
+            accelerator.backward(out["loss"] * scale)
+            sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "hidden")])
+    sums = (accelerator.reduce(sums, "sum") if world > 1 else sums) / count.clamp(min=1)
+    grad_norm = None
+    if cfg.max_grad_norm is not None and not is_deepspeed(accelerator):
+        grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    if keeper is not None:
+        keeper.apply()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
 
 
 def _stop_if_nonfinite(accelerator, loss: torch.Tensor, step: int, ckpt_root: Path) -> None:
