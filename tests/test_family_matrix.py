@@ -23,7 +23,7 @@ from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
 
 WIDTH_ESTIMATORS = ("magnitude_l1", "magnitude_l2", "taylor_vector", "taylor_element1", "taylor_element2",
-                    "wanda_sp", "flap", "minitron", "random")
+                    "wanda_sp", "flap", "minitron", "random", "obs")
 LAYER_ESTIMATORS = ("block_influence", "angular", "magnitude_l1", "taylor_vector", "random")
 HEAD_DIM_FROM_HIDDEN = ("gpt2", "opt", "bert")
 RATIO = {"heads": 0.1, "heads_q": 0.1, "mlp": 0.2, "hidden": 0.2, "layers": 0.3, "default": 0.3}
@@ -48,12 +48,15 @@ def test_every_registered_estimator_is_in_the_matrix():
 def cases(fam):
     for est in WIDTH_ESTIMATORS:
         for struct in ("heads", "mlp", "hidden") + (("heads_q",) if fam in GQA else ()):
+            if struct == "hidden" and "hidden" not in ESTIMATORS[est].kinds:
+                continue  # obs scores heads and MLP channels only (hidden is refused: tests/test_obs.py)
             for alloc in ("uniform", "global"):
                 yield est, struct, alloc
     for est in LAYER_ESTIMATORS:
         yield est, "layers", "global"
     yield "flap", "default", "global"  # shear prune's default: heads + MLP, global, FLAP + compensation
     yield "flap", "default", "pool"  # FLAP's AL-AM: heads and MLP channels in one ranking
+    yield "obs", "default", "global"  # OBS refit of the kept columns + new biases where compensation puts them
 
 
 def configs(est, struct, alloc):

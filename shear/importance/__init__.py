@@ -14,6 +14,7 @@ import torch
 from shear.analyze.graph import DEPTH_KINDS, StructureGraph
 from shear.importance import criteria
 from shear.importance.estimators import ESTIMATORS, Estimator, ScoringContext, Scores, register
+from shear.importance import obs_hooks  # noqa: E402,F401  (registers "obs")
 
 __all__ = ["ESTIMATORS", "Estimator", "ScoringContext", "Scores", "register", "score", "criteria", "needs_data"]
 

@@ -29,15 +29,18 @@ class Estimator:
     needs: str  # "weights" | "activations" | "gradients" | "none"
     kinds: tuple[str, ...]
     description: str
+    #: optional ``reconstruct(model, plan, graph, ctx)``: called by the prune transform between planning and
+    #: slicing to update the weights that stay (OBS); it replaces bias compensation.
+    reconstruct: Callable | None = None
 
 
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register(name: str, needs: str, kinds: tuple[str, ...], description: str):
+def register(name: str, needs: str, kinds: tuple[str, ...], description: str, reconstruct: Callable | None = None):
     """Decorator adding ``fn(ctx, groups) -> Scores`` to :data:`ESTIMATORS` under ``name``."""
     def deco(fn):
-        ESTIMATORS[name] = Estimator(name, fn, needs, kinds, description)
+        ESTIMATORS[name] = Estimator(name, fn, needs, kinds, description, reconstruct)
         return fn
     return deco
 

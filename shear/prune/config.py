@@ -26,7 +26,8 @@ class ImportanceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     estimator: str = Field("flap", description="width estimator: magnitude_l1, magnitude_l2, taylor_vector, taylor_element1, "
-                                               "taylor_element2, wanda_sp, flap, minitron, random, loraprune (prune.tune_rounds > 1 with train.lora only); "
+                                               "taylor_element2, wanda_sp, flap, minitron, random, obs (heads/MLP: OBS scores + refit of the kept weights), "
+                                               "loraprune (prune.tune_rounds > 1 with train.lora only); "
                                                "see `shear.importance.ESTIMATORS`")
     layer_estimator: str | None = Field("block_influence", description="estimator for whole layers / sublayers: block_influence, "
                                                                        "angular, random; None = the width estimator scores them too")
@@ -45,7 +46,8 @@ class ImportanceConfig(BaseModel):
                                                        "estimator's own default (on for flap, off otherwise)")
     gradient_checkpointing: bool = Field(False, description="gradient criteria: recompute activations in backward (less memory)")
     bias_compensation: bool | None = Field(None, description="after slicing, add b = W[:, removed] @ mean(X_removed) to o_proj / "
-                                                             "down_proj (FLAP); None = on for flap only")
+                                                             "down_proj (FLAP; with obs: the bias refitted with the kept "
+                                                             "columns instead); None = on for flap and obs")
 
     @field_validator("estimator")
     @classmethod

@@ -4,7 +4,10 @@
 step ``k`` rescores the model left by step ``k-1`` and prunes it to ``P0 - (P0 - P_target) * k / K``
 parameters. FLAP bias compensation (``shear.importance.compensation``) is planned with each step's
 plan (its added parameters count against the target) and written after the slicing; the analyzer
-lists the new biases as group members, so later steps slice them. Calibration sampling, reports,
+lists the new biases as group members, so later steps slice them. An estimator with a
+``reconstruct`` hook (``obs``) updates the kept weights between planning and slicing; with
+compensation on (its default too) the biases go where compensation would put them, but with the
+values the hook refits instead of FLAP's means. Calibration sampling, reports,
 plots and export live in ``shear.prune.pipeline``.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from shear.analyze import analyze
 from shear.analyze.families import family_of
 from shear.analyze.graph import PrunePlan, StructureGraph
-from shear.importance import STANDARDIZED, score
+from shear.importance import ESTIMATORS, STANDARDIZED, score
 from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, plan_biases
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.plan import STRUCTURE_KINDS, ParamCounter, build_plan, model_shapes
@@ -36,7 +39,8 @@ class PruneResult:
     flags: list[str] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    time_s: dict = field(default_factory=lambda: {"scoring": 0.0, "planning": 0.0, "slicing": 0.0})
+    time_s: dict = field(default_factory=lambda: {"scoring": 0.0, "planning": 0.0, "reconstruction": 0.0,
+                                                  "slicing": 0.0})
 
 
 def kinds_needed(cfg: PruneConfig) -> set[str]:
@@ -114,7 +118,9 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
         final = int(ParamCounter(graph, model_shapes(model)).count({}) * (1 - cfg.target.ratio)) \
             if cfg.target.ratio is not None else cfg.target.params
     steps = cfg.iterative_steps if cfg.target.shape is None else 1
-    compensate = icfg.bias_compensation if icfg.bias_compensation is not None else icfg.estimator == "flap"
+    reconstruct = ESTIMATORS[icfg.estimator].reconstruct
+    compensate = icfg.bias_compensation if icfg.bias_compensation is not None else (
+        icfg.estimator == "flap" or reconstruct is not None)
     fam = family_of(model)
     if compensate and fam is None:
         log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
@@ -135,6 +141,13 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
         else:
             plan, bp = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp), BiasPlan()
         t["planning"] += time.time() - ts
+        if reconstruct is not None:  # e.g. OBS: refit the kept weights (and biases), in the unsliced numbering
+            ts = time.time()
+            mods = {n for n, b in bp.add.items() if b is not None}
+            fitted = reconstruct(model, plan, graph, ctx, new_biases=mods)
+            # the refit replaces FLAP's values; biases that already existed were refitted in place
+            bp.add = {n: fitted.get(n) for n, b in bp.add.items() if b is None or n in fitted}
+            t["reconstruction"] += time.time() - ts
         ts = time.time()
         prune_(model, plan, graph)
         bp.add = _renumber(bp.add, plan, graph)
