@@ -1,9 +1,10 @@
 """Loading models and tokenizers, and the reference models trained on the embedded corpus.
 
 The reference models are Llama with GQA (SwiGLU MLP, RMSNorm, RoPE), small enough to train on two
-CPU cores. They give shear a real, trained model to prune offline; ``reference`` is the benchmark
-model, ``reference-quick`` serves ``shear quickstart``. Both share one BPE tokenizer (vocab 2048)
-trained on the corpus's train split.
+CPU cores. They give shear a real, trained model to prune offline; ``reference`` was the first
+benchmark model, ``reference-quick`` serves ``shear quickstart``. Both share one BPE tokenizer (vocab
+2048) trained on the corpus's train split. ``reference-teacher`` (reference-quick's architecture
+trained to convergence) ships inside the package and is the benchmark teacher (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ REFERENCE_ARCHS = {
                             head_dim=32, intermediate_size=384),
 }
 REFERENCE_VOCAB = 2048
+# Models shipped inside the package (no cache build needed): the benchmark teacher, reference-quick's
+# architecture pretrained to convergence by recipes/reference/pretrain-teacher.yaml, stored in fp16.
+SHIPPED_MODELS = {"reference-teacher": Path(__file__).parent / "teachers" / "reference-teacher"}
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -48,7 +52,15 @@ def reference_config(name: str = "reference", vocab_size: int = REFERENCE_VOCAB,
 
 
 def resolve_model_path(path: str) -> str:
-    """Map ``reference``/``reference-quick`` to their cache directories; other paths pass through."""
+    """Map ``reference``/``reference-quick`` to their cache directories and ``reference-teacher`` to the
+    package's own copy; other paths pass through."""
+    if path in SHIPPED_MODELS:
+        p = SHIPPED_MODELS[path]
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"shipped model {path!r} is missing from this installation ({p}); "
+                                    "reinstall shear, or rebuild it with "
+                                    "`shear run recipes/reference/pretrain-teacher.yaml`")
+        return str(p)
     if path in REFERENCE_ARCHS:
         p = cache_dir() / "models" / path
         if not (p / "config.json").exists():
