@@ -19,6 +19,7 @@ COMMANDS = [
     "shear.cli.prune",  # prune
     "shear.cli.train",  # train
     "shear.cli.sparsify",  # sparsify
+    "shear.cli.compare",  # compare
 ]
 
 
