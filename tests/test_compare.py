@@ -5,6 +5,7 @@ parameters as the structured row (within one 2:4 group), the equal-bytes row's c
 take the structured model's bytes, the 2:4 row is exactly half of the block linears, KD kept every
 zero, and the table and plot are written.
 """
+import importlib.util
 import json
 
 import pytest
@@ -96,6 +97,8 @@ def test_compare_end_to_end(tiny_lm_dir, tiny_text, tmp_path):
     assert nm["linear_sparsity"] == 0.5 and nm["compressed_format"] == "sparse-24-bitmask"
     for r in rows.values():
         assert r["ppl"] > 1 and r["ppl_kd"] > 1 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0, r["key"]
+    if importlib.util.find_spec("shear.kernels") is not None:  # the sparse rows are also timed on SparseLinear
+        assert all((r["kernel_decode_tok_s"] is not None) == (r["kind"] in ("unstructured", "nm")) for r in rows.values())
     # the exports hold what the rows say: zeros kept through KD, and the bytes measured
     from safetensors.torch import load_file
 

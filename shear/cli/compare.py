@@ -23,7 +23,8 @@ def _cmd_compare(args) -> int:
                         n_samples=args.n_samples, source=args.source, eval_dataset=args.eval_dataset,
                         eval_windows=args.eval_windows or None,
                         speed_rounds=args.speed_rounds, prefill_tokens=args.prefill_tokens,
-                        decode_tokens=args.decode_tokens, threads=args.threads, seed=args.seed,
+                        decode_tokens=args.decode_tokens, sparse_kernel=not args.no_sparse_kernel,
+                        threads=args.threads, seed=args.seed,
                         keep_models=args.keep_models)
     out = Path(args.output_dir)
     if (out / "report.json").exists() and not args.overwrite:  # before any work
@@ -62,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved speed rounds")
     p.add_argument("--prefill-tokens", type=int, default=128, help="speed: prompt tokens (batch 1)")
     p.add_argument("--decode-tokens", type=int, default=32, help="speed: generated tokens (batch 1)")
+    p.add_argument("--no-sparse-kernel", action="store_true",
+                   help="do not also time sparse rows with shear.kernels' SparseLinear (timed when installed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for speed (default: as set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-models", action="store_true", help="keep every row's exports under OUT/models")

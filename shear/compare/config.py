@@ -65,6 +65,8 @@ class CompareConfig(BaseModel):
                                                    "per round; the median over rounds is reported)")
     prefill_tokens: int = Field(128, gt=0, description="speed: prompt length (batch 1)")
     decode_tokens: int = Field(32, ge=2, description="speed: tokens generated (batch 1, KV cache)")
+    sparse_kernel: bool = Field(True, description="also time the sparse rows with shear.kernels' SparseLinear "
+                                                  "(to_sparse_linear_) where that package is installed")
     threads: int | None = Field(None, gt=0, description="torch threads for the speed measurement (null = as set)")
     seed: int = Field(0, description="seed of calibration, data order and initialisation")
     keep_models: bool = Field(False, description="keep every row's exports under OUT/models (else they are written, "

@@ -58,6 +58,8 @@ class Row:
     ppl_kd: float | None = None  # held-out, after kd_steps of KD
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
+    kernel_prefill_tok_s: float | None = None  # the same model with shear.kernels' SparseLinear (sparse rows)
+    kernel_decode_tok_s: float | None = None
     notes: list[str] = field(default_factory=list)
     time_s: dict = field(default_factory=dict)
 
@@ -95,13 +97,17 @@ def run_compare(model: nn.Module, tokenizer, cfg: CompareConfig, out_dir: str | 
         rows += _unstructured_rows(ctx, ratio, group[0])
     if cfg.pattern is not None:
         rows.append(_nm_row(ctx))
+    kernel = _with_sparse_kernel(ctx, rows) if cfg.sparse_kernel else None
     speed = interleaved_speed(ctx.models, cfg)
     for r in rows:
         r.prefill_tok_s, r.decode_tok_s = speed[r.key]["prefill_tok_s"], speed[r.key]["decode_tok_s"]
+        if f"{r.key} [SparseLinear]" in speed:
+            k = speed[f"{r.key} [SparseLinear]"]
+            r.kernel_prefill_tok_s, r.kernel_decode_tok_s = k["prefill_tok_s"], k["decode_tok_s"]
     from shear.compare.table import markdown_table, plot
 
     report = {"config": cfg.model_dump(mode="json"), "rows": [dict(asdict(r), key=r.key) for r in rows],
-              "ppl_protocol": ctx.protocol, "speed": speed, "machine": machine(cfg),
+              "ppl_protocol": ctx.protocol, "speed": speed, "sparse_kernel": kernel, "machine": machine(cfg),
               "kd_tokens": cfg.kd_steps * cfg.batch_size * cfg.seq_len, "wall_s": round(time.time() - t0, 1)}
     table = markdown_table(rows, report)
     (ctx.out / "table.md").write_text(table)
@@ -273,6 +279,23 @@ def _nm_row(ctx: _Ctx) -> Row:
     dense = nonzero_params(ctx.dense)
     row.notes.append(f"removes {1 - row.nonzero / dense:.1%} of the non-zero params (fixed by the pattern)")
     return row
+
+
+def _with_sparse_kernel(ctx: _Ctx, rows: list[Row]) -> dict | None:
+    """Where ``shear.kernels`` is installed: a copy of every sparse row's model with its masked linears swapped
+    to ``SparseLinear`` (CPU: CSR or dense per call, by that package's measured rule) joins the speed rounds."""
+    try:
+        from shear.kernels import to_sparse_linear_
+    except ImportError:
+        log.info("compare: shear.kernels is not installed: sparse rows are timed with dense execution only")
+        return None
+    swapped = {}
+    for r in rows:
+        if r.kind in ("unstructured", "nm"):
+            m = copy.deepcopy(ctx.models[r.key])
+            swapped[r.key] = len(to_sparse_linear_(m))
+            ctx.models[f"{r.key} [SparseLinear]"] = m
+    return {"swap": "shear.kernels.to_sparse_linear_ (default config)", "swapped_linears": swapped}
 
 
 @torch.inference_mode()

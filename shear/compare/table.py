@@ -18,6 +18,9 @@ def markdown_table(rows: list, report: dict) -> str:
     kd = f"after KD ({cfg['kd_steps']} steps)" if cfg["kd_steps"] else None
     head = ["budget", "row", "params", "non-zero", "removed (non-zero)", "zero in block linears", "safetensors MB",
             "compressed MB", "PPL, no recovery"] + ([f"PPL, {kd}"] if kd else []) + ["prefill tok/s", "decode tok/s", "notes"]
+    kernel = any(r.kernel_decode_tok_s is not None for r in rows)
+    if kernel:
+        head[-1:-1] = ["prefill tok/s, SparseLinear", "decode tok/s, SparseLinear"]
     dense = next(r for r in rows if r.kind == "dense")
     lines = [
         f"Held-out PPL: {protocol_line(report['ppl_protocol'])}. "
@@ -29,7 +32,8 @@ def markdown_table(rows: list, report: dict) -> str:
         "shared. "
         f"Speed: batch 1, prompt {cfg['prefill_tokens']}, {cfg['decode_tokens']} new tokens, {cfg['speed_rounds']} "
         f"interleaved rounds (median), {m['threads']} thread(s), {m['cpu']}, torch {m['torch']}; "
-        "masked models run dense.",
+        "masked models run dense" + ("; SparseLinear columns: the same sparse models with their masked linears "
+                                     "swapped by shear.kernels.to_sparse_linear_." if kernel else "."),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" if h in ("row", "notes") else "---:" for h in head) + "|",
@@ -41,7 +45,9 @@ def markdown_table(rows: list, report: dict) -> str:
                  _f(r.compressed_bytes and r.compressed_bytes / _MB, ".2f") + (f" ({r.compressed_format})"
                                                                              if r.compressed_format else ""),
                  _f(r.ppl, ".2f")] + ([_f(r.ppl_kd, ".2f")] if kd else []) + [
-                 _f(r.prefill_tok_s, ",.0f"), _f(r.decode_tok_s, ",.0f"), "; ".join(r.notes)]
+                 _f(r.prefill_tok_s, ",.0f"), _f(r.decode_tok_s, ",.0f")] + (
+                 [_f(r.kernel_prefill_tok_s, ",.0f"), _f(r.kernel_decode_tok_s, ",.0f")] if kernel else []) + [
+                 "; ".join(r.notes)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
