@@ -1,42 +1,38 @@
-"""Recovery benchmark: prune the reference model once, recover it several ways at one token budget.
+"""Recovery benchmark: prune the reference teacher once, recover it several ways at one token budget.
 
-    python tools/bench_recovery.py --model reference --ratio 0.5 --steps 300 --out runs/bench-recovery
+    OMP_NUM_THREADS=1 python tools/bench_recovery.py --model reference-teacher --ratio 0.5 --steps 800 --out runs/bench-recovery-teacher
 
 Variants (each from the same pruned weights, same data order, same steps x batch x seq_len tokens):
 CE only, KD only, CE+KD (full fine-tuning), CE+KD with LoRA, CE with LoRA; then a plain
 transformers `Trainer` + peft LoRA loop doing the CE-LoRA work on the same blocks, for throughput.
-Prints a markdown table (held-out PPL after recovery, tokens/s) and writes it to OUT/table.md.
+Control: the DENSE teacher trained on the same extra tokens with the same recipe, CE only. A student
+is judged against it ("x control"), not only against the teacher as it was: extra tokens alone may
+improve an undertrained teacher, and then "recovers to 0.98x dense" says nothing about KD.
+Held-out PPL: shear's perplexity (eval_text) on the held-out split, seq 128, stride 128.
+Prints a markdown table and writes it to OUT/table.md (rows also in OUT/rows.json).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 
-@torch.no_grad()
-def val_ppl(model, ds, batch_size: int = 8, max_batches: int | None = None) -> float:
-    """exp(mean NLL) over the scored tokens of `ds` (items {"input_ids", "labels"} of one length)."""
-    from shear.train.data import collate
+def machine() -> str:
+    """CPU model (/proc/cpuinfo), cores, torch version and threads: the line every table carries."""
+    import os
+    import platform
 
-    model.eval()
-    nll, count, n = 0.0, 0, len(ds)
-    stops = range(0, n, batch_size)
-    for b, start in enumerate(stops):
-        if max_batches and b >= max_batches:
-            break
-        batch = collate(ds, list(range(start, min(n, start + batch_size))))
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1].float()
-        tgt = batch["labels"][:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100,
-                                                 reduction="sum").item()
-        count += int((tgt != -100).sum())
-    return math.exp(nll / max(count, 1))
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
 
 
 def hf_trainer_lora(model, train_ds, a, out: Path) -> float:
@@ -58,7 +54,7 @@ def hf_trainer_lora(model, train_ds, a, out: Path) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="reference", help="dense model: 'reference' (cache) or a directory")
+    ap.add_argument("--model", default="reference-teacher", help="dense teacher: a shear.models name or a directory")
     ap.add_argument("--data", default="shakespeare", help="data.source of shear's data layer")
     ap.add_argument("--ratio", type=float, default=0.5, help="fraction of parameters pruned")
     ap.add_argument("--steps", type=int, default=300)
@@ -67,12 +63,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=3e-3)
-    ap.add_argument("--eval-batches", type=int, default=0, help="0 = the whole validation split")
-    ap.add_argument("--variants", default="ce,kd,ce+kd,ce+kd-lora,ce-lora,hf-trainer-lora")
+    ap.add_argument("--ppl-windows", type=int, default=0, help="held-out windows scored (0 = the whole split)")
+    ap.add_argument("--eval-batches", type=int, default=4, help="validation batches of the trainer's own log")
+    ap.add_argument("--variants", default="control,ce,kd,ce+kd,ce+kd-lora,ce-lora,hf-trainer-lora")
     ap.add_argument("--out", default="runs/bench-recovery")
     a = ap.parse_args(argv)
 
     from shear.data.text import DataConfig, build_datasets
+    from shear.eval.perplexity import eval_text, load_eval_text
     from shear.models import load_model, load_tokenizer
     from shear.prune.config import PruneConfig
     from shear.prune.pipeline import run_prune
@@ -84,8 +82,15 @@ def main(argv=None) -> int:
     tok = load_tokenizer(a.model)
     dense = load_model(a.model)
     train_ds, val_ds = build_datasets(DataConfig(source=a.data, seq_len=a.seq_len), tok)
-    ppl = lambda m: val_ppl(m, val_ds, a.batch_size, a.eval_batches or None)
-    rows = [("dense", None, ppl(dense), None)]
+    held_out = load_eval_text(a.data, "validation")
+    protocol = {}
+
+    def ppl(m) -> float:
+        r = eval_text(m.eval(), tok, held_out, a.seq_len, a.seq_len, batch_size=8, max_windows=a.ppl_windows or None)
+        protocol.update(r.protocol)
+        return r.ppl
+
+    rows = [("dense teacher", None, ppl(dense), None)]
     pruned, _, report = run_prune(copy.deepcopy(dense), tok, PruneConfig(target={"ratio": a.ratio}))
     rows.append((f"pruned {a.ratio:.0%}, no recovery", None, ppl(pruned), None))
     specs = {
@@ -95,27 +100,35 @@ def main(argv=None) -> int:
         "ce+kd-lora": (DistillConfig(ce_weight=0.5, kd_weight=0.5), LoraConfig(r=a.lora_r, alpha=2 * a.lora_r)),
         "ce-lora": (None, LoraConfig(r=a.lora_r, alpha=2 * a.lora_r)),
     }
+    train_cfg = lambda lr, lora: TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, warmup_steps=a.steps // 10,
+                                             lora=lora, log_every=max(1, a.steps // 10), resume=False,
+                                             eval_batches=a.eval_batches)
     for name in a.variants.split(","):
+        if name == "control":  # the dense teacher on the same extra tokens, same recipe, CE only
+            res = train(copy.deepcopy(dense), train_ds, val_ds, train_cfg(a.lr, None), out / name)
+            rows.append(("control: dense teacher + same tokens, CE", "full", ppl(res.model), res.metrics["tokens_per_s"]))
+            continue
         if name == "hf-trainer-lora":
             tps = hf_trainer_lora(copy.deepcopy(pruned), train_ds, a, out / name)
             rows.append(("HF Trainer + peft LoRA, CE (throughput reference)", "lora", None, tps))
             continue
         distill, lora = specs[name]
-        cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lora_lr if lora else a.lr,
-                          warmup_steps=a.steps // 10, lora=lora, log_every=max(1, a.steps // 10), resume=False,
-                          eval_batches=a.eval_batches)
-        res = train(copy.deepcopy(pruned), train_ds, val_ds, cfg, out / name,
+        res = train(copy.deepcopy(pruned), train_ds, val_ds, train_cfg(a.lora_lr if lora else a.lr, lora), out / name,
                     teacher=dense if distill else None,
                     distill=distill if distill and distill.kd_weight > 0 else None)
         rows.append((f"shear {name}", "lora" if lora else "full", ppl(res.model), res.metrics["tokens_per_s"]))
 
     dense_ppl = rows[0][2]
-    lines = [f"tokens per variant: {a.steps * a.batch_size * a.seq_len:,} ({a.steps} steps x {a.batch_size} x "
+    control = next((p for n, _, p, _ in rows if n.startswith("control")), None)
+    keys = ("seq_len", "stride", "windows", "tokens_scored")
+    lines = [f"machine: {machine()}",
+             f"held-out PPL: {a.data} validation, " + ", ".join(f"{k}={protocol[k]}" for k in keys if k in protocol),
+             f"tokens per variant: {a.steps * a.batch_size * a.seq_len:,} ({a.steps} steps x {a.batch_size} x "
              f"{a.seq_len}); params {report.get('params_before')} -> {report.get('params_after')}", "",
-             "| run | weights | val PPL | x dense | tokens/s |", "|---|---|---:|---:|---:|"]
+             "| run | weights | held-out PPL | x dense | x control | tokens/s |", "|---|---|---:|---:|---:|---:|"]
     for name, mode, p, tps in rows:
-        cells = [name, mode or "-", f"{p:.2f}" if p else "-", f"{p / dense_ppl:.2f}" if p else "-",
-                 f"{tps:.0f}" if tps else "-"]
+        cells = [name, mode or "-", f"{p:.2f}" if p else "-", f"{p / dense_ppl:.3f}" if p else "-",
+                 f"{p / control:.3f}" if p and control else "-", f"{tps:.0f}" if tps else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
