@@ -142,3 +142,23 @@ def test_pool_allocation_needs_standardized_scores():
     m = LlamaForCausalLM(tiny_llama_config()).eval()
     with pytest.raises(ValueError, match="standardize=true"):
         run_prune(m, None, PruneConfig(target={"ratio": 0.2}, allocation="pool"), ImportanceConfig(estimator="magnitude_l2"))
+
+
+def test_uniform_heads_keep_a_count_that_divides_hidden(tmp_path):
+    """LlamaConfig rejects hidden % heads != 0: a uniform head plan keeps 4 of 8 heads (not 5), so the
+    export is the stock class."""
+    import json
+
+    from shear.prune import export, prune_
+
+    m = LlamaForCausalLM(tiny_llama_config(num_attention_heads=8, num_key_value_heads=8, head_dim=8)).eval()
+    g = analyze(m)
+    scores = {x.name: torch.rand(x.num_units) for x in g.groups}
+    total = sum(p.numel() for p in m.parameters())
+    per_head = 4 * 8 * 64  # q, k, v rows and o columns of one head
+    plan = build_plan(g, scores, PruneConfig(target={"params": total - 2 * 3 * per_head}, structures=["heads"],
+                                             allocation="uniform"), model_shapes(m))
+    assert {len(v) for k, v in plan.remove.items() if k.endswith(".head")} == {4}
+    prune_(m, plan, g)
+    out = export(m, tmp_path / "o")
+    assert "auto_map" not in json.loads((out / "config.json").read_text())

@@ -83,6 +83,20 @@ class _Planner:
             return math.lcm(self.cfg.round_to, self._hidden_multiple())
         return self.cfg.round_to if structure == "mlp" else 1
 
+    def _stock_heads(self, g, keep: int) -> int:
+        """Uniform head plans on families whose stock config needs hidden % heads == 0 (Llama, Gemma2):
+        the nearest kept unit count whose query heads divide the hidden size (ties: fewer), so the
+        export stays the stock class. Other families: ``keep`` unchanged."""
+        from shear.analyze.families import FAMILIES
+
+        fam = FAMILIES.get(self.graph.family)
+        hidden = next((h.num_units for h in self.graph.groups if h.kind == "hidden"), None)
+        if fam is None or not fam.hidden_per_head or not hidden or keep >= g.num_units:
+            return keep
+        q = g.meta.get("query_heads_per_unit", 1)
+        ok = [k for k in range(max(self.cfg.min_keep, 1), g.num_units + 1) if hidden % (k * q) == 0]
+        return min(ok, key=lambda k: (abs(k - keep), k)) if ok else keep
+
     def _hidden_multiple(self) -> int:
         """Head count when the family's stock config requires hidden % heads == 0 (else 1)."""
         from shear.analyze.families import FAMILIES
@@ -104,7 +118,10 @@ class _Planner:
             return {g.name: 1 for g in order[:n]}
         align, mk = self._align(structure), self.cfg.min_keep
         if self.cfg.allocation == "uniform" or len(gs) == 1:
-            return {g.name: g.num_units - _round_keep(g.num_units * (1 - f), g.num_units, align, mk) for g in gs}
+            keep = {g.name: _round_keep(g.num_units * (1 - f), g.num_units, align, mk) for g in gs}
+            if structure == "heads":
+                keep = {n: self._stock_heads(self.graph[n], k) for n, k in keep.items()}
+            return {g.name: g.num_units - keep[g.name] for g in gs}
         pool = torch.cat([self._score(g) for g in gs])
         owner = torch.cat([torch.full((g.num_units,), i) for i, g in enumerate(gs)])
         want = int(math.floor(f * pool.numel() + 0.5))
