@@ -57,39 +57,50 @@ def smallest_bytes(row) -> int:
     return min(b for b in (row.dense_bytes, row.compressed_bytes) if b is not None)
 
 
+def _styles(rows: list) -> dict[str, tuple[str, str]]:
+    """(colour, marker) per row name (a variant keeps its style across budgets): blues for structured,
+    reds for unstructured, green for N:M, black for dense."""
+    palette = {"dense": (["black"], ["*"]), "structured": (["#1f4e8c", "#4f86c6", "#8fb8e8"], ["s", "D", "P", "X"]),
+               "unstructured": (["#b22222", "#e9967a"], ["o", "h"]), "nm": (["#4c9a2a"], ["^"])}
+    out: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        if r.name not in out:
+            n = sum(1 for k in out.values() if k[2] == r.kind)
+            colours, markers = palette[r.kind]
+            out[r.name] = (colours[n % len(colours)], markers[n % len(markers)], r.kind)
+    return {k: v[:2] for k, v in out.items()}
+
+
 def plot(rows: list, cfg, path: Path) -> Path:
-    """PPL vs non-zero parameters (left) and vs bytes on disk of the smaller form (right); hollow markers
-    without recovery, filled after KD, one colour and marker per kind."""
+    """PPL vs non-zero parameters (left) and vs bytes on disk of the smaller form (right); top: without
+    recovery (log scale), bottom: after KD. One colour and marker per row kind and variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    style = {"dense": ("black", "*"), "structured": ("#3b6ea8", "s"), "unstructured": ("#c0504d", "o"),
-             "nm": ("#9bbb59", "^")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, xlabel, x_of in ((axes[0], "non-zero parameters", lambda r: r.nonzero),
-                             (axes[1], "bytes on disk (smaller form), MB", lambda r: smallest_bytes(r) / _MB)):
-        for r in rows:
-            colour, marker = style[r.kind]
-            x = x_of(r)
-            ax.scatter([x], [r.ppl], facecolors="none", edgecolors=colour, marker=marker, s=60)
-            if r.ppl_kd is not None:
-                ax.scatter([x], [r.ppl_kd], color=colour, marker=marker, s=60)
-                ax.plot([x, x], [r.ppl, r.ppl_kd], color=colour, lw=0.6, alpha=0.5)
-            label = r.name.replace("structured ", "").replace("unstructured ", "")
-            ax.annotate(label if r.budget is None else f"{r.budget:.0%} {label}", (x, r.ppl_kd or r.ppl),
-                        fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out PPL")
-    for kind, (colour, marker) in style.items():
-        axes[0].scatter([], [], color=colour, marker=marker, label={"nm": cfg.pattern or "N:M"}.get(kind, kind))
-    axes[0].scatter([], [], facecolors="none", edgecolors="grey", marker="o", label="no recovery (hollow)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"structured vs unstructured vs {cfg.pattern or 'N:M'}"
-                 + (f"; filled: after {cfg.kd_steps} KD steps" if cfg.kd_steps else ""))
+    style = _styles(rows)
+    kd = cfg.kd_steps > 0
+    fig, axes = plt.subplots(2 if kd else 1, 2, figsize=(11, 7.6 if kd else 4.2), squeeze=False)
+    xs = (("non-zero parameters", lambda r: r.nonzero), ("bytes on disk (smaller form), MB", lambda r: smallest_bytes(r) / _MB))
+    panels = [("no recovery", lambda r: r.ppl, "log")] + ([(f"after {cfg.kd_steps} KD steps", lambda r: r.ppl_kd, "linear")]
+                                                         if kd else [])
+    for i, (title, y_of, scale) in enumerate(panels):
+        for j, (xlabel, x_of) in enumerate(xs):
+            ax = axes[i][j]
+            for r in rows:
+                colour, marker = style[r.name]
+                ax.scatter([x_of(r)], [y_of(r)], color=colour, marker=marker, s=70 if marker == "*" else 45,
+                           label=r.name, edgecolors="white", linewidths=0.5)
+            ax.set_yscale(scale)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"held-out PPL, {title}")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))  # one entry per variant
+    axes[0][0].legend(seen.values(), seen.keys(), fontsize=7)
+    fig.suptitle(f"structured vs unstructured vs {cfg.pattern or 'N:M'} at budgets "
+                 f"{', '.join(f'{r:.0%}' for r in cfg.ratios)} of parameters removed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
