@@ -43,12 +43,31 @@ class Hessian:
 
 
 def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + dampening * mean(diag H) * I)^-1``; ``H [in, in]`` (modified:
-    dead inputs get ``H_jj = 1``). Raises ``torch.linalg.LinAlgError`` when not positive definite."""
-    d = torch.arange(H.shape[0], device=H.device)
-    H[d, d] += dampening * torch.mean(torch.diag(H))
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    """Upper Cholesky factor of ``(H' + dampening * mean(diag H') * I)^-1``, ``H'`` = ``H [in, in]`` with
+    dead inputs (``H_jj = 0``) set to ``H_jj = 1``; ``H`` is not modified. Works on one fp32 copy, each step
+    replacing the last, so at most two ``[in, in]`` matrices live at once beside ``H``.
+    Raises ``torch.linalg.LinAlgError`` when not positive definite."""
+    F = H.detach().to(torch.float32, copy=True)
+    d = torch.arange(F.shape[0], device=F.device)
+    F[d, d] = torch.where(F[d, d] == 0, 1.0, F[d, d])
+    F[d, d] += dampening * torch.mean(torch.diag(F))
+    F = torch.linalg.cholesky(F)
+    F = torch.cholesky_inverse(F)
+    return torch.linalg.cholesky(F, upper=True)
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor, rows: int = 256) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)`` with ``dW = W - W_hat`` (= ``||W X^T - W_hat X^T||^2 / ||W X^T||^2``);
+    ``w, w_hat [out, in]`` (any dtype, views allowed), ``H [in, in]``. ``rows`` rows at a time, so the
+    temporaries are ``[rows, in]`` rather than copies of ``W``."""
+    Hf = H.detach().float()
+    base = err = 0.0
+    for r in range(0, w.shape[0], rows):
+        w0 = w[r:r + rows].detach().float()
+        dw = w0 - w_hat[r:r + rows].float()
+        base += float(((w0 @ Hf) * w0).sum())
+        err += float(((dw @ Hf) * dw).sum())
+    return err / base if base > 0 else 0.0
 
 
 @torch.no_grad()
@@ -73,13 +92,8 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
     if pattern is not None and cols % pattern[1]:
         raise ValueError(f"N:M pattern {pattern[0]}:{pattern[1]}: {cols} input columns are not a multiple of {pattern[1]}")
     W = w.detach().to(torch.float32, copy=True).contiguous()  # Conv1D passes a transposed view
-    W0 = W.clone()
-    Hd = H.detach().float().clone()
-    dead = torch.diag(Hd) == 0
-    Hd[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    Hinv = inverse_hessian_factor(Hd, dampening)
-    del Hd
+    W[:, torch.diag(H) == 0] = 0.0
+    Hinv = inverse_hessian_factor(H, dampening)
     pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -108,8 +122,5 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of the later columns
     W[pruned] = 0.0
-    dW = W0 - W
-    Hf = H.detach().float()
-    base = float(((W0 @ Hf) * W0).sum())
-    rel = float(((dW @ Hf) * dW).sum()) / base if base > 0 else 0.0
-    return W, ~pruned, rel
+    del Hinv
+    return W, ~pruned, relative_error(w, W, H)
