@@ -1,0 +1,176 @@
+"""Hard-concrete masks over the analyzer's groups, attached with hooks (no modeling code changes).
+
+Math (Louizos et al. 2018, as used by Sheared-LLaMA; FIELD-NOTES §4), per unit with parameter log α:
+    train:  s = sigmoid((log u − log(1 − u) + log α) / β),  u ~ U(0, 1);  z = clamp(s·(r − l) + l, 0, 1)
+    eval:   z = clamp(sigmoid(log α)·(r − l) + l, 0, 1)          (deterministic)
+    P(z > 0) = sigmoid(log α − β·log(−l / r))                    (expected kept units, differentiable)
+with β = 2/3, (l, r) = (−0.1, 1.1). log α starts at 5: the eval mask is exactly 1 and P(z > 0) ≈ 0.9986.
+
+Where each mask acts (every hook multiplies activations, so a mask value folds linearly into weights):
+    head / kv_group / query_head  pre-hook on o_proj: input columns of unit u × z_u
+    mlp_channel                   pre-hook on down_proj (fc2): input column u × z_u
+    layer                         hook on the block's residual writers (o_proj, down_proj outputs) × z
+    hidden                        hook on every embedding output and every residual writer's output × z
+With a binary hidden mask, dropped channels stay exactly 0 in the residual stream, so RMSNorm sees
+only zeros there and the slicer's sqrt(d / d_new) norm correction makes slicing exact.
+After :meth:`ShearMasks.fix` each mask returns fixed values (train and eval alike): the final top-k.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from shear.analyze.graph import StructureGraph
+
+BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
+INIT_LOG_ALPHA = 5.0
+HEAD_KINDS = ("head", "kv_group", "query_head")
+#: mask type -> the group kinds it covers
+MASK_TYPES = {"layers": ("layer",), "heads": HEAD_KINDS, "mlp": ("mlp_channel",), "hidden": ("hidden",)}
+
+
+def sample_z(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Stretched, clamped hard-concrete sample; log_alpha [..., n] -> z [..., n] in [0, 1]."""
+    u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+
+
+def deterministic_z(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Eval mask: clamp(sigmoid(log α)·(r − l) + l, 0, 1); equals 1 for log α ≥ log(11) ≈ 2.4."""
+    return (torch.sigmoid(log_alpha) * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+
+
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z > 0) per unit, differentiable in log α (the expected-size term of the constraint)."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-LEFT / RIGHT))
+
+
+class HardConcrete(nn.Module):
+    """Masks of ``rows`` rows of ``n`` units each (one row per layer, or one row for hidden).
+
+    Forward returns z ``[rows, n]``: sampled in training, deterministic in eval, or the fixed values
+    set by :meth:`fix` (then in both modes).
+    """
+
+    def __init__(self, rows: int, n: int, init: float = INIT_LOG_ALPHA):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.full((rows, n), float(init)))
+        self.register_buffer("fixed", None, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed
+        return sample_z(self.log_alpha) if self.training else deterministic_z(self.log_alpha)
+
+    def expected_kept(self) -> torch.Tensor:
+        """Expected number of kept units, summed over rows (scalar)."""
+        return prob_nonzero(self.log_alpha).sum()
+
+    def fix(self, keep: int, binary: bool = False) -> torch.Tensor:
+        """Top-``keep`` units per row by log α; kept units take their deterministic value (1 with
+        ``binary``), the rest 0. Returns the boolean keep mask ``[rows, n]``."""
+        with torch.no_grad():
+            top = self.log_alpha.topk(keep, dim=1).indices
+            kept = torch.zeros_like(self.log_alpha, dtype=torch.bool).scatter_(1, top, True)
+            val = torch.ones_like(self.log_alpha) if binary else deterministic_z(self.log_alpha)
+            self.fixed = torch.where(kept, val, torch.zeros_like(val))
+        return kept
+
+
+def _module(model: nn.Module, param: str) -> nn.Module:
+    return model.get_submodule(param.rpartition(".")[0])
+
+
+def _unit_scale(units: torch.Tensor, z: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-feature scale [width] with feature ``units[u, :]`` set to ``z[u]``; z [n] -> [width]."""
+    scale = z.new_ones(width)
+    return scale.index_put((units.reshape(-1),), z.repeat_interleave(units.shape[1]))
+
+
+class ShearMasks(nn.Module):
+    """The masks of one model: ``masks[type]`` is a :class:`HardConcrete` (see ``MASK_TYPES``).
+
+    ``groups[type]`` lists the graph's groups a mask's rows stand for, in row order.
+    Hooks read ``self.current`` (z of every type), drawn once per forward by a pre-hook on the model.
+    """
+
+    def __init__(self, graph: StructureGraph, types: tuple[str, ...]):
+        super().__init__()
+        self.graph = graph
+        self.groups = {t: [g for g in graph.groups if g.kind in MASK_TYPES[t]] for t in types}
+        self.groups = {t: gs for t, gs in self.groups.items() if gs}
+        for t, gs in self.groups.items():
+            if len({g.num_units for g in gs}) != 1:
+                raise ValueError(f"shearing.masks.{t}: groups have different unit counts "
+                                 f"({sorted({g.num_units for g in gs})}); learned masks need a uniform model")
+        self.masks = nn.ModuleDict({t: HardConcrete(len(gs) if t != "layers" else 1,
+                                                    gs[0].num_units if t != "layers" else len(gs))
+                                    for t, gs in self.groups.items()})
+        self.current: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def draw(self) -> dict[str, torch.Tensor]:
+        self.current = {t: m() for t, m in self.masks.items()}
+        return self.current
+
+    def expected_kept(self) -> dict[str, torch.Tensor]:
+        return {t: m.expected_kept() for t, m in self.masks.items()}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def attach_masks(model: nn.Module, graph: StructureGraph,
+                 types: tuple[str, ...] = ("layers", "heads", "mlp", "hidden")) -> ShearMasks:
+    """Attach hard-concrete masks for ``types`` to ``model`` with hooks; returns the mask module.
+
+    ``graph`` is ``analyze(model)`` (kv_group or query_head heads). The masks' parameters are not
+    registered in ``model``; pass ``masks.parameters()`` to the optimizer. ``masks.remove()`` detaches.
+    """
+    sm = ShearMasks(graph, types).to(next(model.parameters()).device)
+    sm.handles.append(model.register_forward_pre_hook(lambda mod, args: (sm.draw(), None)[1]))
+    in_scales: dict[str, list] = {}   # module -> [(type, row, units)] scaling its input columns
+    out_scales: dict[str, list] = {}  # module -> [(type, row, col)] scaling its output
+    for t in ("heads", "mlp"):
+        for row, g in enumerate(sm.groups.get(t, [])):
+            m = next(m for m in g.members if m.role == "in")
+            in_scales.setdefault(m.param.rpartition(".")[0], []).append((t, row, m.units))
+    for col, g in enumerate(sm.groups.get("layers", [])):
+        for p in g.meta["outputs"]:
+            if p.endswith(".weight"):
+                out_scales.setdefault(p.rpartition(".")[0], []).append(("layers", 0, col))
+    if "hidden" in sm.groups:
+        for g in sm.groups["layers"] if "layers" in sm.groups else graph.by_kind("layer"):
+            for p in g.meta["outputs"]:
+                if p.endswith(".weight"):
+                    out_scales.setdefault(p.rpartition(".")[0], []).append(("hidden", 0, None))
+        for m in sm.groups["hidden"][0].members:
+            if m.role == "embed":
+                out_scales.setdefault(m.param.rpartition(".")[0], []).append(("hidden", 0, None))
+
+    def pre_hook(entries):
+        def hook(mod, args):
+            x = args[0]
+            for t, row, units in entries:
+                x = x * _unit_scale(units.to(x.device), sm.current[t][row], x.shape[-1]).to(x.dtype)
+            return (x,) + tuple(args[1:])
+        return hook
+
+    def out_hook(entries):
+        def hook(mod, args, out):
+            for t, row, col in entries:
+                z = sm.current[t][row]
+                out = out * (z[col] if col is not None else z).to(out.dtype)
+            return out
+        return hook
+
+    for name, entries in in_scales.items():
+        sm.handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook(entries)))
+    for name, entries in out_scales.items():
+        sm.handles.append(model.get_submodule(name).register_forward_hook(out_hook(entries)))
+    return sm

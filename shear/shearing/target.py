@@ -1,0 +1,150 @@
+"""Target shapes and the Lagrangian expected-size constraint (Sheared-LLaMA, FIELD-NOTES §4).
+
+A target is the number of units kept per row of each mask type: ``layers`` (blocks), ``heads`` (head
+units per layer, in the graph's unit: KV groups, heads, or query heads per KV group), ``mlp``
+(channels per layer), ``hidden`` (residual channels). It comes from an explicit shape, a parameter
+ratio, or another model's ``config.json`` (``shape_from``).
+
+Constraint per mask type, with ŝ = expected kept fraction and t(step) ramped linearly from 1 to the
+target fraction over the warm-up:  L = λ₁·(ŝ − t) + λ₂·(ŝ − t)².  λ is maximised (gradient ascent),
+so it grows until the expected size meets the target.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shear.analyze.graph import StructureGraph
+from shear.shearing.masks import MASK_TYPES
+
+
+@dataclass
+class TargetShape:
+    """Units kept per row of each mask type; None keeps the type whole (no mask is learned for it).
+
+    Attributes:
+        layers: decoder blocks kept.
+        heads: head units kept per layer (graph units: KV groups / heads / query heads per KV group).
+        mlp: MLP channels kept per layer.
+        hidden: residual channels kept.
+    """
+
+    layers: int | None = None
+    heads: int | None = None
+    mlp: int | None = None
+    hidden: int | None = None
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def full_shape(graph: StructureGraph) -> dict[str, int]:
+    """Units per row of every mask type in the unpruned model."""
+    out = {}
+    for t, kinds in MASK_TYPES.items():
+        gs = [g for g in graph.groups if g.kind in kinds]
+        if gs:
+            out[t] = len(gs) if t == "layers" else gs[0].num_units
+    return out
+
+
+def _rows(graph: StructureGraph, t: str) -> list:
+    return [g for g in graph.groups if g.kind in MASK_TYPES[t]]
+
+
+def count_params(graph: StructureGraph, shapes: dict, shape: dict[str, int]) -> int:
+    """Exact parameter count after pruning every row of each type to ``shape`` (last blocks dropped
+    for ``layers``; which blocks go does not change the count of a uniform model)."""
+    from shear.prune.plan import ParamCounter
+
+    full, removed = full_shape(graph), {}
+    for t, keep in shape.items():
+        gs = _rows(graph, t)
+        if t == "layers":
+            removed.update({g.name: 1 for g in gs[keep:]})
+        else:
+            removed.update({g.name: full[t] - keep for g in gs})
+    return ParamCounter(graph, shapes).count(removed)
+
+
+def shape_from_config(path: str | Path, graph: StructureGraph) -> TargetShape:
+    """The shape of another model of the same family from its ``config.json`` (e.g. a smaller sibling)."""
+    p = Path(path)
+    cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    kind = next((g.kind for g in graph.groups if g.kind in MASK_TYPES["heads"]), None)
+    head_units = {"kv_group": kv, "head": heads, "query_head": heads // kv if heads and kv else None}.get(kind)
+    return TargetShape(layers=cfg.get("num_hidden_layers"), heads=head_units,
+                       mlp=cfg.get("intermediate_size"), hidden=cfg.get("hidden_size"))
+
+
+def shape_from_ratio(ratio: float, graph: StructureGraph, shapes: dict,
+                     types: tuple[str, ...] = ("heads", "mlp", "hidden")) -> TargetShape:
+    """The widest uniform shape with at most ``ratio`` of the parameters: one keep fraction f for all
+    ``types`` (bisection on f, counts exact), rounded down to whole units (at least 1 per row)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"shearing.target.ratio: must be in (0, 1], got {ratio}")
+    full = full_shape(graph)
+    budget = ratio * count_params(graph, shapes, {})
+
+    def shape(f: float) -> dict[str, int]:
+        return {t: max(1, int(f * full[t])) for t in types if t in full}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count_params(graph, shapes, shape(mid)) <= budget else (lo, mid)
+    return TargetShape(**shape(lo))
+
+
+def resolve_target(graph: StructureGraph, shapes: dict, shape: dict | None = None, ratio: float | None = None,
+                   shape_from: str | None = None) -> dict[str, int]:
+    """Exactly one of ``shape`` / ``ratio`` / ``shape_from`` -> ``{type: kept units per row}``,
+    with types equal to the full model dropped. Raises ValueError naming the key."""
+    given = [k for k, v in (("shape", shape), ("ratio", ratio), ("shape_from", shape_from)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"shearing.target: give exactly one of shape, ratio, shape_from (got {given})")
+    if shape is not None:
+        unknown = set(shape) - set(MASK_TYPES)
+        if unknown:
+            raise ValueError(f"shearing.target.shape: unknown keys {sorted(unknown)} (expected {list(MASK_TYPES)})")
+        t = TargetShape(**shape)
+    elif ratio is not None:
+        t = shape_from_ratio(ratio, graph, shapes)
+    else:
+        t = shape_from_config(shape_from, graph)
+    full, out = full_shape(graph), {}
+    for k, v in t.as_dict().items():
+        if k not in full:
+            raise ValueError(f"shearing.target.{k}: the model has no {k} groups")
+        if not 1 <= v <= full[k]:
+            raise ValueError(f"shearing.target.{k}: {v} is not in [1, {full[k]}]")
+        if v < full[k]:
+            out[k] = v
+    return out
+
+
+class Lagrangian(nn.Module):
+    """λ₁, λ₂ per mask type; ``forward(expected, step)`` -> (loss term, {type: (ŝ, t)})."""
+
+    def __init__(self, full: dict[str, int], target: dict[str, int], rows: dict[str, int], warmup: int):
+        super().__init__()
+        self.full, self.target, self.rows, self.warmup = full, target, rows, max(1, warmup)
+        self.lambdas = nn.ParameterDict({t: nn.Parameter(torch.zeros(2)) for t in target})
+
+    def target_fraction(self, t: str, step: int) -> float:
+        goal = self.target[t] / self.full[t]
+        return 1.0 + (goal - 1.0) * min(1.0, step / self.warmup)
+
+    def forward(self, expected: dict[str, torch.Tensor], step: int):
+        loss, report = 0.0, {}
+        for t, lam in self.lambdas.items():
+            s_hat = expected[t] / (self.full[t] * self.rows[t])
+            gap = s_hat - self.target_fraction(t, step)
+            loss = loss + lam[0] * gap + lam[1] * gap * gap
+            report[t] = (float(s_hat.detach()), self.target_fraction(t, step))
+        return loss, report
