@@ -57,6 +57,17 @@ def test_masks_are_active():
     assert not torch.allclose(outputs(model, ids), ref)
 
 
+def _config_keys(target, heads):
+    """The test targets (mask-type units) in prune.target.shape's config keys (2 KV heads of 2 heads)."""
+    keys = {"layers": "num_hidden_layers", "mlp": "intermediate_size", "hidden": "hidden_size"}
+    out = {keys[t]: v for t, v in target.items() if t in keys}
+    if heads == "kv_group":
+        out["num_key_value_heads"] = target["heads"]
+    else:
+        out["num_attention_heads"] = target["heads"] * (2 if heads == "query_head" else 1)
+    return out
+
+
 def _teacher_student(family):
     teacher = family_model(family, std=0.05)
     student = family_model(family, std=0.05)
@@ -67,17 +78,23 @@ def _teacher_student(family):
 @pytest.mark.parametrize("family,target,heads", [
     ("llama", dict(layers=2, heads=1, mlp=48, hidden=32), "kv_group"),
     ("qwen2", dict(heads=1, mlp=40, hidden=48), "query_head"),
+    ("gemma", dict(layers=2, heads=1, mlp=40, hidden=48), "kv_group"),  # tied embeddings, (1 + w) norms
+    # LayerNorm: hidden slicing is not exact, so no hidden mask; GPT-2's config has no head_dim, so
+    # fewer heads at the same hidden size export with shear's modeling file instead of the stock class
+    ("gpt2", dict(layers=2, heads=2, mlp=48), "head"),
 ])
 def test_constraint_meets_target_and_finish_is_exact(family, target, heads, tmp_path):
     from transformers import AutoModelForCausalLM
 
     teacher, model = _teacher_student(family)
     if target.get("layers") == 2:  # drop one of 3 blocks
-        teacher, model = (family_model(family, std=0.05, num_hidden_layers=3) for _ in range(2))
+        n = {"n_layer": 3} if family == "gpt2" else {"num_hidden_layers": 3}
+        teacher, model = (family_model(family, std=0.05, **n) for _ in range(2))
         model.load_state_dict(teacher.state_dict())
-    graph = analyze(model, heads=heads)
-    tgt = resolve_target(graph, model_shapes(model), shape=target)
-    masks = attach_masks(model, graph)
+    graph = analyze(model, heads="kv_group" if heads == "head" else heads)
+    tgt = resolve_target(graph, model_shapes(model), shape=_config_keys(target, heads))
+    assert tgt == target
+    masks = attach_masks(model, graph, types=tuple(target))
     batches = [_ids(4, 16) for _ in range(8)]
     log = train_masks(model, masks, tgt, batches, ShearTrainConfig(steps=300, warmup=60), teacher=teacher)
     full = full_shape(graph)
@@ -93,23 +110,25 @@ def test_constraint_meets_target_and_finish_is_exact(family, target, heads, tmp_
     sliced = outputs(model, ids)
     torch.testing.assert_close(sliced, masked, rtol=1e-4, atol=1e-5)
     cfg = model.config
-    heads_kept = {"kv_group": cfg.num_key_value_heads, "query_head": cfg.num_attention_heads // cfg.num_key_value_heads}
-    assert heads_kept[heads] == tgt["heads"]
-    assert cfg.intermediate_size == tgt["mlp"] and cfg.hidden_size == tgt["hidden"]
-    assert cfg.num_hidden_layers == tgt.get("layers", cfg.num_hidden_layers)
+    kept = {"layers": cfg.num_hidden_layers, "heads": {"kv_group": getattr(cfg, "num_key_value_heads", None),
+                                                       "head": cfg.num_attention_heads,
+                                                       "query_head": cfg.num_attention_heads // 2}[heads],
+            "mlp": getattr(cfg, "intermediate_size", None) or cfg.n_inner, "hidden": cfg.hidden_size}
+    assert {t: kept[t] for t in tgt} == tgt
     assert sum(p.numel() for p in model.parameters()) == count_params(graph, graph.meta["shapes"], tgt)
 
     out = export(model, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
-    assert "auto_map" not in saved and saved["architectures"] == [type(model).__name__]
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    stock = family != "gpt2"
+    assert ("auto_map" not in saved) == stock and saved["architectures"] == [type(model).__name__]
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not stock).eval()
     assert torch.equal(outputs(reloaded, ids), sliced)
 
 
 def test_target_from_ratio_and_config(tmp_path):
     model = family_model("llama")
     graph, shapes = analyze(model), model_shapes(model)
-    tgt = resolve_target(graph, shapes, ratio=0.5)
+    tgt = resolve_target(graph, shapes, ratio=0.5)  # remove half, as prune.target.ratio
     assert count_params(graph, shapes, tgt) <= 0.5 * sum(p.numel() for p in model.parameters())
     bigger = {t: k + 1 for t, k in tgt.items() if k + 1 <= full_shape(graph)[t]}
     assert count_params(graph, shapes, {**tgt, **bigger}) > 0.5 * sum(p.numel() for p in model.parameters())
@@ -118,15 +137,17 @@ def test_target_from_ratio_and_config(tmp_path):
                                                           hidden_size=48)))
     assert resolve_target(graph, shapes, shape_from=str(tmp_path)) == dict(layers=1, heads=1, mlp=32, hidden=48)
     with pytest.raises(ValueError, match="shearing.target"):
-        resolve_target(graph, shapes, shape=dict(mlp=10), ratio=0.5)
+        resolve_target(graph, shapes, shape=dict(intermediate_size=10), ratio=0.5)
     with pytest.raises(ValueError, match="shearing.target.shape"):
-        resolve_target(graph, shapes, shape=dict(mpl=10))
+        resolve_target(graph, shapes, shape=dict(intermediate_sise=10))
+    with pytest.raises(ValueError, match="shearing.target.shape_from"):
+        resolve_target(graph, shapes, shape_from=str(tmp_path / "missing"))
 
 
 def test_ce_without_teacher_trains_weights_and_masks():
     model = family_model("qwen2", std=0.05)
     graph = analyze(model)
-    tgt = resolve_target(graph, model_shapes(model), shape=dict(mlp=48))
+    tgt = resolve_target(graph, model_shapes(model), shape=dict(intermediate_size=48))
     masks = attach_masks(model, graph, types=("mlp",))
     before = model.model.layers[0].mlp.up_proj.weight.clone()
     log = train_masks(model, masks, tgt, [_ids()], ShearTrainConfig(steps=5, warmup=2, weight_lr=1e-3))

@@ -71,25 +71,46 @@ def count_params(graph: StructureGraph, shapes: dict, shape: dict[str, int]) -> 
     return ParamCounter(graph, shapes).count(removed)
 
 
-def shape_from_config(path: str | Path, graph: StructureGraph) -> TargetShape:
-    """The shape of another model of the same family from its ``config.json`` (e.g. a smaller sibling)."""
-    p = Path(path)
-    cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
-    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
-    kind = next((g.kind for g in graph.groups if g.kind in MASK_TYPES["heads"]), None)
-    head_units = {"kv_group": kv, "head": heads, "query_head": heads // kv if heads and kv else None}.get(kind)
+CONFIG_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+
+
+def shape_from_keys(cfg: dict, graph: StructureGraph) -> TargetShape:
+    """A target in config keys (``prune.target.shape``'s: ``hidden_size``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``, ``num_hidden_layers``) -> mask-type units.
+    Unset keys keep the current size; other keys (a whole config.json) are ignored."""
+    kind, meta = next(((g.kind, g.meta) for g in graph.groups if g.kind in MASK_TYPES["heads"]), (None, {}))
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    if kind == "kv_group":
+        head_units = kv if kv is not None else (heads // meta["query_heads_per_unit"] if heads else None)
+    elif kind == "query_head":
+        if kv is not None and kv != meta["kv_heads"]:
+            raise ValueError(f"shearing.target.num_key_value_heads: heads='query_head' keeps every KV head "
+                             f"({meta['kv_heads']}); use heads='kv_group'")
+        head_units = heads // meta["kv_heads"] if heads else None
+    else:
+        head_units = heads
     return TargetShape(layers=cfg.get("num_hidden_layers"), heads=head_units,
                        mlp=cfg.get("intermediate_size"), hidden=cfg.get("hidden_size"))
 
 
+def shape_from_config(path: str | Path, graph: StructureGraph) -> TargetShape:
+    """The shape of another model of the same family from its ``config.json`` (e.g. a smaller sibling)."""
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.exists():
+        raise ValueError(f"shearing.target.shape_from: {p} does not exist")
+    return shape_from_keys(json.loads(p.read_text()), graph)
+
+
 def shape_from_ratio(ratio: float, graph: StructureGraph, shapes: dict,
                      types: tuple[str, ...] = ("heads", "mlp", "hidden")) -> TargetShape:
-    """The widest uniform shape with at most ``ratio`` of the parameters: one keep fraction f for all
-    ``types`` (bisection on f, counts exact), rounded down to whole units (at least 1 per row)."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"shearing.target.ratio: must be in (0, 1], got {ratio}")
+    """The widest uniform shape that removes at least ``ratio`` of the parameters (as
+    ``prune.target.ratio``): one keep fraction f for all ``types`` (bisection on f, counts exact),
+    rounded down to whole units (at least 1 per row)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"shearing.target.ratio: must be in (0, 1), got {ratio}")
     full = full_shape(graph)
-    budget = ratio * count_params(graph, shapes, {})
+    budget = (1.0 - ratio) * count_params(graph, shapes, {})
 
     def shape(f: float) -> dict[str, int]:
         return {t: max(1, int(f * full[t])) for t in types if t in full}
@@ -104,15 +125,18 @@ def shape_from_ratio(ratio: float, graph: StructureGraph, shapes: dict,
 def resolve_target(graph: StructureGraph, shapes: dict, shape: dict | None = None, ratio: float | None = None,
                    shape_from: str | None = None) -> dict[str, int]:
     """Exactly one of ``shape`` / ``ratio`` / ``shape_from`` -> ``{type: kept units per row}``,
-    with types equal to the full model dropped. Raises ValueError naming the key."""
+    with types equal to the full model dropped. Raises ValueError naming the key.
+
+    ``shape``: config keys (:data:`CONFIG_KEYS`, as ``prune.target.shape``); ``ratio``: fraction of the
+    parameters to REMOVE (as ``prune.target.ratio``); ``shape_from``: a config.json or its directory."""
     given = [k for k, v in (("shape", shape), ("ratio", ratio), ("shape_from", shape_from)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"shearing.target: give exactly one of shape, ratio, shape_from (got {given})")
     if shape is not None:
-        unknown = set(shape) - set(MASK_TYPES)
+        unknown = set(shape) - set(CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"shearing.target.shape: unknown keys {sorted(unknown)} (expected {list(MASK_TYPES)})")
-        t = TargetShape(**shape)
+            raise ValueError(f"shearing.target.shape: unknown keys {sorted(unknown)} (expected {list(CONFIG_KEYS)})")
+        t = shape_from_keys(shape, graph)
     elif ratio is not None:
         t = shape_from_ratio(ratio, graph, shapes)
     else:
