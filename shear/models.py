@@ -100,9 +100,37 @@ def check_local(path: str) -> None:
         raise FileNotFoundError(f"model directory not found: {local}")
 
 
+# Auto classes tried, in order, for a checkpoint's ``architectures[0]``: the first whose mapping gives that
+# class loads it (BertModel -> AutoModel, BertForMaskedLM -> AutoModelForMaskedLM, *ForCausalLM -> causal).
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel")
+
+
+def auto_class_for(config) -> str:
+    """The Auto class that loads the checkpoint as what it is, from ``config.architectures``.
+
+    A per-layer export names it in ``auto_map``; a stock checkpoint names its class in
+    ``architectures`` (an encoder saved as ``BertModel`` is loaded by ``AutoModel``, pooler kept, no
+    LM head added). Without ``architectures`` the model is loaded as a causal LM, as before.
+    """
+    import transformers
+
+    auto_map = getattr(config, "auto_map", None) or {}
+    for name in AUTO_CLASSES:
+        if name in auto_map:
+            return name
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    for name in AUTO_CLASSES:
+        mapping = getattr(transformers, name)._model_mapping
+        if cls is not None and type(config) in mapping and mapping[type(config)] is cls:
+            return name
+    return "AutoModelForCausalLM"
+
+
 def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_remote_code: bool = False,
                device_map: str | dict | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` on a hub name or directory, in eval mode.
+    """``from_pretrained`` on a hub name or directory, in eval mode, with the Auto class that gives the
+    checkpoint's own class (:func:`auto_class_for`; causal LMs: ``AutoModelForCausalLM``).
 
     ``device_map`` (e.g. ``"auto"``) spreads a model larger than one GPU over the devices there are
     (accelerate's big-model loading); scoring then streams blocks where they sit.
@@ -110,7 +138,7 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
     Per-layer pruned exports carry their modeling file (``auto_map``); they load only with
     ``trust_remote_code=True`` (the user's consent), otherwise that is an error naming the directory.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     path = resolve_model_path(path)
     if dtype not in DTYPES:
@@ -122,8 +150,10 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
         raise ValueError("model.device_map and a device are exclusive: device_map places the model itself")
     extra = {} if device_map is None else {"device_map": device_map}
     with _clear_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     **extra)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        auto = getattr(transformers, auto_class_for(config))
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                     **extra)
     if device:
         model.to(device)
     return model.eval()
@@ -168,10 +198,17 @@ def _load_error(path: str, e: Exception) -> Exception:
     return e
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
 def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained`` on a model directory, a tokenizer-only directory (tokenizer
+    files, no config.json) or a hub name."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path)
-    check_local(path)
+    local = Path(path).expanduser()
+    if not (local.is_dir() and any((local / f).exists() for f in TOKENIZER_FILES)):
+        check_local(path)
     with _clear_errors(path):
         return AutoTokenizer.from_pretrained(path)

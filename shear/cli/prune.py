@@ -5,7 +5,8 @@
 
 A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
 directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
-OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model.
+OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model. The calibration text, sample
+count and tokenizer class are printed and kept in the report (``calibration_text``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def _configs_from_flags(args):
     prune = PruneConfig(target=target, structures=args.structures, allocation=args.allocation, heads=args.heads,
                         round_to=args.round_to, iterative_steps=args.steps,
                         protected_layers=[int(x) for x in args.protect] if args.protect else [])
-    imp = ImportanceConfig(estimator=args.estimator, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+    imp = ImportanceConfig(estimator=args.estimator, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                           source=args.calib)
     return prune, imp
 
 
@@ -55,6 +57,8 @@ def _cmd_prune(args) -> int:
     _, _, report = run_prune(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
                              export_dir=None if args.no_export else out / "model")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if report["calibration_text"]:
+        print(f"calibration: {report['calibration_text']}")
     print(f"params {report['params_before']:,} -> {report['params_after']:,} "
           f"({100 * report['removed_ratio']:.1f}% removed); MACs x{report['mac_ratio']:.3f}; "
           f"{report['time_s']['total']:.1f} s; peak RSS {report['peak_rss_mb']:.0f} MB; report in {out}")
@@ -82,4 +86,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--n-samples", type=int, default=32)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--calib", default=None, help="calibration text (importance.source): a text file, a directory, "
+                   "an HF dataset name or 'shakespeare' (default: the shipped corpus)")
     p.set_defaults(func=_cmd_prune)

@@ -149,6 +149,32 @@ def _input_dirs(model: nn.Module) -> list[Path]:
     return out
 
 
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def _copy_sentence_transformers(model: nn.Module, tmp: Path) -> None:
+    """Keep a sentence-transformers directory usable: when the model was loaded from one (``modules.json``
+    beside the transformer files), copy its module list and the modules stored in subdirectories
+    (``1_Pooling/``, ``2_Normalize/``...) beside the pruned transformer; the transformer module itself
+    (path ``""``) is the export."""
+    for src in _input_dirs(model):
+        if not (src / "modules.json").is_file():
+            continue
+        for name in ST_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        for mod in json.loads((src / "modules.json").read_text()):
+            sub = str(mod.get("path", ""))
+            if sub and "/" not in sub and sub not in (".", "..") and (src / sub).is_dir():
+                shutil.copytree(src / sub, tmp / sub, dirs_exist_ok=True)
+                cfg = tmp / sub / "config.json"  # Pooling records the width it pools (hidden may be pruned)
+                d = json.loads(cfg.read_text()) if cfg.is_file() else {}
+                if "word_embedding_dimension" in d:
+                    d["word_embedding_dimension"] = model.config.hidden_size
+                    cfg.write_text(json.dumps(d, indent=2) + "\n")
+        return
+
+
 def _check_target(model: nn.Module, out: Path, overwrite: bool, protect) -> None:
     """Refuse targets whose replacement could lose what shear did not write (see :func:`export`)."""
     for src in _input_dirs(model) + [Path(p).expanduser().resolve() for p in protect]:
@@ -179,6 +205,8 @@ def _move_in(tmp: Path, out: Path) -> None:
         f = out / name
         if f.is_file() or f.is_symlink():
             f.unlink()
+        elif f.is_dir():  # a sentence-transformers module shear copied (1_Pooling/...)
+            shutil.rmtree(f)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
 
@@ -187,8 +215,10 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
            overwrite: bool = False, protect: tuple = ()) -> Path:
     """Save ``model`` (pruned by ``prune_``) to ``out_dir``: safetensors + config (+ tokenizer, recipe).
 
-    Uniform models get the stock architecture; others get ``shear_layout`` + ``auto_map`` and the
-    modeling file. Writes go to a temporary sibling directory first, so an interrupted export never
+    Uniform models get the stock architecture; others get ``shear_layout`` + ``auto_map`` (under the
+    Auto class of the model's own class: ``AutoModel`` for ``BertModel``) and the modeling file. A
+    model loaded from a sentence-transformers directory keeps its pooling/normalize modules beside it.
+    Writes go to a temporary sibling directory first, so an interrupted export never
     leaves a complete-looking ``out_dir``; ``shear_export.json`` lists the files written.
 
     Nothing shear did not write is deleted: into an existing directory the files are moved in beside
@@ -232,6 +262,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _copy_sentence_transformers(model, tmp)
         if recipe is not None:
             import yaml
 
