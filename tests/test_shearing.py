@@ -156,3 +156,24 @@ def test_ce_without_teacher_trains_weights_and_masks():
     assert (masks.masks["mlp"].log_alpha != 5.0).any()
     with pytest.raises(ValueError, match="no masks attached"):
         train_masks(model, masks, dict(hidden=32), [_ids()], ShearTrainConfig(steps=1))
+
+
+def test_prune_target_shape_from(tmp_path):
+    """prune.target.shape_from: another model's config.json becomes target.shape (one-shot pruning too)."""
+    from shear.prune.config import ImportanceConfig, PruneConfig
+    from shear.prune.pipeline import run_prune
+    from tests.families import family_config
+
+    family_config("llama", num_hidden_layers=1, intermediate_size=40).save_pretrained(tmp_path / "small")
+    cfg = PruneConfig(target={"shape_from": str(tmp_path / "small")}, structures=["mlp", "layers"])
+    assert cfg.target.shape.intermediate_size == 40 and cfg.target.shape.num_hidden_layers == 1
+    assert PruneConfig(**cfg.model_dump()).target.shape == cfg.target.shape  # a saved recipe re-validates
+    model = family_model("llama")
+    model, _, _ = run_prune(model, None, cfg, ImportanceConfig(estimator="magnitude_l2"), ids=_ids(2, 16))
+    assert model.config.intermediate_size == 40 and model.config.num_hidden_layers == 1
+    with pytest.raises(ValueError, match="target.shape_from"):
+        PruneConfig(target={"shape_from": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="target.shape_from"):
+        PruneConfig(target={"shape_from": str(tmp_path / "small"), "shape": {"intermediate_size": 8}})
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneConfig(target={"shape_from": str(tmp_path / "small"), "ratio": 0.3})

@@ -5,6 +5,7 @@ Recipe sections (every key documented below; unknown keys are errors)::
     importance: {estimator: flap, aggregation: sum, n_samples: 32, seq_len: 128}
     prune:
       target: {ratio: 0.35}            # or {params: 4_000_000} or {shape: {intermediate_size: 512}}
+                                       # or {shape_from: path/to/smaller/config.json}
       structures: [heads, mlp]         # what may shrink: heads, mlp, hidden, layers
       allocation: global               # uniform: same width in every layer; global: ranked across layers; pool: heads+MLP in one ranking
       round_to: 8
@@ -88,13 +89,37 @@ class TargetConfig(BaseModel):
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of the model's PARAMETERS to remove (not of channels)")
     params: int | None = Field(None, gt=0, description="parameter budget: the pruned model has at most this many parameters")
     shape: TargetShape | None = Field(None, description="explicit target shape (hidden, heads, KV heads, intermediate, layers)")
+    shape_from: str | None = Field(None, description="another model's config.json (or its directory): its shape "
+                                   "(the TargetShape keys it has) becomes ``shape``, e.g. a smaller sibling's")
 
     @model_validator(mode="after")
     def _exactly_one(self):
+        if self.shape_from is not None:  # a re-validated dump carries both; they must agree
+            read = _shape_of_config(self.shape_from)
+            if self.shape is not None and self.shape != read:
+                raise ValueError(f"target.shape_from: {self.shape_from} gives {read.model_dump(exclude_none=True)}, "
+                                 f"but target.shape is {self.shape.model_dump(exclude_none=True)}; set one of them")
+            self.shape = read
         n = sum(x is not None for x in (self.ratio, self.params, self.shape))
         if n != 1:
-            raise ValueError("target: set exactly one of ratio, params, shape")
+            raise ValueError("target: set exactly one of ratio, params, shape, shape_from")
         return self
+
+
+def _shape_of_config(path: str) -> TargetShape:
+    """The :class:`TargetShape` keys found in a ``config.json`` (a file or the directory holding it)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ValueError(f"target.shape_from: {p} does not exist")
+    cfg = json.loads(p.read_text())
+    keys = {k: cfg[k] for k in TargetShape.model_fields if cfg.get(k) is not None}
+    if not keys:
+        raise ValueError(f"target.shape_from: {p} has none of {list(TargetShape.model_fields)}")
+    return TargetShape(**keys)
 
 
 class PruneConfig(BaseModel):
