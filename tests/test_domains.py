@@ -1,0 +1,132 @@
+"""Dynamic batch loading: weight update by hand, drift toward a lagging domain, exact resume, genre split."""
+import json
+import math
+
+import pytest
+import torch
+
+from shear.data.corpus import HELD_OUT, _works
+from shear.data.domains import (GENRES, DomainConfig, DomainSampler, build_domain_datasets, domain_loss, genre_texts,
+                                plot_weights, reference_losses, update_weights)
+
+
+def test_update_formula_by_hand():
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    loss, ref, eta = (torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64),
+                      torch.tensor([2.5, 2.2, 1.0], dtype=torch.float64), 2.0)
+    z = [math.log(0.5) + 2 * 0.5, math.log(0.3) + 2 * -0.2, math.log(0.2)]
+    expect = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    assert update_weights(w, loss, ref, eta).tolist() == pytest.approx(expect, rel=1e-12)
+    zc = [math.log(0.5) + 1.0, math.log(0.3), math.log(0.2)]  # gap clamped at 0 (Sheared-LLaMA Alg. 1)
+    expect_c = [math.exp(v) / sum(math.exp(u) for u in zc) for v in zc]
+    assert update_weights(w, loss, ref, eta, clamp_gap=True).tolist() == pytest.approx(expect_c, rel=1e-12)
+    assert update_weights(w, ref, ref, eta).tolist() == pytest.approx(w.tolist())  # no gap: no change
+
+
+def test_weights_shift_toward_domain_held_high():
+    s = DomainSampler([10, 10, 10], ["a", "b", "c"], seed=0)
+    ref = {"a": 2.0, "b": 2.0, "c": 2.0}
+    for step in range(1, 6):
+        s.update(step * 10, {"a": 2.0, "b": 3.0, "c": 2.0}, ref, eta=0.5)  # b held 1 nat above reference
+    w = s.weight_dict()
+    assert w["b"] > 0.8 and w["a"] == pytest.approx(w["c"]) and sum(w.values()) == pytest.approx(1.0)
+    assert [h["step"] for h in s.history] == [0, 10, 20, 30, 40, 50]
+    assert all(h["weights"]["b"] < g["weights"]["b"] for h, g in zip(s.history, s.history[1:]))
+    counts = [0, 0, 0]
+    for step in range(20):
+        for i in s.global_batch(step, 16):
+            counts[i // 10] += 1
+    assert counts[1] > 0.7 * sum(counts)  # batches follow the weights
+
+
+def _run(sampler, steps, size, updates):
+    out = []
+    for step in steps:
+        out.append(sampler.global_batch(step, size))
+        if step in updates:
+            sampler.update(step, updates[step], {"a": 1.0, "b": 1.0, "c": 1.0}, eta=1.0)
+    return out
+
+
+def test_sampler_resumes_exactly(tmp_path):
+    sizes, names = [7, 5, 11], ["a", "b", "c"]
+    updates = {3: {"a": 1.5, "b": 1.0, "c": 1.2}, 7: {"a": 1.0, "b": 2.0, "c": 1.0}}
+    full = _run(DomainSampler(sizes, names, seed=3), range(12), 8, updates)
+    first = DomainSampler(sizes, names, seed=3)
+    head = _run(first, range(5), 8, updates)
+    (tmp_path / "s.json").write_text(json.dumps(first.state_dict()))  # checkpoints hold plain data
+    second = DomainSampler(sizes, names, seed=3)
+    second.load_state_dict(json.loads((tmp_path / "s.json").read_text()))
+    tail = _run(second, range(5, 12), 8, updates)
+    assert head + tail == full
+    assert second.history == _replay_history(sizes, names, updates)
+    assert all(0 <= i < sum(sizes) for b in full for i in b) and len({tuple(b) for b in full}) == 12
+    with pytest.raises(ValueError, match="seed"):
+        DomainSampler(sizes, names, seed=4).load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="differ"):
+        DomainSampler([7, 5, 12], names, seed=3).load_state_dict(first.state_dict())
+
+
+def _replay_history(sizes, names, updates):
+    s = DomainSampler(sizes, names, seed=3)
+    _run(s, range(12), 8, updates)
+    return s.history
+
+
+def test_each_domain_reads_every_item_once_per_epoch():
+    s = DomainSampler([6, 4], ["a", "b"], seed=0, weights=[1.0, 1.0])
+    seen = {0: [], 1: []}
+    for step in range(30):
+        for i in s.global_batch(step, 4):
+            seen[0 if i < 6 else 1].append(i)
+    for d, n, off in ((0, 6, 0), (1, 4, 6)):
+        reads = len(seen[d])  # epoch permutations: every item read floor or ceil of reads/n times
+        assert {seen[d].count(i) for i in range(off, off + n)} <= {reads // n, -(-reads // n)}
+
+
+def test_genre_split_covers_all_works_without_overlap():
+    works = [w for w, _ in _works()]
+    assert len(works) == 42
+    listed = [w for g in GENRES.values() for w in g]
+    assert sorted(listed) == sorted(works) and len(set(listed)) == len(listed)
+    assert set(GENRES) == {"comedies", "histories", "tragedies", "poems"}
+    texts = genre_texts()
+    n_train = sum(len(tr) for tr, _ in texts.values())
+    assert n_train == 42 - len(HELD_OUT)  # the corpus's held-out works stay unseen
+    for g, (tr, va) in texts.items():
+        assert len(tr) == len(va) > 0 and all(t.strip() for t in va)
+        assert not any(v in t for t, v in zip(tr, va))
+
+
+def test_reference_losses_and_plot(tmp_path, tiny_llama):
+    from shear.data.text import BlockDataset
+
+    torch.manual_seed(0)
+    val = {"a": BlockDataset(torch.randint(0, 64, (3, 8))), "b": BlockDataset(torch.randint(0, 64, (2, 8)))}
+    ref = reference_losses(tiny_llama, val, given={"b": 1.25})
+    assert ref["b"] == 1.25 and 0 < ref["a"] < 20
+    ids = val["a"].input_ids
+    logits = tiny_llama(input_ids=ids).logits[:, :-1]
+    by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert domain_loss(tiny_llama, val["a"], batch_size=2) == pytest.approx(by_hand, rel=1e-5)
+    s = DomainSampler([3, 2], ["a", "b"], seed=0)
+    s.update(5, {"a": 3.0, "b": 1.0}, ref, eta=1.0)
+    png = plot_weights(s.history, tmp_path / "w.png")
+    assert png.stat().st_size > 1000
+
+
+def test_local_domains_build(tmp_path, tiny_llama):
+    from shear.data.tokenizer import train_bpe
+
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            (tmp_path / name / f"{i}.txt").write_text(f"{name} document {i} " * 40)
+    tok = train_bpe([f"x document {i} y document" for i in range(20)], vocab_size=280)
+    domains = [DomainConfig(name=n, source=str(tmp_path / n)) for n in ("x", "y")]
+    train, val = build_domain_datasets(domains, tok, seq_len=16, validation_fraction=0.34)
+    assert list(train) == ["x", "y"] and all(len(d) > 0 for d in (*train.values(), *val.values()))
+    with pytest.raises(ValueError, match="duplicate"):
+        build_domain_datasets(domains + domains[:1], tok, seq_len=16)
+    with pytest.raises(ValueError, match="unknown genre"):
+        build_domain_datasets([DomainConfig(name="z", source="genre:sagas")], tok, seq_len=16)
