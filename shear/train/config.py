@@ -83,7 +83,8 @@ class TrainConfig(BaseModel):
 class DistillConfig(BaseModel):
     """Knowledge distillation from a frozen teacher (Hinton et al. 2015; GKD, Agarwal et al. 2024;
     Minitron, Muralidharan et al. 2024). Loss = ce_weight*CE + kd_weight*T^2*D(teacher, student)
-    + hidden_weight*H(proj(h_student), h_teacher)."""
+    + hidden_weight*H(proj(h_student), h_teacher); for an encoder (no LM head) CE and logit KD do not exist and
+    the loss is embedding_weight*E(pool(h_student), pool(h_teacher)) + hidden_weight*H."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -101,12 +102,16 @@ class DistillConfig(BaseModel):
     layer_map: list[int] | Literal["auto"] | None = Field(
         "auto", description="teacher layer (1-based output index) matched by each student layer; 'auto' spreads "
                             "student layers evenly over teacher depth ending at the last layer; null = last layer only")
+    embedding_weight: float = Field(0.0, ge=0.0, description="weight of the pooled sentence-embedding loss (encoders: "
+                                    "mean over the attention mask of the final hidden states; 0 = off)")
+    embedding_loss: Literal["cosine", "mse"] = Field("cosine", description="embedding loss: 1 - cosine similarity or "
+                                                                           "mean squared error of the pooled embeddings")
     teacher_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the frozen teacher runs in")
 
     @model_validator(mode="after")
     def _weights(self):
-        if self.ce_weight == 0 and self.kd_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("kd_weight: ce_weight, kd_weight and hidden_weight are all 0 (no loss)")
+        if self.ce_weight == 0 and self.kd_weight == 0 and self.hidden_weight == 0 and self.embedding_weight == 0:
+            raise ValueError("kd_weight: ce_weight, kd_weight, hidden_weight and embedding_weight are all 0 (no loss)")
         if isinstance(self.layer_map, list) and any(i < 1 for i in self.layer_map):
             raise ValueError("layer_map: teacher layer indices are 1-based (1 = output of the first layer)")
         return self

@@ -123,3 +123,25 @@ def resolve_layer_map(n_student: int, n_teacher: int, layer_map) -> list[tuple[i
     if max(layer_map) > n_teacher:
         raise ValueError(f"layer_map: teacher index {max(layer_map)} > teacher layers ({n_teacher})")
     return [(i + 1, t) for i, t in enumerate(layer_map)]
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers' mean pooling: h [B, L, H], mask [B, L] (1 = token) -> [B, H]."""
+    m = mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def embedding_loss(e_s: torch.Tensor, e_t: torch.Tensor, kind: str = "cosine",
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum over sentences of the embedding distance; e_s, e_t: [B, H], weights: [B] (default 1) -> scalar.
+
+    cosine: 1 - cos(e_s, e_t); mse: mean over H of (e_s - e_t)^2. Identical inputs give 0 (cosine: up to rounding).
+    """
+    e_s, e_t = e_s.float(), e_t.float()
+    if kind == "cosine":
+        d = 1.0 - F.cosine_similarity(e_s, e_t, dim=-1)
+    elif kind == "mse":
+        d = (e_s - e_t).pow(2).mean(-1)
+    else:
+        raise ValueError(f"embedding_loss: unknown kind {kind!r} (cosine, mse)")
+    return (d * weights.float()).sum() if weights is not None else d.sum()

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DistillConfig
-from .losses import chunked_logit_losses, hidden_state_loss, resolve_layer_map
+from .losses import chunked_logit_losses, embedding_loss, hidden_state_loss, mean_pool, resolve_layer_map
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -27,6 +27,17 @@ def _hidden_size(model: nn.Module) -> int:
     return int(_base(model).config.hidden_size)
 
 
+def is_encoder(model: nn.Module) -> bool:
+    """True for a model without an LM head (BertModel and kin): no CE, no logit KD, embedding distillation."""
+    return _base(model).get_output_embeddings() is None
+
+
+def attention_mask_for(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+    """Encoders attend to the labelled tokens only (labels -100 = padding); causal LMs get no mask (None),
+    since their -100 labels may mark prompt tokens that are still attended to."""
+    return (labels != -100).long() if is_encoder(model) else None
+
+
 def supports_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
 
@@ -35,7 +46,12 @@ class LossModule(nn.Module):
     """forward(input_ids [B, L], labels [B, L], teacher_hidden) -> dict of fp32 scalar sums.
 
     Labels follow HF: position t predicts labels[t + 1]; -100 is not scored. Keys: loss (weighted
-    total), ce, kd, hidden, tokens (scored-token count, a float tensor).
+    total), ce, kd, hidden, embedding, tokens (scored-token count, a float tensor).
+
+    A student without an LM head (an encoder) is distilled on mean-pooled sentence embeddings (and optional
+    hidden states) only; each sentence's embedding loss is weighted by its scored-token count, so the trainer's
+    division by the global token count gives a token-weighted mean. Its ce_only forward (validation PPL)
+    returns ce = NaN: an encoder has no next-token loss.
     """
 
     def __init__(self, model: nn.Module, distill: DistillConfig | None = None, teacher: nn.Module | None = None):
@@ -52,14 +68,24 @@ class LossModule(nn.Module):
             for p in self.proj:  # start as the identity (or its rectangular cut)
                 nn.init.eye_(p.weight)
         self.fast_head = supports_logits_to_keep(model)
+        self.encoder = is_encoder(model)
+        if self.encoder and distill is not None and distill.embedding_weight == 0 and distill.hidden_weight == 0:
+            raise ValueError("distill.embedding_weight: the student has no LM head (an encoder), so CE and logit KD "
+                             "do not apply; set distill.embedding_weight and/or distill.hidden_weight > 0")
 
     @property
     def teacher(self):
         return self._teacher[0]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, teacher_hidden=None, ce_only: bool = False):
+        if self.encoder and (self.distill is None or ce_only):
+            tokens = (labels[:, 1:] != -100).sum().float()
+            nan = tokens.new_full((), float("nan"))
+            return {"loss": nan, "ce": nan, "kd": nan, "hidden": nan, "embedding": nan, "tokens": tokens}
         if self.distill is None or ce_only:
             return self._ce(input_ids, labels)
+        if self.encoder:
+            return self._distill_encoder(input_ids, labels, teacher_hidden)
         return self._distill(input_ids, labels, teacher_hidden)
 
     def _ce(self, input_ids, labels):
@@ -67,7 +93,7 @@ class LossModule(nn.Module):
         tgt = labels[:, 1:]
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tgt.flatten(), ignore_index=-100, reduction="sum")
         zero = ce.new_zeros(())
-        return {"loss": ce, "ce": ce, "kd": zero, "hidden": zero, "tokens": (tgt != -100).sum().float()}
+        return {"loss": ce, "ce": ce, "kd": zero, "hidden": zero, "embedding": zero, "tokens": (tgt != -100).sum().float()}
 
     def _distill(self, input_ids, labels, teacher_hidden):
         d = self.distill
@@ -92,11 +118,31 @@ class LossModule(nn.Module):
             for proj, (i, j) in zip(self.proj, self.pairs):
                 hid = hid + hidden_state_loss(proj(pick(out.hidden_states[i])), pick(teacher_hidden[j]), d.hidden_loss)
         loss = d.ce_weight * ce + d.kd_weight * kd + d.hidden_weight * hid
-        return {"loss": loss, "ce": ce, "kd": kd, "hidden": hid, "tokens": mask.sum().float()}
+        return {"loss": loss, "ce": ce, "kd": kd, "hidden": hid, "embedding": ce.new_zeros(()), "tokens": mask.sum().float()}
+
+    def _distill_encoder(self, input_ids, labels, teacher_hidden):
+        """Embedding (+ hidden-state) distillation of an encoder; teacher_hidden from the same attention mask."""
+        d = self.distill
+        mask = labels != -100  # [B, L]
+        out = self.model(input_ids=input_ids, attention_mask=mask.long(), output_hidden_states=True)
+        weights = mask[:, 1:].sum(1)  # [B] scored tokens per sentence, as the trainer counts them
+        emb = embedding_loss(mean_pool(out.hidden_states[-1], mask), mean_pool(teacher_hidden[-1], mask),
+                             d.embedding_loss, weights)
+        hid = emb.new_zeros(())
+        if self.proj is not None:
+            for proj, (i, j) in zip(self.proj, self.pairs):
+                hid = hid + hidden_state_loss(proj(out.hidden_states[i][mask]), teacher_hidden[j][mask], d.hidden_loss)
+        zero = emb.new_zeros(())
+        loss = d.embedding_weight * emb + d.hidden_weight * hid
+        return {"loss": loss, "ce": zero, "kd": zero, "hidden": hid, "embedding": emb,
+                "tokens": mask[:, 1:].sum().float()}
 
 
 @torch.no_grad()
-def teacher_hidden_states(teacher: nn.Module, input_ids: torch.Tensor):
-    """Teacher forward without logits: a tuple of [B, L, Ht] (index 0 = embeddings, -1 = final norm)."""
+def teacher_hidden_states(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Teacher forward without logits: a tuple of [B, L, Ht] (index 0 = embeddings, -1 = final norm).
+    attention_mask [B, L]: passed only when given (encoders, see attention_mask_for)."""
+    if attention_mask is not None:
+        return teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
     kw = {"logits_to_keep": input_ids.new_zeros(0)} if supports_logits_to_keep(teacher) else {}
     return teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kw).hidden_states

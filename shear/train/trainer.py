@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import StepSampler, collate, local_micro_batches
 from .lora import apply_lora, merge_lora
-from .student import LossModule, teacher_hidden_states
+from .student import LossModule, attention_mask_for, teacher_hidden_states
 
 
 @dataclass
@@ -233,7 +233,8 @@ def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list
     for b in batches:
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                t_hidden = teacher_hidden_states(teacher, b["input_ids"]) if teacher is not None else None
+                t_hidden = teacher_hidden_states(teacher, b["input_ids"], attention_mask_for(teacher, b["labels"])) \
+                    if teacher is not None else None
                 out = module(b["input_ids"], b["labels"], t_hidden)
             _stop_if_nonfinite(accelerator, out["loss"], step, ckpt_root)  # before backward: DeepSpeed steps in it
             accelerator.backward(out["loss"] * scale)
