@@ -130,3 +130,41 @@ def test_local_domains_build(tmp_path, tiny_llama):
         build_domain_datasets(domains + domains[:1], tok, seq_len=16)
     with pytest.raises(ValueError, match="unknown genre"):
         build_domain_datasets([DomainConfig(name="z", source="genre:sagas")], tok, seq_len=16)
+
+
+def _toy_mix():
+    from test_train_worker import ToyDataset
+
+    from shear.data.domains import DomainMix
+    from shear.data.text import BlockDataset
+
+    g = torch.Generator().manual_seed(0)
+    easy, noise = BlockDataset(ToyDataset(32).x), BlockDataset(torch.randint(0, 128, (32, 16), generator=g))
+    return DomainMix(train={"easy": easy, "noise": noise},
+                     val={"easy": BlockDataset(ToyDataset(4, seed=1).x),
+                          "noise": BlockDataset(torch.randint(0, 128, (4, 16), generator=g))},
+                     ref_losses={"easy": 1.0, "noise": 1.0}, eta=0.5)
+
+
+def test_trainer_reweights_and_resumes_exactly(tmp_path):
+    from test_train_worker import tiny_model
+
+    from shear.train.config import TrainConfig
+    from shear.train.trainer import train
+
+    def run(name, steps, resume=False):
+        cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=0, scheduler="constant", log_every=1,
+                          eval_every=4, save_every=4, eval_batches=1, seed=2, resume=resume)
+        return train(tiny_model(), None, _toy_mix().val["easy"], cfg, tmp_path / name, domains=_toy_mix())
+
+    full = run("full", 12)
+    hist = full.metrics["domain_weights"]
+    assert [h["step"] for h in hist] == [0, 4, 8, 12]
+    assert hist[-1]["weights"]["noise"] > hist[1]["weights"]["noise"] > 0.5  # noise stays far above its reference
+    assert (tmp_path / "full" / "domain_weights.png").exists()
+    assert "domain_weight/noise" in full.metrics["eval"][-1]
+    run("cut", 4)
+    resumed = run("cut", 12, resume=True)
+    assert resumed.metrics["domain_weights"] == hist
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

@@ -15,6 +15,7 @@ what an uninterrupted one would. Math (``update_weights``, ``domain_counts``) is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -197,6 +198,34 @@ class DomainSampler:
         self.read = list(state["read"])
         self.history = [dict(h) for h in state["history"]]
         self._drawn = {}
+
+
+@dataclass
+class DomainMix:
+    """What ``shear.train.trainer.train(..., domains=)`` needs: per-domain blocks, ℓ_ref and the step size."""
+
+    train: dict[str, BlockDataset]
+    val: dict[str, BlockDataset]
+    ref_losses: dict[str, float]
+    eta: float = 1.0
+    clamp_gap: bool = False
+    weights: list[float] | None = None  # initial weights in domain order (None = uniform)
+
+    def concat(self) -> torch.utils.data.ConcatDataset:
+        return torch.utils.data.ConcatDataset(list(self.train.values()))
+
+    def sampler(self, seed: int, state: dict | None = None) -> DomainSampler:
+        s = DomainSampler([len(d) for d in self.train.values()], list(self.train), seed, self.weights)
+        if state is not None:
+            s.load_state_dict(state)
+        return s
+
+    def evaluate_and_update(self, step: int, loss_of, sampler: DomainSampler) -> dict[str, float]:
+        """``loss_of(ds) -> float`` on each held-out domain, then the weight update; flat keys for the eval log."""
+        losses = {n: float(loss_of(ds)) for n, ds in self.val.items()}
+        weights = sampler.update(step, losses, self.ref_losses, self.eta, self.clamp_gap)
+        return {**{f"domain_loss/{n}": v for n, v in losses.items()},
+                **{f"domain_weight/{n}": v for n, v in weights.items()}}
 
 
 @torch.no_grad()

@@ -99,7 +99,8 @@ def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
 
 
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
-          distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None) -> TrainResult:
+          distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None,
+          domains=None) -> TrainResult:
     """Train `model` on `train_ds` (items {"input_ids": [L], "labels": [L]}); see the module docstring.
 
     With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
@@ -108,7 +109,9 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     to OUT/tokenizer. `masks` ({parameter name: bool, True = kept}, shear.sparse.recovery.zero_masks):
     those weights stay exactly zero (masked gradients, re-masked after every step and after the LoRA
     merge; metrics["sparse_masks"] says what the re-masking after merge cost). Side effect: the global
-    torch RNG is seeded with cfg.seed.
+    torch RNG is seeded with cfg.seed. `domains` (shear.data.domains.DomainMix): dynamic batch loading;
+    `train_ds` is then ignored, each batch's domain mix is drawn from weights updated at every evaluation
+    (their history in metrics["domain_weights"], the sampler's state in every checkpoint).
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -158,7 +161,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_bs = cfg.batch_size * cfg.grad_accum * world
-    sampler = StepSampler(len(train_ds), cfg.seed)
+    if domains is not None:  # the sampler's state (weights, read positions) travels in the checkpoint
+        train_ds, sampler = domains.concat(), domains.sampler(cfg.seed, state.get("domains"))
+    else:
+        sampler = StepSampler(len(train_ds), cfg.seed)
     seq_len = int(torch.as_tensor(train_ds[0]["input_ids"]).shape[-1])
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not main, desc="train", dynamic_ncols=True)
     metrics_file = out_dir / "metrics.jsonl"
@@ -192,10 +198,15 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             ev = {"step": step, **evaluate_ppl(accelerator, module, val_ds, cfg)}
+            if domains is not None:
+                ev.update(domains.evaluate_and_update(
+                    step, lambda ds: evaluate_ppl(accelerator, module, ds, cfg)["val_loss"], sampler))
             state["eval"].append(ev)
             _log(accelerator, metrics_file, ev)
             if main:
                 bar.write(f"step {step}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}")
+        if domains is not None:
+            state["domains"] = sampler.state_dict()
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
     bar.close()
@@ -212,6 +223,12 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
                "steps": state["step"], "global_batch": global_bs, "seq_len": seq_len, "processes": world}
     if remask is not None:
         metrics["sparse_masks"] = remask
+    if domains is not None:
+        metrics["domain_weights"] = sampler.history
+        if main:
+            from shear.data.domains import plot_weights
+
+            plot_weights(sampler.history, out_dir / "domain_weights.png")
     if main:
         (out_dir / "train_summary.json").write_text(json.dumps(metrics, indent=1))
     return TrainResult(model=student, metrics=metrics)
