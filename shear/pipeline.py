@@ -183,8 +183,13 @@ class _Run:
 
         recipe = self.recipe
         train_ds, val_ds = build_datasets(recipe.data, self.tok)
+        domains = None
+        if recipe.data.domains:  # dynamic batch loading: reference losses from the teacher unless given
+            from shear.data.domains import mix_from_config
+
+            domains = mix_from_config(recipe.data, self.tok, teacher)
         result = train(model, train_ds, val_ds, recipe.train, self.out / "train", teacher=teacher,
-                       distill=recipe.distill, tokenizer=self.tok, masks=masks)
+                       distill=recipe.distill, tokenizer=self.tok, masks=masks, domains=domains)
         self.summary["train"] = result.metrics
         self.summary["stages"].append("train")
         return result.model

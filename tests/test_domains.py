@@ -168,3 +168,68 @@ def test_trainer_reweights_and_resumes_exactly(tmp_path):
     assert resumed.metrics["domain_weights"] == hist
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_recipe_data_domains_key(tmp_path):
+    """data.domains in a recipe: typos refused; a shrunk KD recipe trains on two local domains, reference
+    losses from the teacher, weights in the train summary and plot."""
+    import yaml
+    from pydantic import ValidationError
+    from test_recipes_smoke import ROOT, shrink
+
+    from shear.config import load_recipe
+    from shear.data.text import DataConfig
+    from shear.pipeline import run_recipe
+
+    assert DataConfig(domains="genres").domains == "genres"
+    with pytest.raises(ValidationError, match="ref_los"):
+        DataConfig(domains=[{"name": "a", "source": "x", "ref_los": 1.0}])
+    parts = tmp_path / "corpus"
+    parts.mkdir()
+    from shear.data.corpus import load_corpus
+
+    text = load_corpus("validation")[0]["text"][:60_000]
+    for i in range(6):
+        (parts / f"part{i}.txt").write_text(text[i * 10_000:(i + 1) * 10_000])
+    doms = {}
+    for name, lo in (("early", 0), ("late", 3)):
+        doms[name] = tmp_path / name
+        doms[name].mkdir()
+        for i in range(lo, lo + 3):
+            (doms[name] / f"{i}.txt").write_text(text[i * 10_000:(i + 1) * 10_000])
+    model_dir = _tiny_dir(tmp_path / "tiny", parts)
+    path = ROOT / "recipes" / "reference" / "quick-prune-kd.yaml"
+    data = yaml.safe_load(path.read_text())
+    over = shrink(data, model_dir, parts, tmp_path) + [
+        f"data.domains=[{{name: early, source: {doms['early']}}}, {{name: late, source: {doms['late']}, ref_loss: 0.5}}]",
+        "data.max_validation_blocks=4", "eval=null", "export=null"]
+    summary = run_recipe(load_recipe(path, over), tmp_path / "run")
+    hist = summary["train"]["domain_weights"]
+    assert [h["step"] for h in hist] == [0, 1, 2, 3] and set(hist[-1]["weights"]) == {"early", "late"}
+    assert hist[-1]["weights"]["late"] > 0.5  # its reference (0.5 nats) is far below a tiny model's loss
+    assert (tmp_path / "run" / "train" / "domain_weights.png").exists()
+
+
+def _tiny_dir(d, corpus):
+    from test_recipes_smoke import TINY_ARCH
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from shear.data.tokenizer import train_bpe
+
+    tok = train_bpe([p.read_text() for p in sorted(corpus.iterdir())], vocab_size=300)
+    cfg = tiny_llama_config(vocab_size=len(tok), **TINY_ARCH, eos_token_id=tok.eos_token_id,
+                            bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_domains_refused_in_prune_while_tuning():
+    from shear.config import validate_recipe
+    from shear.train.iterative import run_rounds_from_recipe
+
+    recipe = validate_recipe({"model": {"path": "x"}, "data": {"domains": "genres"}, "prune": {"target": {"ratio": 0.3}},
+                              "train": {"steps": 2}})
+    with pytest.raises(ValueError, match="data.domains"):
+        run_rounds_from_recipe(recipe, None, None, None, None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .text import BlockDataset, DataConfig, load_text_splits, pack, token_stream
+# shear.data.text imports DomainConfig for its ``data.domains`` key: text is imported inside functions
 
 # First Folio classification (1623); Pericles, absent from the Folio, is a late romance like The
 # Tempest and The Winter's Tale, which the Folio lists among the comedies. Cymbeline and Troilus and
@@ -89,14 +89,18 @@ def domain_texts(d: DomainConfig, validation_fraction: float = 0.05, seed: int =
         if genre not in GENRES:
             raise ValueError(f"data.domains.{d.name}.source: unknown genre {genre!r}; expected one of {list(GENRES)}")
         return genre_texts(validation_fraction)[genre]
+    from .text import DataConfig, load_text_splits
+
     splits = load_text_splits(DataConfig(source=d.source, config_name=d.config_name, text_field=d.text_field,
                                          validation_fraction=validation_fraction, seed=seed))
     return list(splits["train"][d.text_field]), list(splits["validation"][d.text_field])
 
 
 def build_domain_datasets(domains: list[DomainConfig], tokenizer, seq_len: int, validation_fraction: float = 0.05,
-                          seed: int = 0) -> tuple[dict[str, BlockDataset], dict[str, BlockDataset]]:
+                          seed: int = 0) -> tuple[dict[str, "BlockDataset"], dict[str, "BlockDataset"]]:
     """Packed blocks per domain: ({name: train BlockDataset}, {name: held-out BlockDataset}), in domain order."""
+    from .text import BlockDataset, pack, token_stream
+
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
         raise ValueError(f"data.domains: duplicate domain names in {names}")
@@ -204,8 +208,8 @@ class DomainSampler:
 class DomainMix:
     """What ``shear.train.trainer.train(..., domains=)`` needs: per-domain blocks, ℓ_ref and the step size."""
 
-    train: dict[str, BlockDataset]
-    val: dict[str, BlockDataset]
+    train: dict[str, "BlockDataset"]
+    val: dict[str, "BlockDataset"]
     ref_losses: dict[str, float]
     eta: float = 1.0
     clamp_gap: bool = False
@@ -229,7 +233,7 @@ class DomainMix:
 
 
 @torch.no_grad()
-def domain_loss(model, ds: BlockDataset, batch_size: int = 8, max_batches: int | None = None) -> float:
+def domain_loss(model, ds: "BlockDataset", batch_size: int = 8, max_batches: int | None = None) -> float:
     """Token-mean next-token CE (nats) of ``model`` (HF causal LM) over a domain's blocks [N, L]."""
     was_training = model.training
     model.eval()
@@ -248,12 +252,30 @@ def domain_loss(model, ds: BlockDataset, batch_size: int = 8, max_batches: int |
     return total / max(count, 1)
 
 
-def reference_losses(teacher, val: dict[str, BlockDataset], given: dict[str, float | None] | None = None,
+def reference_losses(teacher, val: dict[str, "BlockDataset"], given: dict[str, float | None] | None = None,
                      batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:
     """ℓ_ref per domain: the given value, else the teacher's held-out loss on that domain."""
     given = given or {}
     return {n: given[n] if given.get(n) is not None else domain_loss(teacher, ds, batch_size, max_batches)
             for n, ds in val.items()}
+
+
+def mix_from_config(data, tokenizer, teacher=None) -> DomainMix:
+    """A ``DomainMix`` from a recipe's ``data`` section (``data.domains``, ``data.domain_eta``...).
+
+    ``data.domains: genres`` means ``genre_domains()``. Reference losses not given are measured from
+    ``teacher`` on each domain's held-out blocks (at most ``data.max_validation_blocks`` of them).
+    """
+    domains = genre_domains() if data.domains == "genres" else list(data.domains)
+    train, val = build_domain_datasets(domains, tokenizer, data.seq_len, data.validation_fraction, data.seed)
+    given = {d.name: d.ref_loss for d in domains}
+    missing = [n for n, v in given.items() if v is None]
+    if missing and teacher is None:
+        raise ValueError(f"data.domains: no ref_loss for {missing} and no teacher to measure it; set "
+                         "data.domains[*].ref_loss or add a distill section (its teacher measures them)")
+    cap = data.max_validation_blocks
+    ref = reference_losses(teacher, val, given, max_batches=None if cap is None else -(-cap // 8))
+    return DomainMix(train, val, ref, data.domain_eta, data.domain_clamp_gap, [d.weight for d in domains])
 
 
 def plot_weights(history: list[dict], path) -> Path:

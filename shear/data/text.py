@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .domains import DomainConfig
+
 IGNORE_INDEX = -100
 DOC_CHARS = 20_000  # a single .txt file is cut into documents of at most about this many characters ...
 MIN_DOCS = 20  # ... and into at least this many, so a validation share can be held out
@@ -44,6 +46,11 @@ class DataConfig(BaseModel):
     seed: int = Field(0, description="seed of the train/validation split and of the calibration sampler")
     max_train_blocks: int | None = Field(None, gt=0, description="cap on training blocks (None = all)")
     max_validation_blocks: int | None = Field(None, gt=0, description="cap on validation blocks (None = all)")
+    domains: list[DomainConfig] | Literal["genres"] | None = Field(
+        None, description="dynamic batch loading (shear/data/domains.py): named training domains, or 'genres' for "
+                          "the shipped corpus by genre; the training batches then come from these, validation from source")
+    domain_eta: float = Field(1.0, gt=0, description="step size of the domain-weight update after each evaluation")
+    domain_clamp_gap: bool = Field(False, description="use max(loss - ref, 0) as the gap (Sheared-LLaMA Alg. 1)")
 
     @field_validator("seq_len")
     @classmethod

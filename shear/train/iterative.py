@@ -268,6 +268,9 @@ def run_rounds_from_recipe(recipe, model, tokenizer, teacher, out: Path) -> tupl
 
     if recipe.train is None:
         raise ValueError("prune.tune_rounds > 1 needs a train section (rounds alternate pruning and tuning)")
+    if recipe.data.domains:
+        raise ValueError("data.domains: dynamic batch loading is not supported with prune.tune_rounds > 1; "
+                         "prune first, then train with data.domains")
     if recipe.distill is not None and recipe.distill.teacher is not None and teacher is None:
         from shear.models import load_model  # only when the caller has not loaded it (run_recipe has)
 
