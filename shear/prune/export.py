@@ -211,6 +211,23 @@ def _move_in(tmp: Path, out: Path) -> None:
         os.replace(f, out / f.name)
 
 
+def publish(tmp: Path, out: Path, tokenizer=None, recipe: dict | None = None) -> None:
+    """Finish an export written to ``tmp``: tokenizer, recipe, the manifest of every file, then into
+    ``out`` (renamed, or moved in beside what is there: see :func:`_move_in`)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if recipe is not None:
+        import yaml
+
+        (tmp / "shear_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    files = sorted(f.name for f in tmp.iterdir()) + [MANIFEST]
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    if out.exists():  # a run directory with reports, or shear's own earlier export
+        _move_in(tmp, out)
+    else:
+        tmp.rename(out)
+
+
 def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe: dict | None = None,
            overwrite: bool = False, protect: tuple = ()) -> Path:
     """Save ``model`` (pruned by ``prune_``) to ``out_dir``: safetensors + config (+ tokenizer, recipe).
@@ -260,19 +277,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
                                _auto_class(model): f"{mod}.Shear{base}"}
             shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         _copy_sentence_transformers(model, tmp)
-        if recipe is not None:
-            import yaml
-
-            (tmp / "shear_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        files = sorted(f.name for f in tmp.iterdir()) + [MANIFEST]
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
-        if out.exists():  # a run directory with reports, or shear's own earlier export
-            _move_in(tmp, out)
-        else:
-            tmp.rename(out)
+        publish(tmp, out, tokenizer, recipe)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

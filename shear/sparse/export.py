@@ -16,7 +16,6 @@ Conv1D weights (``[in, out]``) are named as extra targets for the bitmask format
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -62,7 +61,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     temporary sibling first, a manifest, and only shear's own earlier export is ever replaced."""
     from compressed_tensors import ModelCompressor
 
-    from shear.prune.export import MANIFEST, _check_target, _move_in
+    from shear.prune.export import _check_target, publish
 
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, ())
@@ -74,18 +73,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     try:
         model.save_pretrained(tmp, state_dict=state)
         compressor.update_config(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            import yaml
-
-            (tmp / "shear_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        files = sorted(f.name for f in tmp.iterdir()) + [MANIFEST]
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
-        if out.exists():
-            _move_in(tmp, out)
-        else:
-            tmp.rename(out)
+        publish(tmp, out, tokenizer, recipe)
     finally:
         if tmp.exists():
             import shutil
