@@ -180,3 +180,19 @@ def test_cli_analyze_and_export(tmp_path, capsys, monkeypatch):
     assert cfg["intermediate_size"] == 94 and "auto_map" not in cfg
     recipe = yaml.safe_load((tmp_path / "out" / "shear_recipe.yaml").read_text())
     assert recipe["params_after"] == recipe["params_before"] - 2 * 2 * 3 * 64
+
+
+def test_analyze_path_of_a_per_layer_export_needs_consent(tmp_path):
+    """The meta-device build runs the export's modeling file: only with trust_remote_code, then it
+    analyzes the per-layer shapes (model_type shear_<type> is still the family)."""
+    from families import family_model
+    from shear.analyze.graph import PrunePlan
+    from shear.prune import export, prune_
+
+    model = family_model("llama")
+    prune_(model, PrunePlan({"layers.0.mlp_channel": [1, 2, 3]}))
+    out = export(model, tmp_path / "o")
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        analyze_path(out)
+    g = analyze_path(out, trust_remote_code=True)
+    assert g["layers.0.mlp_channel"].num_units == 93 and g["layers.1.mlp_channel"].num_units == 96

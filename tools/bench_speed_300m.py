@@ -295,10 +295,10 @@ def main(argv=None) -> int:
     print(table(res))
     print("\nwall clock, same run:\n" + table(res, "_wall"))
     print(f"total {res['total_s']:.0f} s (prune+export {res['prune_export_s']:.0f} s)")
-    if not a.keep_models:
-        for d in a.out.iterdir():
-            if d.is_dir():
-                shutil.rmtree(d)
+    if not a.keep_models:  # only the model directories this script wrote, never anything else in --out
+        for name in ["dense"] + [variant_name(al, r, rt) for r in a.ratios for al in ALLOCS for rt in a.round_to]:
+            if (a.out / name / "config.json").exists():
+                shutil.rmtree(a.out / name)
     return 0
 
 

@@ -28,17 +28,22 @@ def analyze(model: nn.Module, heads: str = "kv_group") -> StructureGraph:
     return analyze_with_torch_pruning(model, heads)
 
 
-def meta_model(path: str | Path):
-    """Build the model of a directory holding (at least) ``config.json`` on the meta device."""
+def meta_model(path: str | Path, trust_remote_code: bool = False):
+    """Build the model of a directory holding (at least) ``config.json`` on the meta device.
+
+    A directory with its own modeling code (``auto_map``) is built only with ``trust_remote_code``
+    (the user's consent); otherwise that is an error naming the directory.
+    """
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from shear.models import needs_remote_code
+    from shear.models import check_remote_code
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json")
-    remote = needs_remote_code(str(path))
+    check_remote_code(str(path), trust_remote_code)
+    remote = trust_remote_code
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     with torch.device("meta"):
         try:
@@ -47,9 +52,9 @@ def meta_model(path: str | Path):
             return AutoModel.from_config(cfg, trust_remote_code=remote)
 
 
-def analyze_path(path: str | Path, heads: str = "kv_group") -> StructureGraph:
+def analyze_path(path: str | Path, heads: str = "kv_group", trust_remote_code: bool = False) -> StructureGraph:
     """Analyze the model of a directory without loading weights (only ``config.json`` is read)."""
-    model = meta_model(path)
+    model = meta_model(path, trust_remote_code)
     if family_of(model) is None:
         raise ValueError(f"{path}: model_type {model.config.model_type!r} is not one of the families analyzed "
                          f"on the meta device ({sorted(FAMILIES)}); load it with weights to use the "

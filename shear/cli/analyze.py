@@ -47,12 +47,11 @@ def _analyze_target(target: str, heads: str, trust_remote_code: bool = False):
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: one clear message
             raise FileNotFoundError(f"{target}: not a local model directory and its config could not be "
                                     f"fetched ({type(e).__name__})") from None
-    from shear.models import check_remote_code
+    from shear.analyze.families import stock_model_type
 
-    check_remote_code(str(path), trust_remote_code)  # the meta-device build runs the directory's code too
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type in FAMILIES:
-        return analyze_path(path, heads)
+    model_type = stock_model_type(json.loads((path / "config.json").read_text()).get("model_type"))
+    if model_type in FAMILIES:  # per-layer exports (shear_<type>) too: their modeling file needs consent
+        return analyze_path(path, heads, trust_remote_code)
     from shear.models import load_model
 
     return analyze(load_model(str(path), trust_remote_code=trust_remote_code), heads)

@@ -59,13 +59,16 @@ def kinds_needed(cfg: PruneConfig) -> set[str]:
 HEAD_KINDS = ("head", "kv_group", "query_head")
 
 
-def stays_stock(model, graph: StructureGraph, plan: PrunePlan) -> bool:
+def stays_stock(model, graph: StructureGraph, plan: PrunePlan, stock_now: bool | None = None) -> bool:
     """Whether ``model`` exports as its stock class now and still will after ``plan`` (same widths in
     every surviving layer, no dropped sublayer). Conservative: True may still export per-layer (e.g. a
-    hidden size the stock config rejects), which only means fewer bias slots are used."""
-    from shear.prune.export import layout_of
+    hidden size the stock config rejects), which only means fewer bias slots are used.
+    ``stock_now``: whether the model is stock before the plan, if the caller already knows."""
+    if stock_now is None:
+        from shear.prune.export import layout_of
 
-    if layout_of(model):
+        stock_now = not layout_of(model)
+    if not stock_now:
         return False
     dead = {g.layer for g in graph.by_kind("layer") if plan.remove.get(g.name)}
     for kinds in (HEAD_KINDS, ("mlp_channel",)):
@@ -82,10 +85,13 @@ def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePla
     shapes = model_shapes(model)
     plan = build_plan(graph, scores, cfg, shapes, target_params=tp)
     counter = ParamCounter(graph, shapes)
+    from shear.prune.export import layout_of
+
+    stock_now = not layout_of(model)  # once: re-planning changes the plan, not the model
     for _ in range(6):
         biases = compensation_biases(model, plan, graph, ctx.activations())
         dead = {g.module for g in graph.by_kind("layer") if plan.remove.get(g.name)}
-        bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan), dead)
+        bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan, stock_now), dead)
         if tp is None:
             return plan, bp
         removed = {k: len(v) for k, v in plan.remove.items()}
