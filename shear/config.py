@@ -88,6 +88,15 @@ class Recipe(BaseModel):
                              "then sparsify the export (model.path)")
         if self.prune is not None and self.prune.tune_rounds > 1 and self.train is None:
             raise ValueError("prune.tune_rounds: prune while tuning needs a train section")
+        if self.prune is not None and self.prune.learn is not None:
+            if self.train is None:
+                raise ValueError("prune.learn: masks are learned by the trainer; add a train section")
+            if self.importance is not None:
+                raise ValueError("importance: prune.learn learns its masks; no importance estimator is used (remove "
+                                 "the importance section)")
+            if self.train.lora is not None and self.prune.learn.weight_lr != 0:
+                raise ValueError("prune.learn.weight_lr: with train.lora the mask stage cannot train adapters; set "
+                                 "prune.learn.weight_lr: 0 (frozen weights while masks are learned)")
         return self
 
 
@@ -167,7 +176,7 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     Every stage and option it names stays (model, dtype, LoRA, KD, prune structures and rounds,
     sequence lengths); only the amounts shrink: train 3 steps (at least one per prune round), no
     warmup, micro-batch <= 2, grad_accum <= 2, one validation batch, a checkpoint at the end; data
-    <= 64 training and 4 validation blocks; 2 calibration samples; eval 2 perplexity windows, one
+    <= 64 training and 4 validation blocks; 2 calibration samples (learned masks: 3 mask steps); eval 2 perplexity windows, one
     timed repeat of 16 + 4 tokens, <= 4 examples per lm-eval task. Outputs go to OUTPUT_DIR-smoke and
     the export to its ``model`` directory (never a shared one such as the cache), replaced on rerun.
     """
@@ -180,7 +189,9 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
         t, rounds = d["train"], d["prune"]["tune_rounds"] if d["prune"] else 1
         t.update(steps=min(t["steps"], max(3, rounds)), warmup_steps=0, batch_size=min(t["batch_size"], 2),
                  grad_accum=min(t["grad_accum"], 2), eval_every=0, eval_batches=1, save_every=0, log_every=1)
-    if d["prune"] is not None:
+    if d["prune"] is not None and d["prune"]["learn"] is not None:
+        d["prune"]["learn"].update(steps=min(d["prune"]["learn"]["steps"], 3), warmup=1)
+    elif d["prune"] is not None:
         d["importance"] = {**(d["importance"] or {}), "n_samples": 2}
     if d["sparsify"] is not None:
         d["sparsify"]["n_samples"] = 2

@@ -1,6 +1,6 @@
 """``shear run RECIPE``: the stages a recipe names, in order, with their outputs in one directory.
 
-model -> (prune: analyze, score, plan, slice | sparsify: zero single weights) -> (train: recovery, with KD
+model -> (prune: analyze, score, plan, slice; or learn masks in training, then slice | sparsify: zero single weights) -> (train: recovery, with KD
 when distill is set; sparsify's zeros are kept) -> export (with sparsify: also OUTPUT_DIR/compressed)
 -> eval. The resolved recipe is written first, so a run that fails still says what it was;
 a directory belongs to one recipe (shear/rundir.py).
@@ -134,6 +134,7 @@ class _Run:
     def __init__(self, recipe: Recipe, out: Path):
         self.recipe, self.out, self.main = recipe, out, is_main_process()
         self.tok = None
+        self._domains = None
         self.summary: dict = {"output_dir": str(out), "stages": []}
         self.evals: dict = {}
 
@@ -155,6 +156,8 @@ class _Run:
             summary["prune"], summary["train"] = report, {"final_val_ppl": report["final_val_ppl"]}
             summary["stages"] += ["prune", "train"]
             return model
+        if recipe.prune.learn is not None:  # learned masks: a training stage of its own, then the finish
+            return self.learn(model, teacher)
         from shear.prune.pipeline import run_prune
 
         model, _, summary["prune"] = run_prune(model, self.tok, recipe.prune, recipe.importance,
@@ -162,6 +165,32 @@ class _Run:
         summary["stages"].append("prune")
         if recipe.train is not None:
             self.evaluate_as(model, "pruned")
+        return model
+
+    def datasets(self, teacher):
+        """(train, validation, domain mix or None) of the recipe's data section."""
+        from shear.data.text import build_datasets
+
+        train_ds, val_ds = build_datasets(self.recipe.data, self.tok)
+        domains = None
+        if self.recipe.data.domains:  # dynamic batch loading: reference losses from the teacher unless given
+            from shear.data.domains import mix_from_config
+
+            if self._domains is None:  # measured once: the mask stage and recovery share it
+                self._domains = mix_from_config(self.recipe.data, self.tok, teacher)
+            domains = self._domains
+        return train_ds, val_ds, domains
+
+    def learn(self, model, teacher):
+        from shear.shearing.learn import learn_masks
+
+        recipe = self.recipe
+        train_ds, val_ds, domains = self.datasets(teacher)
+        model, self.summary["prune"] = learn_masks(
+            model, recipe.prune, recipe.train, train_ds, val_ds, self.out / "learn", teacher=teacher,
+            distill=recipe.distill, tokenizer=self.tok, domains=domains, report_dir=self.out / "prune" if self.main else None)
+        self.summary["stages"].append("prune")
+        self.evaluate_as(model, "pruned")
         return model
 
     def sparsify(self, model):
@@ -178,16 +207,10 @@ class _Run:
         return model, masks
 
     def train(self, model, teacher, masks):
-        from shear.data.text import build_datasets
         from shear.train.trainer import train
 
         recipe = self.recipe
-        train_ds, val_ds = build_datasets(recipe.data, self.tok)
-        domains = None
-        if recipe.data.domains:  # dynamic batch loading: reference losses from the teacher unless given
-            from shear.data.domains import mix_from_config
-
-            domains = mix_from_config(recipe.data, self.tok, teacher)
+        train_ds, val_ds, domains = self.datasets(teacher)
         result = train(model, train_ds, val_ds, recipe.train, self.out / "train", teacher=teacher,
                        distill=recipe.distill, tokenizer=self.tok, masks=masks, domains=domains)
         self.summary["train"] = result.metrics

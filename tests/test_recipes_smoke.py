@@ -55,7 +55,13 @@ def stand_ins(data: dict, tiny_dir: Path, corpus: Path) -> list[str]:
         ov += [f"model.path={tiny_dir}"]
         if data.get("distill", {}) and data["distill"].get("teacher"):
             ov += [f"distill.teacher={tiny_dir}"]
-    if "prune" in data:
+    if "prune" in data and "learn" in data["prune"]:  # learned masks: no importance section
+        ov += ["prune.round_to=1"]
+        if "shape" in data["prune"]["target"]:  # a real model's shape, scaled to the tiny model (4 layers, 32 wide)
+            ov += [f"prune.target.shape.{k}={v}" for k, v in dict(
+                num_hidden_layers=3, hidden_size=24, intermediate_size=192, num_attention_heads=4,
+                num_key_value_heads=2).items()]
+    elif "prune" in data:
         ov += ["importance.seq_len=16", f"importance.source={corpus}", "prune.round_to=1"]
     if "eval" in data:
         ov += ["eval.seq_len=32", f"eval.dataset={corpus / 'part0.txt'}", "eval.dataset_config=null", "eval.split=validation"]
@@ -68,7 +74,9 @@ def shrink(data: dict, tiny_dir: Path, corpus: Path, out: Path) -> list[str]:
     if "train" in data:
         ov += ["train.steps=3", "train.warmup_steps=0", "train.batch_size=2", "train.eval_batches=1",
                "train.eval_every=1", "train.save_every=1"]
-    if "prune" in data:
+    if "prune" in data and "learn" in data["prune"]:
+        ov += ["prune.learn.steps=3", "prune.learn.warmup=1"]
+    elif "prune" in data:
         ov += ["importance.n_samples=2"]
     if "eval" in data:
         ov += ["eval.speed=false", "eval.max_windows=2"]
@@ -89,7 +97,10 @@ def test_smoke_shrinks_amounts_not_stages():
         if full.train:
             assert smoke.train.steps <= max(3, full.prune.tune_rounds if full.prune else 1)
             assert smoke.train.lora == full.train.lora and smoke.train.precision == full.train.precision
-        if full.prune:
+        if full.prune and full.prune.learn:  # learned masks: fewer mask steps, nothing else changes
+            assert smoke.importance is None and smoke.prune.learn.steps <= 3
+            assert smoke.prune.model_dump(exclude={"learn"}) == full.prune.model_dump(exclude={"learn"})
+        elif full.prune:
             assert smoke.importance.n_samples == 2 and smoke.prune == full.prune
         if full.sparsify:
             assert smoke.sparsify.n_samples == 2 and smoke.sparsify.method == full.sparsify.method

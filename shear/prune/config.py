@@ -10,6 +10,7 @@ Recipe sections (every key documented below; unknown keys are errors)::
       allocation: global               # uniform: same width in every layer; global: ranked across layers; pool: heads+MLP in one ranking
       round_to: 8
       protected_layers: [0]            # or a regex on the layer index, e.g. "^(0|5)$"
+      learn: {steps: 100}              # learned masks (Sheared-LLaMA) instead of one-shot scores
 """
 from __future__ import annotations
 
@@ -122,6 +123,32 @@ def _shape_of_config(path: str) -> TargetShape:
     return TargetShape(**keys)
 
 
+class LearnConfig(BaseModel):
+    """Learned hard-concrete masks toward the target (Sheared-LLaMA; ``shear.shearing``), trained by the
+    trainer with the recipe's train settings (batch, precision, data, distill) before recovery; the
+    target shape is uniform, so the export is the stock class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(gt=0, description="mask-learning optimizer steps (tokens: steps x the train section's global "
+                                         "batch x data.seq_len, on top of train.steps of recovery)")
+    warmup: int | None = Field(None, ge=0, description="steps over which the target size ramps linearly from the "
+                                                       "full model to the target; None = 20% of steps")
+    mask_lr: float = Field(0.1, gt=0, description="learning rate of the masks' log alpha (constant)")
+    lambda_lr: float = Field(0.1, gt=0, description="learning rate of the Lagrange multipliers (gradient ascent, constant)")
+    weight_lr: float | None = Field(None, ge=0, description="learning rate of the model weights while masks are learned "
+                                                          "(train.lr schedule); None = train.lr; 0 = weights frozen")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup is not None and self.warmup > self.steps:
+            raise ValueError(f"warmup: {self.warmup} exceeds steps ({self.steps})")
+        return self
+
+    def ramp(self) -> int:
+        return self.warmup if self.warmup is not None else max(1, self.steps // 5)
+
+
 class PruneConfig(BaseModel):
     """What to remove and where. Used by ``shear.prune.pipeline.run_prune`` and ``shear prune``."""
 
@@ -150,6 +177,8 @@ class PruneConfig(BaseModel):
     iterative_steps: int = Field(1, gt=0, description="score, prune a step, rescore: the target is reached in this many equal steps")
     tune_rounds: int = Field(1, gt=0, description="prune while tuning: K rounds of prune a fraction, tune train.steps/K steps, "
                                                   "rescore (needs a train section; 1 = prune once, then train)")
+    learn: LearnConfig | None = Field(None, description="learn hard-concrete masks toward the target in training "
+                                                        "(needs a train section; uniform widths; no importance section)")
 
     @field_validator("structure_ratios")
     @classmethod
@@ -170,6 +199,20 @@ class PruneConfig(BaseModel):
             except re.error as e:
                 raise ValueError(f"protected_layers: invalid regex {v!r}: {e}") from None
         return v
+
+    @model_validator(mode="after")
+    def _learned(self):
+        if self.learn is None:
+            return self
+        clash = [k for k, bad in (("allocation", self.allocation != "uniform" and "allocation" in self.model_fields_set),
+                                  ("structure_ratios", bool(self.structure_ratios)),
+                                  ("protected_layers", bool(self.protected_layers)),
+                                  ("iterative_steps", self.iterative_steps > 1), ("tune_rounds", self.tune_rounds > 1))
+                 if bad]
+        if clash:
+            raise ValueError(f"learn: learned masks reach one uniform target shape; {clash[0]} does not apply to them")
+        self.allocation = "uniform"
+        return self
 
     def is_protected(self, layer: int | None) -> bool:
         """True when ``layer`` (an index, None for model-wide groups) must not be pruned."""

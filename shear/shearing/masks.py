@@ -132,6 +132,10 @@ def attach_masks(model: nn.Module, graph: StructureGraph,
     ``graph`` is ``analyze(model)`` (kv_group or query_head heads). The masks' parameters are not
     registered in ``model``; pass ``masks.parameters()`` to the optimizer. ``masks.remove()`` detaches.
     """
+    hidden = [g for g in graph.groups if g.kind == "hidden"]
+    if "hidden" in types and hidden and hidden[0].meta.get("norm") == "ln":
+        raise ValueError(f"shearing: hidden channels of {graph.family} cannot be learned: masked channels do not pass "
+                         "through LayerNorm linearly (its mean and variance mix them); learn heads, mlp and layers")
     sm = ShearMasks(graph, types).to(next(model.parameters()).device)
     sm.handles.append(model.register_forward_pre_hook(lambda mod, args: (sm.draw(), None)[1]))
     in_scales: dict[str, list] = {}   # module -> [(type, row, units)] scaling its input columns

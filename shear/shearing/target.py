@@ -12,6 +12,7 @@ so it grows until the expected size meets the target.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,33 +103,81 @@ def shape_from_config(path: str | Path, graph: StructureGraph) -> TargetShape:
     return shape_from_keys(json.loads(p.read_text()), graph)
 
 
+def query_heads(graph: StructureGraph, head_units: int) -> int:
+    """Query heads per layer when every layer keeps ``head_units`` head units."""
+    g = next((g for g in graph.groups if g.kind in MASK_TYPES["heads"]), None)
+    if g is None:
+        return 0
+    if g.kind == "kv_group":
+        return head_units * g.meta["query_heads_per_unit"]
+    if g.kind == "query_head":
+        return head_units * g.meta["kv_heads"]
+    return head_units
+
+
+def _hidden_per_head(graph: StructureGraph) -> bool:
+    from shear.analyze.families import FAMILIES
+
+    fam = FAMILIES.get(graph.family)
+    return bool(fam is not None and fam.hidden_per_head)
+
+
+def check_stock(graph: StructureGraph, shape: dict[str, int]) -> None:
+    """Families whose stock config needs hidden % query heads == 0 (Llama, Gemma2): refuse a target that
+    breaks it (the learned model would not load as the stock class)."""
+    full = full_shape(graph)
+    if not _hidden_per_head(graph) or "heads" not in full:
+        return
+    hidden, heads = shape.get("hidden", full.get("hidden")), query_heads(graph, shape.get("heads", full["heads"]))
+    if hidden and heads and hidden % heads:
+        raise ValueError(f"shearing.target: hidden size {hidden} is not a multiple of the {heads} query heads; "
+                         f"the stock {graph.family} config needs it")
+
+
 def shape_from_ratio(ratio: float, graph: StructureGraph, shapes: dict,
-                     types: tuple[str, ...] = ("heads", "mlp", "hidden")) -> TargetShape:
+                     types: tuple[str, ...] = ("heads", "mlp", "hidden"), round_to: int = 1) -> TargetShape:
     """The widest uniform shape that removes at least ``ratio`` of the parameters (as
     ``prune.target.ratio``): one keep fraction f for all ``types`` (bisection on f, counts exact),
-    rounded down to whole units (at least 1 per row)."""
+    rounded down to whole units (at least 1 per row); MLP and hidden widths to multiples of
+    ``round_to`` (where the full width allows), hidden also to the query-head count where the family's
+    stock config needs it."""
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"shearing.target.ratio: must be in (0, 1), got {ratio}")
     full = full_shape(graph)
     budget = (1.0 - ratio) * count_params(graph, shapes, {})
 
+    def down(n: int, step: int) -> int:
+        return max(step, n // step * step) if step <= n else max(1, n)
+
     def shape(f: float) -> dict[str, int]:
-        return {t: max(1, int(f * full[t])) for t in types if t in full}
+        out = {t: max(1, int(f * full[t])) for t in types if t in full}
+        if "mlp" in out:
+            out["mlp"] = down(out["mlp"], min(round_to, full["mlp"]))
+        if "hidden" in out:
+            step = round_to
+            if _hidden_per_head(graph) and "heads" in full:
+                step = math.lcm(step, query_heads(graph, out.get("heads", full["heads"])))
+            out["hidden"] = down(out["hidden"], step)
+        return out
 
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if count_params(graph, shapes, shape(mid)) <= budget else (lo, mid)
+    if count_params(graph, shapes, shape(lo)) > budget:
+        raise ValueError(f"shearing.target.ratio: no uniform shape of {list(types)} removes {ratio} of the parameters")
     return TargetShape(**shape(lo))
 
 
 def resolve_target(graph: StructureGraph, shapes: dict, shape: dict | None = None, ratio: float | None = None,
-                   shape_from: str | None = None) -> dict[str, int]:
+                   shape_from: str | None = None, types: tuple[str, ...] = ("heads", "mlp", "hidden"),
+                   round_to: int = 1) -> dict[str, int]:
     """Exactly one of ``shape`` / ``ratio`` / ``shape_from`` -> ``{type: kept units per row}``,
     with types equal to the full model dropped. Raises ValueError naming the key.
 
     ``shape``: config keys (:data:`CONFIG_KEYS`, as ``prune.target.shape``); ``ratio``: fraction of the
-    parameters to REMOVE (as ``prune.target.ratio``); ``shape_from``: a config.json or its directory."""
+    parameters to REMOVE (as ``prune.target.ratio``), spread over ``types`` with ``round_to``;
+    ``shape_from``: a config.json or its directory."""
     given = [k for k, v in (("shape", shape), ("ratio", ratio), ("shape_from", shape_from)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"shearing.target: give exactly one of shape, ratio, shape_from (got {given})")
@@ -138,7 +187,7 @@ def resolve_target(graph: StructureGraph, shapes: dict, shape: dict | None = Non
             raise ValueError(f"shearing.target.shape: unknown keys {sorted(unknown)} (expected {list(CONFIG_KEYS)})")
         t = shape_from_keys(shape, graph)
     elif ratio is not None:
-        t = shape_from_ratio(ratio, graph, shapes)
+        t = shape_from_ratio(ratio, graph, shapes, types, round_to)
     else:
         t = shape_from_config(shape_from, graph)
     full, out = full_shape(graph), {}
@@ -149,6 +198,7 @@ def resolve_target(graph: StructureGraph, shapes: dict, shape: dict | None = Non
             raise ValueError(f"shearing.target.{k}: {v} is not in [1, {full[k]}]")
         if v < full[k]:
             out[k] = v
+    check_stock(graph, out)
     return out
 
 

@@ -52,11 +52,17 @@ class LossModule(nn.Module):
     hidden states) only; each sentence's embedding loss is weighted by its scored-token count, so the trainer's
     division by the global token count gives a token-weighted mean. Its ce_only forward (validation PPL)
     returns ce = NaN: an encoder has no next-token loss.
+
+    ``shearing`` (shear.shearing.ShearingTerm, learned masks): a submodule, so DDP and checkpoints see its
+    masks and multipliers; a training forward adds key ``lagrangian``, the constraint term, NOT a token sum
+    (the trainer adds it once per optimizer step).
     """
 
-    def __init__(self, model: nn.Module, distill: DistillConfig | None = None, teacher: nn.Module | None = None):
+    def __init__(self, model: nn.Module, distill: DistillConfig | None = None, teacher: nn.Module | None = None,
+                 shearing: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.shearing = shearing
         self.distill = distill
         self._teacher = [teacher]  # a list: not registered, so neither DDP nor state_dict sees it
         self.pairs: list[tuple[int, int]] = []
@@ -78,6 +84,12 @@ class LossModule(nn.Module):
         return self._teacher[0]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, teacher_hidden=None, ce_only: bool = False):
+        out = self._losses(input_ids, labels, teacher_hidden, ce_only)
+        if self.shearing is not None and not ce_only:
+            out["lagrangian"] = self.shearing()
+        return out
+
+    def _losses(self, input_ids, labels, teacher_hidden, ce_only):
         if self.encoder and (self.distill is None or ce_only):
             tokens = (labels[:, 1:] != -100).sum().float()
             nan = tokens.new_full((), float("nan"))

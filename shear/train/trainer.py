@@ -44,15 +44,27 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases)."""
+def build_optimizer(module: nn.Module, cfg: TrainConfig, extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases). ``extra_groups`` (learned masks) keep
+    their own lr and weight decay; their parameters are left out of the weight groups."""
+    taken = {id(p) for g in extra_groups for p in g["params"]}
     decay, no_decay = [], []
     for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in taken:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]] + [dict(g) for g in extra_groups]
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+        g.setdefault("constant_lr", False)
+        g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """The lr schedule (lr_factor) on every group but those marked ``constant_lr``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [(lambda s: 1.0) if g["constant_lr"] else (lambda s: lr_factor(s, cfg)) for g in optimizer.param_groups])
 
 
 def _use_config_hparams(optimizer, scheduler, cfg: TrainConfig, fresh: list[dict]) -> None:
@@ -60,10 +72,12 @@ def _use_config_hparams(optimizer, scheduler, cfg: TrainConfig, fresh: list[dict
 
     They differ only when a run continues under a changed recipe (``shear run --resume``); otherwise
     this sets the very values the checkpoint held (LambdaLR's lr = base_lr * factor(last_epoch)).
+    ``fresh``: each group's settings as built (weight_decay, betas, base_lr, constant_lr).
     """
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    scheduler.base_lrs = [f["base_lr"] for f in fresh]
     for g, f in zip(optimizer.param_groups, fresh):
-        g.update(f, initial_lr=cfg.lr, lr=cfg.lr * lr_factor(scheduler.last_epoch, cfg))
+        factor = 1.0 if f["constant_lr"] else lr_factor(scheduler.last_epoch, cfg)
+        g.update(f, initial_lr=f["base_lr"], lr=f["base_lr"] * factor)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
@@ -100,7 +114,7 @@ def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
 
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
           distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None,
-          domains=None) -> TrainResult:
+          domains=None, shearing=None) -> TrainResult:
     """Train `model` on `train_ds` (items {"input_ids": [L], "labels": [L]}); see the module docstring.
 
     With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
@@ -111,7 +125,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     merge; metrics["sparse_masks"] says what the re-masking after merge cost). Side effect: the global
     torch RNG is seeded with cfg.seed. `domains` (shear.data.domains.DomainMix): dynamic batch loading;
     `train_ds` is then ignored, each batch's domain mix is drawn from weights updated at every evaluation
-    (their history in metrics["domain_weights"], the sampler's state in every checkpoint).
+    (their history in metrics["domain_weights"], the sampler's state in every checkpoint). `shearing`
+    (shear.shearing.ShearingTerm, hooked on `model`): learned masks, trained with the weights (or alone when
+    no weight requires grad) under their own lrs; the Lagrangian is added once per step, the expected
+    sizes are logged (size_<type>, target_<type>); the returned model still carries the masks' hooks.
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -132,20 +149,29 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         if is_deepspeed(accelerator):
             raise ValueError("train: keeping sparse masks under DeepSpeed is not supported; train without a DeepSpeed config")
         keeper = MaskKeeper(model, masks)  # on the plain model: the parameter objects survive peft and DDP
+    if shearing is not None:
+        if is_deepspeed(accelerator):
+            raise ValueError("prune.learn: learned masks train in one process or under DDP "
+                             "(recipes/accelerate/ddp.yaml), not under DeepSpeed")
+        if cfg.lora is not None:
+            raise ValueError("prune.learn: learned masks are trained with all weights or with frozen weights, "
+                             "not with LoRA adapters (their hooks sit on the base layers)")
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     teacher = _prepare_teacher(teacher, distill, accelerator.device)
-    module = LossModule(model, distill, teacher)
+    module = LossModule(model, distill, teacher, shearing=shearing)
     module.train()
-    optimizer = build_optimizer(module, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer = build_optimizer(module, cfg, shearing.param_groups() if shearing is not None else ())
+    scheduler = build_scheduler(optimizer, cfg)
+    skip = {id(p) for p in shearing.parameters()} if shearing is not None else set()
+    clip_params = [p for p in module.parameters() if p.requires_grad and id(p) not in skip]  # not masks, not λ
     module, optimizer = prepare(accelerator, module, optimizer, cfg)
 
     ckpt_root = out_dir / "checkpoints"
     state = {"step": 0, "eval": [], "train": []}
     last = None
     if cfg.resume:  # the newest readable checkpoint; a damaged one is skipped with a warning
-        fresh = [{k: g[k] for k in ("weight_decay", "betas")} for g in optimizer.param_groups]
+        fresh = [{k: g[k] for k in ("weight_decay", "betas", "base_lr", "constant_lr")} for g in optimizer.param_groups]
         last, saved = resume_checkpoint(accelerator, module, optimizer, scheduler, ckpt_root)
     if last is not None:
         state = saved
@@ -177,8 +203,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         t0 = time.time()
         micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
         batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
+        if shearing is not None:
+            shearing.step = step
         sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
-                                      teacher if distill is not None else None)
+                                      teacher if distill is not None else None, clip_params)
         loss = sums[0].item()
         state["step"] = step = step + 1
         train_time += time.time() - t0
@@ -193,6 +221,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
                 rec.update(ce=sums[1].item(), kd=sums[2].item(), hidden=sums[3].item())
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
+            if shearing is not None:
+                rec["lagrangian"] = sums[4].item()
+                for t, (s_hat, goal) in shearing.report.items():
+                    rec[f"size_{t}"], rec[f"target_{t}"] = s_hat, goal
             state["train"].append(rec)
             _log(accelerator, metrics_file, rec)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
@@ -235,11 +267,14 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
 
 
 def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list[dict], cfg: TrainConfig, step: int,
-                ckpt_root: Path, teacher) -> tuple[torch.Tensor, object]:
-    """One optimizer step over this rank's micro-batches; returns (token-mean [loss, ce, kd, hidden], grad norm).
+                ckpt_root: Path, teacher, clip_params=None) -> tuple[torch.Tensor, object]:
+    """One optimizer step over this rank's micro-batches; returns (token-mean [loss, ce, kd, hidden],
+    then the Lagrangian of learned masks (0 without), grad norm of ``clip_params`` (default: all)).
 
     Losses are sums over label tokens scaled by the global token count, so a step is the same whatever
-    the micro-batching and the number of processes. The loss is checked for NaN/inf before backward.
+    the micro-batching and the number of processes. The Lagrangian (learned masks) is a per-step term:
+    each micro-batch adds it unscaled, backward divides by grad_accum and DDP averages over processes,
+    so it counts once. The loss is checked for NaN/inf before backward.
     """
     world = accelerator.num_processes
     count = sum((b["labels"][:, 1:] != -100).sum() for b in batches).float().reshape(1)
@@ -247,6 +282,7 @@ def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list
         count = accelerator.reduce(count, "sum")
     scale = world * cfg.grad_accum / count.clamp(min=1)  # backward divides by accum, DDP averages over world
     sums = torch.zeros(4, device=accelerator.device)
+    lag = torch.zeros((), device=accelerator.device)
     for b in batches:
         with accelerator.accumulate(module):
             with accelerator.autocast():
@@ -254,12 +290,18 @@ def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list
                     if teacher is not None else None
                 out = module(b["input_ids"], b["labels"], t_hidden)
             _stop_if_nonfinite(accelerator, out["loss"], step, ckpt_root)  # before backward: DeepSpeed steps in it
-            accelerator.backward(out["loss"] * scale)
+            loss = out["loss"] * scale
+            if "lagrangian" in out:
+                loss = loss + out["lagrangian"]
+                lag = out["lagrangian"].detach().float()
+            accelerator.backward(loss)
             sums += torch.stack([out[k].detach().float() for k in ("loss", "ce", "kd", "hidden")])
     sums = (accelerator.reduce(sums, "sum") if world > 1 else sums) / count.clamp(min=1)
+    sums = torch.cat([sums, lag.reshape(1)])
     grad_norm = None
     if cfg.max_grad_norm is not None and not is_deepspeed(accelerator):
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        params = clip_params if clip_params is not None else module.parameters()
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if params else None
     optimizer.step()
     if keeper is not None:
         keeper.apply()
