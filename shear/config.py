@@ -91,9 +91,9 @@ class Recipe(BaseModel):
         if self.prune is not None and self.prune.learn is not None:
             if self.train is None:
                 raise ValueError("prune.learn: masks are learned by the trainer; add a train section")
-            if self.importance is not None:
-                raise ValueError("importance: prune.learn learns its masks; no importance estimator is used (remove "
-                                 "the importance section)")
+            if self.importance is not None and self.prune.learn.init != "scores":
+                raise ValueError("importance: prune.learn learns its masks; the importance section is used only with "
+                                 "prune.learn.init: scores (remove it, or set that)")
             if self.train.lora is not None and self.prune.learn.weight_lr != 0:
                 raise ValueError("prune.learn.weight_lr: with train.lora the mask stage cannot train adapters; set "
                                  "prune.learn.weight_lr: 0 (frozen weights while masks are learned)")
@@ -191,7 +191,7 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
                  grad_accum=min(t["grad_accum"], 2), eval_every=0, eval_batches=1, save_every=0, log_every=1)
     if d["prune"] is not None and d["prune"]["learn"] is not None:
         d["prune"]["learn"].update(steps=min(d["prune"]["learn"]["steps"], 3), warmup=1)
-    elif d["prune"] is not None:
+    if d["prune"] is not None and (d["prune"]["learn"] is None or d["prune"]["learn"]["init"] == "scores"):
         d["importance"] = {**(d["importance"] or {}), "n_samples": 2}
     if d["sparsify"] is not None:
         d["sparsify"]["n_samples"] = 2

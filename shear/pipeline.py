@@ -188,7 +188,8 @@ class _Run:
         train_ds, val_ds, domains = self.datasets(teacher)
         model, self.summary["prune"] = learn_masks(
             model, recipe.prune, recipe.train, train_ds, val_ds, self.out / "learn", teacher=teacher,
-            distill=recipe.distill, tokenizer=self.tok, domains=domains, report_dir=self.out / "prune" if self.main else None)
+            distill=recipe.distill, tokenizer=self.tok, domains=domains, report_dir=self.out / "prune" if self.main else None,
+            importance=recipe.importance, data=recipe.data)
         self.summary["stages"].append("prune")
         self.evaluate_as(model, "pruned")
         return model

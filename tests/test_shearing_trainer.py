@@ -168,3 +168,33 @@ def test_recipe_refuses_what_learned_masks_cannot_honour(over, match):
         validate_recipe(d)
     ok = validate_recipe(base)
     assert ok.prune.allocation == "uniform" and ok.prune.learn.ramp() == 1
+
+
+def test_score_initialized_masks_change_no_logits_and_follow_the_scores():
+    """prune.learn.init: scores — log α ordered by the estimator's scores within each row, eval masks still 1."""
+    from shear.shearing.learn import init_scores
+    from shear.shearing.masks import deterministic_z, init_from_scores_
+
+    _, model = _pair()
+    graph = analyze(model)
+    ids = torch.randint(0, 128, (2, 16))
+    ref = outputs(model, ids)
+    from shear.prune.config import ImportanceConfig
+
+    scores, _ = init_scores(model, graph, ("heads", "mlp", "hidden"), ImportanceConfig(estimator="flap"), None,
+                            ids=torch.randint(0, 128, (4, 16)))
+    masks = attach_masks(model, graph, ("heads", "mlp", "hidden"))
+    init_from_scores_(masks, scores)
+    masks.eval()
+    assert torch.equal(outputs(model, ids), ref)
+    for t, m in masks.masks.items():
+        assert torch.equal(deterministic_z(m.log_alpha), torch.ones_like(m.log_alpha))
+        for row, g in enumerate(masks.groups[t]):  # the best-scored unit has the largest log α, the worst the least
+            s = scores[g.name]
+            assert m.log_alpha[row].argmax() == s.argmax() and m.log_alpha[row].argmin() == s.argmin()
+    from shear.config import validate_recipe
+
+    ok = validate_recipe({"model": {"path": "reference-teacher"}, "importance": {"estimator": "wanda_sp"},
+                          "prune": {"target": {"ratio": 0.5}, "learn": {"steps": 5, "init": "scores"}},
+                          "train": {"steps": 5}})
+    assert ok.importance.estimator == "wanda_sp"

@@ -16,7 +16,8 @@ reference losses = the dense teacher's held-out loss per genre). Per-genre held-
 plot of the dynamic weights over steps.
 Held-out PPL everywhere: the held-out works of the corpus (shear's eval_text, seq 128, stride 128);
 per genre: the genre's held-out blocks (the last 5% of each of its works, never trained on).
-Writes OUT/table.md, OUT/rows.json, OUT/domain_weights.png.
+Writes OUT/table.md, OUT/rows.json, OUT/domain_weights.png, OUT/domain_ppl.png, and per learned row
+OUT/learned-STRUCTURES-report/mask_sizes.png.
 """
 from __future__ import annotations
 
@@ -104,13 +105,15 @@ def main(argv=None) -> int:
             rows.append({"row": "control: dense + same tokens, CE", "params": params(dense), "pruned_ppl": None,
                          "ppl": ppl(res.model), "s": time.time() - t0})
             continue
-        if spec.startswith("learned:"):
-            structs = spec.split(":")[1].split("+")
+        if spec.startswith("learned:"):  # learned:STRUCTURES[:ESTIMATOR] (an estimator: masks start from its scores)
+            parts = spec.split(":")
+            structs, est = parts[1].split("+"), parts[2] if len(parts) > 2 else None
             cfg = PruneConfig(target={"ratio": a.ratio}, structures=structs, allocation="uniform",
                               learn=LearnConfig(steps=a.learn_steps, warmup=a.learn_warmup, mask_lr=a.mask_lr,
-                                                lambda_lr=a.lambda_lr))
+                                                lambda_lr=a.lambda_lr, init="scores" if est else "uniform"))
             m, rep = learn_masks(fresh(), cfg, tcfg(a.learn_steps), train_ds, val_ds, out / spec.replace(":", "-"),
-                                 teacher=dense, distill=kd, report_dir=out / (spec.replace(":", "-") + "-report"))
+                                 teacher=dense, distill=kd, report_dir=out / (spec.replace(":", "-") + "-report"),
+                                 importance=ImportanceConfig(estimator=est) if est else None, tokenizer=tok)
             after_masks = ppl(m)
             res = train(m, train_ds, val_ds, tcfg(a.steps - a.learn_steps), out / (spec.replace(":", "-") + "-kd"),
                         teacher=dense, distill=kd)
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
                 history = res.metrics["domain_weights"]
                 plot_weights(history, out / "domain_weights.png")
 
+    if dom_rows:
+        plot_domains(dom_rows, list(dom_val), out / "domain_ppl.png")
     keys = ("seq_len", "stride", "windows", "tokens_scored")
     control = next((r["ppl"] for r in rows if r["row"].startswith("control")), None)
     lines = [f"machine: {machine()}; wall {time.time() - t_all:.0f} s",
@@ -176,6 +181,27 @@ def main(argv=None) -> int:
     (out / "rows.json").write_text(json.dumps({"rows": rows, "domains": dom_rows, "history": history}, indent=1,
                                               default=str))
     return 0
+
+
+def plot_domains(rows: list[dict], names: list[str], path: Path) -> Path:
+    """Grouped bars: per-genre held-out PPL of every sampler (and the dense teacher)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(names))], [r[n] for n in names], width, label=r["row"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_ylabel("held-out PPL")
+    ax.set_title("per-genre PPL after the same KD budget, by domain sampler")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ class LearnConfig(BaseModel):
     lambda_lr: float = Field(0.1, gt=0, description="learning rate of the Lagrange multipliers (gradient ascent, constant)")
     weight_lr: float | None = Field(None, ge=0, description="learning rate of the model weights while masks are learned "
                                                           "(train.lr schedule); None = train.lr; 0 = weights frozen")
+    init: Literal["uniform", "scores"] = Field("uniform", description="uniform: every log alpha starts equal (Sheared-LLaMA); "
+                                                                     "scores: ordered by the importance section's scores within "
+                                                                     "each row (calibration as for one-shot pruning)")
 
     @model_validator(mode="after")
     def _warmup(self):

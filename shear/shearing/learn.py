@@ -16,14 +16,15 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from shear.analyze import analyze
-from shear.prune.config import PruneConfig
+from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import layer_widths, plot_widths
 from shear.prune.plan import model_shapes
 from shear.shearing.finish import finish_
-from shear.shearing.masks import attach_masks
+from shear.shearing.masks import MASK_TYPES, attach_masks, init_from_scores_
 from shear.shearing.target import full_shape, resolve_target
 from shear.shearing.term import ShearingTerm
 from shear.train.config import TrainConfig
@@ -41,10 +42,36 @@ def target_of(cfg: PruneConfig, graph, shapes) -> dict[str, int]:
     return resolve_target(graph, shapes, ratio=ratio, types=tuple(cfg.structures), round_to=cfg.round_to)
 
 
+def init_scores(model: nn.Module, graph, types: tuple[str, ...], importance: ImportanceConfig | None, tokenizer,
+                data=None, ids: torch.Tensor | None = None) -> tuple[dict, str | None]:
+    """``prune.learn.init: scores``: the importance estimator's scores of the groups the masks of ``types``
+    will cover (calibrated as for one-shot pruning). Returns (scores, the line naming the calibration text)."""
+    from shear.importance import needs_data, score
+    from shear.prune.pipeline import calibration_source
+
+    icfg = importance or ImportanceConfig()
+    kinds = {g.kind for g in graph.groups if any(g.kind in MASK_TYPES[t] for t in types)}
+    calib = None
+    if ids is None and needs_data(icfg, kinds):
+        from shear.data.text import calibration_ids
+
+        dcfg, what = calibration_source(icfg, data)
+        ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed, source=icfg.source or "shakespeare",
+                              data=dcfg)
+        calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split, tokenizer {type(tokenizer).__name__}"
+        log.info("calibration: %s", calib)
+    scores, _ = score(model, graph, icfg, ids, kinds=kinds)
+    return scores, calib
+
+
 def learn_masks(model: nn.Module, cfg: PruneConfig, train_cfg: TrainConfig, train_ds, val_ds, out_dir, *,
                 teacher: nn.Module | None = None, distill=None, tokenizer=None, domains=None,
-                report_dir: str | Path | None = None) -> tuple[nn.Module, dict]:
-    """Learn masks toward ``cfg.target`` (``cfg.learn`` settings), finish them; return (pruned model, report)."""
+                report_dir: str | Path | None = None, importance: ImportanceConfig | None = None, data=None,
+                ids: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """Learn masks toward ``cfg.target`` (``cfg.learn`` settings), finish them; return (pruned model, report).
+
+    With ``cfg.learn.init == "scores"`` the masks start ordered by ``importance`` scores (calibration
+    ``ids``, else text from ``importance.source`` / ``data`` as for one-shot pruning)."""
     learn, t0 = cfg.learn, time.time()
     graph = analyze(model, heads=cfg.heads)
     before_w, p0, macs0 = layer_widths(graph), graph.total_params, graph.total_macs
@@ -52,7 +79,11 @@ def learn_masks(model: nn.Module, cfg: PruneConfig, train_cfg: TrainConfig, trai
     if not target:
         raise ValueError("prune.target: the target is the full model; nothing to learn")
     log.info("learned masks: target %s (units kept per row) of %s", target, full_shape(graph))
+    scores, calib = init_scores(model, graph, tuple(target), importance, tokenizer, data, ids) \
+        if learn.init == "scores" else (None, None)
     masks = attach_masks(model, graph, tuple(target))
+    if scores is not None:
+        init_from_scores_(masks, scores)
     term = ShearingTerm(masks, target, learn.ramp(), mask_lr=learn.mask_lr, lambda_lr=learn.lambda_lr)
     frozen = learn.weight_lr == 0
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -81,7 +112,8 @@ def learn_masks(model: nn.Module, cfg: PruneConfig, train_cfg: TrainConfig, trai
         "removed_layers": sorted(int(k.split(".")[1]) for k, v in plan.remove.items() if k.endswith(".layer")),
         "masked_val_ppl": res.metrics.get("final_val_ppl"), "tokens": learn.steps * res.metrics["global_batch"]
         * res.metrics["seq_len"], "time_s": {"total": round(time.time() - t0, 3), "train": res.metrics["train_s"]},
-        "calibration_text": None,
+        "init": learn.init, "estimator": (importance or ImportanceConfig()).estimator if learn.init == "scores" else None,
+        "calibration_text": calib,
     }
     if report_dir is not None:
         out = Path(report_dir)

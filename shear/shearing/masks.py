@@ -80,6 +80,26 @@ class HardConcrete(nn.Module):
         return kept
 
 
+SCORE_INIT = (2.5, INIT_LOG_ALPHA)  # log α range of score-initialized masks: eval mask still exactly 1
+
+
+def init_from_scores_(masks: "ShearMasks", scores: dict[str, torch.Tensor], low: float = SCORE_INIT[0],
+                      high: float = SCORE_INIT[1]) -> None:
+    """Start each mask row's log α from the rank of its units' importance scores (``shear.importance.score``
+    output, {group name: [num_units]}): the least important unit of a row at ``low``, the most at ``high``,
+    evenly by rank. With low ≥ log(11) every eval mask is still exactly 1 (no logit changes at init);
+    the lowest-ranked units just reach zero first when the constraint pushes. Layers form one row."""
+    with torch.no_grad():
+        for t, gs in masks.groups.items():
+            la = masks.masks[t].log_alpha
+            rows = [torch.cat([scores[g.name].flatten() for g in gs])] if t == "layers" else [scores[g.name] for g in gs]
+            for r, s in enumerate(rows):
+                if s.numel() != la.shape[1]:
+                    raise ValueError(f"shearing: scores of {t} row {r} have {s.numel()} units, the mask {la.shape[1]}")
+                rank = s.float().argsort().argsort().to(la.dtype)  # 0 = least important
+                la[r] = low + (high - low) * rank / max(1, s.numel() - 1)
+
+
 def _module(model: nn.Module, param: str) -> nn.Module:
     return model.get_submodule(param.rpartition(".")[0])
 
