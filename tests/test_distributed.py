@@ -65,6 +65,21 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     _compare(single, multi)
 
 
+@pytest.mark.distributed
+def test_learned_masks_two_processes_match_one(tmp_path):
+    """prune.learn under DDP: the same mask draws on every rank (one seed), the Lagrangian counted once per
+    step, so losses, the finished shape and the weights equal a single process on the same global batch."""
+    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
+    base = {"steps": 4, "lr": 5e-3, "log_every": 1, "eval_every": 4, "resume": False}
+    single = _launch(tmp_path / "one", {**base, "batch_size": 8}, 1, "--learn")
+    multi = _launch(tmp_path / "two", {**base, "batch_size": 4}, 2, "--learn", launcher=("--multi_gpu",))
+    _compare(single, multi)
+    w = load_file(str(multi / "final.safetensors"))
+    assert w["model.layers.0.mlp.up_proj.weight"].shape[0] == 24 and w["model.layers.0.self_attn.k_proj.weight"].shape[0] == 8
+    lag = [json.loads(x)["lagrangian"] for x in (multi / "metrics.jsonl").read_text().splitlines() if "lagrangian" in x]
+    assert len(lag) == 4 and any(v != 0 for v in lag)
+
+
 def _has_deepspeed():
     import importlib.util
 

@@ -56,17 +56,33 @@ def main(argv=None):
     ap.add_argument("cfg")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--distill", default=None, help="DistillConfig as JSON")
+    ap.add_argument("--learn", action="store_true", help="learned masks (prune.learn) toward MLP 24, 1 KV group, "
+                                                         "KD from the unpruned model; the finished model is saved")
     a = ap.parse_args(argv)
     cfg = TrainConfig(**json.loads(a.cfg))
     model = tiny_model(0)
     teacher = tiny_model(1, num_hidden_layers=3) if a.distill else None
     distill = DistillConfig(**json.loads(a.distill)) if a.distill else None
-    res = train(model, ToyDataset(64, masked=3, sleep=a.sleep), ToyDataset(16, seed=1), cfg, a.out,
-                teacher=teacher, distill=distill)
+    if a.learn:
+        import copy
+
+        from shear.prune.config import PruneConfig
+        from shear.shearing.learn import learn_masks
+
+        pcfg = PruneConfig(target={"shape": {"intermediate_size": 24, "num_key_value_heads": 1}},
+                           learn={"steps": cfg.steps, "warmup": 2, "mask_lr": 0.3, "lambda_lr": 0.3})
+        teacher = copy.deepcopy(model).eval()
+        final, report = learn_masks(model, pcfg, cfg, ToyDataset(64, masked=3), ToyDataset(16, seed=1), a.out,
+                                    teacher=teacher, distill=DistillConfig(ce_weight=0.5, kd_weight=0.5))
+        metrics = {"processes": int(os.environ.get("WORLD_SIZE", "1")), "report": report}
+    else:
+        res = train(model, ToyDataset(64, masked=3, sleep=a.sleep), ToyDataset(16, seed=1), cfg, a.out,
+                    teacher=teacher, distill=distill)
+        final, metrics = res.model, res.metrics
     if int(os.environ.get("RANK", "0")) == 0:
-        save_file({k: v.contiguous() for k, v in res.model.state_dict().items()}, os.path.join(a.out, "final.safetensors"))
+        save_file({k: v.contiguous() for k, v in final.state_dict().items()}, os.path.join(a.out, "final.safetensors"))
         with open(os.path.join(a.out, "result.json"), "w") as f:
-            json.dump(res.metrics, f)
+            json.dump(metrics, f, default=str)
     return 0
 
 
