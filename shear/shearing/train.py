@@ -1,8 +1,8 @@
 """A small mask-learning loop: task loss (CE, or KD against the unpruned teacher) + the Lagrangian.
 
-Three optimizer groups: model weights (optional) and log α minimise the loss; λ₁, λ₂ maximise it
-(``maximize=True``, i.e. gradient ascent). The full trainer integration (accelerate, checkpoints,
-recipes) is not here yet.
+The same :class:`~shear.shearing.term.ShearingTerm` the trainer uses (λ₁, λ₂ ascend through negated
+gradients), without accelerate, checkpoints or recipes: for notebooks and tests. Recipes use
+``prune.learn`` (``shear.shearing.learn.learn_masks``), which trains in the full trainer.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from shear.shearing.masks import ShearMasks
-from shear.shearing.target import Lagrangian, full_shape
+from shear.shearing.term import ShearingTerm
 from shear.train.losses import plain_logit_losses
 
 
@@ -60,17 +60,11 @@ def train_masks(model: nn.Module, masks: ShearMasks, target: dict[str, int], bat
                 cfg: ShearTrainConfig, teacher: nn.Module | None = None) -> list[dict]:
     """Learn ``masks`` toward ``target`` (``resolve_target``) on ``batches`` of token ids ``[B, T]``
     (cycled until ``cfg.steps``). Returns one log row per step: loss, lagrangian, ŝ and t per type."""
-    missing = set(target) - set(masks.masks)
-    if missing:
-        raise ValueError(f"shearing.target: no masks attached for {sorted(missing)}")
-    full = full_shape(masks.graph)
-    rows = {t: m.log_alpha.shape[0] for t, m in masks.masks.items()}
-    lag = Lagrangian(full, target, rows, cfg.warmup).to(next(masks.parameters()).device)
-    groups = [{"params": list(masks.parameters()), "lr": cfg.mask_lr}]
+    term = ShearingTerm(masks, target, cfg.warmup, mask_lr=cfg.mask_lr, lambda_lr=cfg.lambda_lr)
+    groups = term.param_groups()
     if cfg.weight_lr > 0:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.weight_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    opt_lam = torch.optim.AdamW(lag.parameters(), lr=cfg.lambda_lr, weight_decay=0.0, maximize=True)
     model.train()
     masks.train()
     log, batches, step = [], list(batches), 0
@@ -78,15 +72,14 @@ def train_masks(model: nn.Module, masks: ShearMasks, target: dict[str, int], bat
         for ids in batches:
             if step >= cfg.steps:
                 break
+            term.step = step
             task = _task_loss(model, teacher, ids, cfg)
-            lag_loss, report = lag(masks.expected_kept(), step)
+            lag_loss = term()
             opt.zero_grad(set_to_none=True)
-            opt_lam.zero_grad(set_to_none=True)
             (task + lag_loss).backward()
             opt.step()
-            opt_lam.step()
-            lag_value = float(torch.as_tensor(lag_loss).detach())
-            log.append({"step": step, "loss": float(task.detach()), "lagrangian": lag_value, **report})
+            log.append({"step": step, "loss": float(task.detach()), "lagrangian": float(lag_loss.detach()),
+                        **term.report})
             step += 1
     model.eval()
     masks.eval()
