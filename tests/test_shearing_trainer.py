@@ -198,3 +198,29 @@ def test_score_initialized_masks_change_no_logits_and_follow_the_scores():
                           "prune": {"target": {"ratio": 0.5}, "learn": {"steps": 5, "init": "scores"}},
                           "train": {"steps": 5}})
     assert ok.importance.estimator == "wanda_sp"
+
+
+def test_llama3_8b_recipe_target_is_the_llama32_3b_shape(tmp_path):
+    """recipes/llama3-8b/shearing-3b.yaml on Llama-3-8B's config (meta device, no weights): the target is the
+    3.2-3B shape in mask units, stock-loadable, and its parameter count is the closed form."""
+    import yaml
+    from transformers import LlamaConfig
+
+    from shear.analyze import analyze_path
+    from shear.config import validate_recipe
+    from shear.shearing.learn import target_of
+    from shear.shearing.target import count_params
+
+    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                rope_theta=500000.0, tie_word_embeddings=False).save_pretrained(tmp_path)
+    from pathlib import Path
+
+    recipe = validate_recipe(yaml.safe_load((Path(__file__).parents[1] / "recipes/llama3-8b/shearing-3b.yaml").read_text()))
+    graph = analyze_path(tmp_path, heads=recipe.prune.heads)
+    shapes = graph.meta["shapes"]
+    target = target_of(recipe.prune, graph, shapes)
+    assert target == {"layers": 28, "heads": 3, "mlp": 8192, "hidden": 3072}  # 3 of 4 query heads per KV group
+    d, v, f, L = 3072, 128256, 8192, 28
+    per_layer = d * 24 * 128 + 2 * d * 8 * 128 + 24 * 128 * d + 3 * d * f + 2 * d
+    assert count_params(graph, shapes, target) == 2 * v * d + L * per_layer + d
