@@ -69,6 +69,25 @@ def resolve_model_path(path: str) -> str:
                 f"`shear run recipes/reference/{'pretrain' if path == 'reference' else 'quick'}.yaml` "
                 "or `shear quickstart`")
         return str(p)
+    return st_transformer_dir(path)
+
+
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+
+
+def st_transformer_dir(path: str) -> str:
+    """A sentence-transformers directory that keeps its transformer in a subfolder (``modules.json`` naming
+    a Transformer module at ``0_Transformer/``, the older layout, no ``config.json`` at the top) -> that
+    subfolder; any other path unchanged. The export writes the modern layout (transformer at the top)."""
+    import json
+
+    local = Path(path).expanduser()
+    if not (local / "modules.json").is_file() or (local / "config.json").exists():
+        return path
+    mods = json.loads((local / "modules.json").read_text())
+    subs = [str(m.get("path", "")) for m in mods if m.get("type") == ST_TRANSFORMER and m.get("path")]
+    if len(subs) == 1 and "/" not in subs[0] and (local / subs[0] / "config.json").is_file():
+        return str(local / subs[0])
     return path
 
 

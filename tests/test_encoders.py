@@ -192,3 +192,39 @@ def test_sentence_transformers_modules_are_kept(encoder_dir, tmp_path):
     assert {"modules.json", "1_Pooling", "2_Normalize"} <= set(manifest)
     export(model, out, overwrite=True)  # re-export over its own directory replaces the copied modules
     assert (out / "1_Pooling" / "config.json").is_file()
+
+
+def test_sentence_transformers_subfolder_layout(encoder_dir, tmp_path, capsys):
+    """The older layout (transformer in 0_Transformer/, modules.json above it): `shear prune ROOT` loads the
+    transformer from the subfolder and exports the modern layout (transformer at the top, its module path
+    ""), pooling kept; AutoModel loads the export, and sentence-transformers (when installed) encodes with it."""
+    import shutil
+
+    from shear.cli import main
+
+    root = tmp_path / "st-old"
+    shutil.copytree(encoder_dir, root / "0_Transformer")
+    (root / "0_Transformer" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    modules = [{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                "pooling_mode_mean_tokens": True}))
+    assert main(["prune", str(root), "--ratio", "0.3", "--estimator", "magnitude_l2", "--structures", "mlp",
+                 "--allocation", "uniform", "-o", str(tmp_path / "p")] + SMALL) == 0  # uniform MLP: stock BertModel
+    out = tmp_path / "p" / "model"
+    mods = json.loads((out / "modules.json").read_text())
+    assert [m["path"] for m in mods] == ["", "1_Pooling"] and not (out / "0_Transformer").exists()
+    assert json.loads((out / "sentence_bert_config.json").read_text()) == {"max_seq_length": 64}
+    import transformers
+
+    m, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    pruned = load_model(str(out))
+    with torch.no_grad():
+        want = pruned(input_ids=IDS).last_hidden_state.mean(1)
+    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer  # a test extra
+    st = SentenceTransformer(str(out), device="cpu")
+    got = st.forward({"input_ids": IDS, "attention_mask": torch.ones_like(IDS)})["sentence_embedding"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

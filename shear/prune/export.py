@@ -152,26 +152,49 @@ def _input_dirs(model: nn.Module) -> list[Path]:
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
+def _st_root(src: Path) -> tuple[Path, str] | None:
+    """(sentence-transformers root, the transformer's path in it) for a directory the model was loaded
+    from: the directory itself (modern layout, path "") or its parent when that names it as the
+    Transformer module (``0_Transformer/``)."""
+    if (src / "modules.json").is_file():
+        return src, ""
+    parent = src.parent / "modules.json"
+    if parent.is_file():
+        from shear.models import ST_TRANSFORMER
+
+        if any(m.get("type") == ST_TRANSFORMER and str(m.get("path", "")) == src.name
+               for m in json.loads(parent.read_text())):
+            return src.parent, src.name
+    return None
+
+
 def _copy_sentence_transformers(model: nn.Module, tmp: Path) -> None:
     """Keep a sentence-transformers directory usable: when the model was loaded from one (``modules.json``
-    beside the transformer files), copy its module list and the modules stored in subdirectories
-    (``1_Pooling/``, ``2_Normalize/``...) beside the pruned transformer; the transformer module itself
-    (path ``""``) is the export."""
+    beside the transformer files, or above them in ``0_Transformer/``), copy its module list and the
+    modules stored in subdirectories (``1_Pooling/``, ``2_Normalize/``...) beside the pruned transformer.
+    The transformer module itself is the export, at the top (path ``""``: the modern layout)."""
     for src in _input_dirs(model):
-        if not (src / "modules.json").is_file():
+        found = _st_root(src)
+        if found is None:
             continue
-        for name in ST_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        for mod in json.loads((src / "modules.json").read_text()):
+        root, own = found
+        for d in (root, src):  # the older layout keeps sentence_bert_config.json with the transformer
+            for name in ST_FILES:
+                if (d / name).is_file():
+                    shutil.copyfile(d / name, tmp / name)
+        mods = json.loads((root / "modules.json").read_text())
+        for mod in mods:
             sub = str(mod.get("path", ""))
-            if sub and "/" not in sub and sub not in (".", "..") and (src / sub).is_dir():
-                shutil.copytree(src / sub, tmp / sub, dirs_exist_ok=True)
+            if sub == own:
+                mod["path"] = ""
+            elif sub and "/" not in sub and sub not in (".", "..") and (root / sub).is_dir():
+                shutil.copytree(root / sub, tmp / sub, dirs_exist_ok=True)
                 cfg = tmp / sub / "config.json"  # Pooling records the width it pools (hidden may be pruned)
                 d = json.loads(cfg.read_text()) if cfg.is_file() else {}
                 if "word_embedding_dimension" in d:
                     d["word_embedding_dimension"] = model.config.hidden_size
                     cfg.write_text(json.dumps(d, indent=2) + "\n")
+        (tmp / "modules.json").write_text(json.dumps(mods, indent=2) + "\n")
         return
 
 
