@@ -88,6 +88,13 @@ class Recipe(BaseModel):
                              "then sparsify the export (model.path)")
         if self.prune is not None and self.prune.tune_rounds > 1 and self.train is None:
             raise ValueError("prune.tune_rounds: prune while tuning needs a train section")
+        if self.prune is not None and self.prune.vocab is not None:
+            if self.distill is not None and self.distill.teacher is not None:
+                raise ValueError("prune.vocab: the teacher must see the student's token ids; with a vocabulary trim the "
+                                 "teacher is the unpruned model of the run (remove distill.teacher)")
+            if self.prune.learn is not None or self.prune.tune_rounds > 1:
+                raise ValueError("prune.vocab: vocabulary trimming goes with one-shot pruning (not prune.learn or "
+                                 "prune.tune_rounds)")
         if self.prune is not None and self.prune.learn is not None:
             if self.train is None:
                 raise ValueError("prune.learn: masks are learned by the trainer; add a train section")

@@ -158,10 +158,11 @@ class _Run:
             return model
         if recipe.prune.learn is not None:  # learned masks: a training stage of its own, then the finish
             return self.learn(model, teacher)
-        from shear.prune.pipeline import run_prune
+        from shear.prune.pipeline import prune_with_vocab
 
-        model, _, summary["prune"] = run_prune(model, self.tok, recipe.prune, recipe.importance,
-                                               self.out / "prune" if self.main else None, data=recipe.data)
+        model, self.tok, summary["prune"] = prune_with_vocab(model, self.tok, recipe.prune, recipe.importance,
+                                                             self.out / "prune" if self.main else None,
+                                                             data=recipe.data, teacher=teacher)
         summary["stages"].append("prune")
         if recipe.train is not None:
             self.evaluate_as(model, "pruned")

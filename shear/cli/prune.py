@@ -19,8 +19,9 @@ def _configs_from_flags(args):
     from shear.prune.config import ImportanceConfig, PruneConfig
 
     target = {"ratio": args.ratio} if args.params is None else {"params": args.params}
+    vocab = {"source": args.vocab_text, "min_count": args.vocab_min_count} if args.vocab_text else None
     prune = PruneConfig(target=target, structures=args.structures, allocation=args.allocation, heads=args.heads,
-                        round_to=args.round_to, iterative_steps=args.steps,
+                        round_to=args.round_to, iterative_steps=args.steps, vocab=vocab,
                         protected_layers=[int(x) for x in args.protect] if args.protect else [])
     imp = ImportanceConfig(estimator=args.estimator, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                            source=args.calib)
@@ -28,7 +29,7 @@ def _configs_from_flags(args):
 
 
 def _cmd_prune(args) -> int:
-    from shear.prune.pipeline import run_prune
+    from shear.prune.pipeline import prune_with_vocab
 
     src = Path(args.source)
     if src.suffix in (".yaml", ".yml"):
@@ -39,6 +40,8 @@ def _cmd_prune(args) -> int:
         recipe = load_recipe(src, recipe_overrides(args))
         if recipe.prune is None:
             raise ValueError(f"recipe {src}: no prune section")
+        if recipe.prune.learn is not None or recipe.prune.tune_rounds > 1:
+            raise ValueError(f"recipe {src}: prune.learn / prune.tune_rounds prune while training; use `shear run`")
         model, tok = build_model(recipe)
         prune, imp = recipe.prune, recipe.importance
         out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
@@ -54,9 +57,13 @@ def _cmd_prune(args) -> int:
         out = Path(args.output_dir or "shear-prune")
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
                        "prune": prune.model_dump(mode="json")}
-    _, _, report = run_prune(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
-                             export_dir=None if args.no_export else out / "model")
+    _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
+                                    export_dir=None if args.no_export else out / "model",
+                                    data=recipe.data if src.suffix in (".yaml", ".yml") else None)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if report.get("vocab"):
+        v = report["vocab"]
+        print(f"vocabulary: {v['tokens_before']:,} -> {v['tokens_after']:,} tokens (text: {v['source']})")
     if report["calibration_text"]:
         print(f"calibration: {report['calibration_text']}")
     print(f"params {report['params_before']:,} -> {report['params_after']:,} "
@@ -86,6 +93,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--n-samples", type=int, default=32)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--vocab-text", default=None, help="trim the vocabulary first (WordPiece encoders) to the tokens this "
+                                                       "text uses: a file, a directory, an HF dataset name or 'shakespeare' "
+                                                       "(prune.vocab.source); --ratio still counts from the untrimmed model")
+    g.add_argument("--vocab-min-count", type=int, default=1, help="with --vocab-text: uses a token needs to stay")
     g.add_argument("--calib", default=None, help="calibration text (importance.source): a text file, a directory, "
                    "an HF dataset name or 'shakespeare' (default: the shipped corpus)")
     p.set_defaults(func=_cmd_prune)

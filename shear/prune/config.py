@@ -152,6 +152,22 @@ class LearnConfig(BaseModel):
         return self.warmup if self.warmup is not None else max(1, self.steps // 5)
 
 
+class VocabTrimConfig(BaseModel):
+    """Trim the token table to the tokens a text uses (WordPiece encoders; ``shear.prune.vocab``), before the
+    structures are pruned. A ratio target still counts from the model before the trim."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | list[str] | None = Field(None, description="text whose tokens stay ('shakespeare', local file/dir "
+                                                              "path(s) or an HF dataset name); None = data.source, or "
+                                                              "the shipped corpus without a data section")
+    min_count: int = Field(1, ge=1, description="a token stays when the text uses it at least this often")
+    max_size: int | None = Field(None, gt=0, description="at most this many tokens stay (the most frequent; special and "
+                                                         "ASCII tokens always stay)")
+    keep_ascii: bool = Field(True, description="keep every printable ASCII character and its ## form, so English words "
+                                               "re-segment instead of becoming [UNK]")
+
+
 class PruneConfig(BaseModel):
     """What to remove and where. Used by ``shear.prune.pipeline.run_prune`` and ``shear prune``."""
 
@@ -180,6 +196,8 @@ class PruneConfig(BaseModel):
     iterative_steps: int = Field(1, gt=0, description="score, prune a step, rescore: the target is reached in this many equal steps")
     tune_rounds: int = Field(1, gt=0, description="prune while tuning: K rounds of prune a fraction, tune train.steps/K steps, "
                                                   "rescore (needs a train section; 1 = prune once, then train)")
+    vocab: VocabTrimConfig | None = Field(None, description="trim the vocabulary first (WordPiece encoders): token rows "
+                                                            "a text never uses go, the tokenizer with them")
     learn: LearnConfig | None = Field(None, description="learn hard-concrete masks toward the target in training "
                                                         "(needs a train section; uniform widths; no importance section)")
 

@@ -116,6 +116,45 @@ def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig |
             model.to(home)
 
 
+def prune_with_vocab(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig | None = None,
+                     out_dir=None, recipe: dict | None = None, export_dir=None, data=None, teacher=None):
+    """:func:`run_prune`, after ``cfg.vocab`` (when set) trims the token table of ``model`` (and of ``teacher``, so
+    KD sees the same ids) to the tokens its text uses. Returns ``(model, tokenizer, report)``: the tokenizer is
+    the trimmed one when a trim happened. A ratio target counts from the model before the trim (it becomes a
+    parameter budget); a budget the trim alone meets is an error (nothing left for the structures)."""
+    if cfg.vocab is None:
+        model, _, report = run_prune(model, tokenizer, cfg, importance, out_dir, recipe, export_dir, data=data)
+        return model, tokenizer, report
+    from shear.data.text import DataConfig, load_text_splits
+    from shear.prune.vocab import VocabConfig, select_vocab, token_counts, trim_vocab_
+
+    v = cfg.vocab
+    dcfg = DataConfig(source=v.source) if v.source is not None else (data or DataConfig(source="shakespeare"))
+    texts = list(load_text_splits(dcfg)["train"][dcfg.text_field])
+    p0, v0 = sum(p.numel() for p in model.parameters()), model.config.vocab_size
+    keep = select_vocab(tokenizer, token_counts(tokenizer, texts),
+                        VocabConfig(min_count=v.min_count, max_size=v.max_size, keep_ascii=v.keep_ascii))
+    new_tok = trim_vocab_(model, tokenizer, keep)
+    if teacher is not None:
+        trim_vocab_(teacher, tokenizer, keep)
+    p1 = sum(p.numel() for p in model.parameters())
+    info = {"source": str(dcfg.source), "tokens_before": v0, "tokens_after": int(len(keep)),
+            "params_before": p0, "params_after": p1}
+    log.info("vocabulary: %d -> %d tokens (text: %s), params %d -> %d", v0, len(keep), dcfg.source, p0, p1)
+    target = cfg.target
+    if target.ratio is not None:
+        budget = int(p0 * (1 - target.ratio))
+        if p1 <= budget:
+            raise ValueError(f"prune.vocab: the vocabulary trim alone leaves {p1:,} of {p0:,} parameters, within the "
+                             f"target ({budget:,}); nothing is left for prune.structures; lower prune.target or drop it")
+        cfg = cfg.model_copy(update={"target": target.model_copy(update={"ratio": None, "params": budget})})
+    model, _, report = run_prune(model, new_tok, cfg, importance, out_dir, recipe, export_dir, data=data)
+    report.update(vocab=info, params_before=p0, removed_ratio=1 - report["params_after"] / p0)
+    if out_dir is not None:
+        (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return model, new_tok, report
+
+
 def _move_for_scoring(model, device: str | None):
     """Move ``model`` to ``importance.device``; return where it was (None: not moved)."""
     if device is None:
