@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-# shear.data.text imports DomainConfig for its ``data.domains`` key: text is imported inside functions
+from .text import BlockDataset, DomainConfig  # noqa: F401  (DomainConfig: the data.domains key lives with DataConfig)
 
 # First Folio classification (1623); Pericles, absent from the Folio, is a late romance like The
 # Tempest and The Winter's Tale, which the Folio lists among the comedies. Cymbeline and Troilus and
@@ -38,20 +37,6 @@ GENRES: dict[str, tuple[str, ...]] = {
                   "troilus_and_cressida"),
     "poems": ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets"),
 }
-
-
-class DomainConfig(BaseModel):
-    """One named domain: a data source (as ``data.source``) and an optional reference loss."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="domain name used in logs, weights and plots")
-    source: str | list[str] = Field(description="local file/dir path(s), an HF dataset name, or 'genre:<name>' "
-                                                "for one genre of the shipped corpus")
-    config_name: str | None = Field(None, description="HF dataset configuration name")
-    text_field: str = Field("text", description="column holding the text")
-    ref_loss: float | None = Field(None, description="reference loss (nats/token); None = measured from the teacher")
-    weight: float = Field(1.0, gt=0, description="initial weight (normalized over domains)")
 
 
 def genre_texts(holdout_fraction: float = 0.05) -> dict[str, tuple[list[str], list[str]]]:

@@ -22,11 +22,24 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .domains import DomainConfig
 
 IGNORE_INDEX = -100
 DOC_CHARS = 20_000  # a single .txt file is cut into documents of at most about this many characters ...
 MIN_DOCS = 20  # ... and into at least this many, so a validation share can be held out
+
+
+class DomainConfig(BaseModel):
+    """One named domain: a data source (as ``data.source``) and an optional reference loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="domain name used in logs, weights and plots")
+    source: str | list[str] = Field(description="local file/dir path(s), an HF dataset name, or 'genre:<name>' "
+                                                "for one genre of the shipped corpus")
+    config_name: str | None = Field(None, description="HF dataset configuration name")
+    text_field: str = Field("text", description="column holding the text")
+    ref_loss: float | None = Field(None, description="reference loss (nats/token); None = measured from the teacher")
+    weight: float = Field(1.0, gt=0, description="initial weight (normalized over domains)")
 
 
 class DataConfig(BaseModel):
