@@ -19,6 +19,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is faster than two and immune to a busy second core.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama_config(**over):
     from transformers import LlamaConfig
 

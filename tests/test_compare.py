@@ -17,12 +17,7 @@ from shear.compare import CompareConfig
 from shear.compare.budget import nonzero_for_bytes, nonzero_params, sparsity_for_nonzero, trim_to_nonzero_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy():

@@ -27,12 +27,7 @@ CALIB = torch.randint(5, 128, (8, 16), generator=torch.Generator().manual_seed(2
 SMALL = ["--n-samples", "4", "--seq-len", "32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(d: Path):

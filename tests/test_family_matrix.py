@@ -31,13 +31,7 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is twice as fast as two and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_registered_estimator_is_in_the_matrix():

@@ -156,14 +156,6 @@ def _loss(model, ids):
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-@pytest.fixture
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shakespeare():
     from shear.data.corpus import load_corpus_text
@@ -192,7 +184,7 @@ def _trained(fam: str, train_text: str):
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2"])
-def test_obs_pruning_lowers_held_out_loss_vs_no_reconstruction(fam, shakespeare, monkeypatch, _one_thread):
+def test_obs_pruning_lowers_held_out_loss_vs_no_reconstruction(fam, shakespeare, monkeypatch, one_thread):
     """Same plan (same scores, same units removed), finished with and without the reconstruction: the
     reconstructed model has the lower loss on held-out text (the validation split)."""
     train_text, val_text = shakespeare
@@ -213,7 +205,7 @@ def test_obs_pruning_lowers_held_out_loss_vs_no_reconstruction(fam, shakespeare,
     assert l_rec < l_raw, (l_dense, l_rec, l_raw)
 
 
-def test_obs_brings_an_encoder_closer_to_its_dense_outputs(monkeypatch, _one_thread):
+def test_obs_brings_an_encoder_closer_to_its_dense_outputs(monkeypatch, one_thread):
     """BERT (post-norm, biased consumers): held-out hidden states are closer to the dense model's."""
     dense = family_model("bert", std=0.1)
     held = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
@@ -236,7 +228,7 @@ def test_obs_refuses_hidden_channels():
                   ImportanceConfig(estimator="obs"), ids=CALIB)
 
 
-def test_obs_biases_go_where_compensation_would_with_refitted_values(_one_thread):
+def test_obs_biases_go_where_compensation_would_with_refitted_values(one_thread):
     """Mistral (no bias slot in the stock class): a global plan (per-layer export) gets a refitted bias on
     each down_proj, not FLAP's mean; bias_compensation=false gets none; a uniform (stock) plan skips it
     and says so."""

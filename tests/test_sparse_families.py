@@ -13,12 +13,7 @@ CALIB = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def as_out_in(model, name):

@@ -23,12 +23,7 @@ WORDS = ["the", "cat", "cats", "dog", "sat", "on", "mat", "ran", "zoo"]
 KEEP_TEXT = ["the cat sat on the mat.", "the dog ran."]  # never uses "cats" or "zoo", nor z/q/x
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer():
