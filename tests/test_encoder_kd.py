@@ -94,3 +94,23 @@ def test_pruned_encoder_recovers_cosine_with_embedding_kd(tmp_path):
     assert after > before + 0.05 and after > 0.97, (before, after)  # measured: 0.89 -> 0.995
     assert res.metrics["eval"][-1]["val_loss"] != res.metrics["eval"][-1]["val_loss"]  # NaN: no PPL for encoders
     assert (tmp_path / "kd").exists()
+
+
+@pytest.mark.parametrize("p", [None, 0.0])
+def test_train_dropout_applies_while_training_and_is_given_back(tmp_path, p):
+    """train.dropout sets the student's dropout for training only (0: deterministic forward in train mode)."""
+    teacher = family_model("bert")
+    student = copy.deepcopy(teacher)
+    for m in student.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    seen = []
+    drop = next(m for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    drop.register_forward_hook(lambda m, i, o: seen.append((m.training, m.p)))
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, log_every=1, resume=False, dropout=p)
+    res = train(student, Text(8), Text(4, seed=1), cfg, tmp_path / "kd", teacher=teacher,
+                distill=DistillConfig(embedding_weight=1.0))
+    assert {pp for training, pp in seen if training} == {0.1 if p is None else p}
+    assert all(m.p == 0.1 for m in res.model.modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig(steps=1, dropout=1.0)

@@ -252,7 +252,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--hidden-weight", type=float, default=0.0, help="distill.hidden_weight (layer_map auto)")
-    ap.add_argument("--student-dropout", type=float, default=None, help="dropout in the student during KD (default: the model's, 0.1)")
+    ap.add_argument("--student-dropout", type=float, default=None, help="train.dropout: the student's dropout during KD (default: the model's, 0.1)")
     ap.add_argument("--hidden-loss", default="cosine")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-kd", action="store_true", help="prune only (quick estimator / structure comparisons)")
@@ -305,13 +305,9 @@ def main():
             t0 = time.time()
             with tempfile.TemporaryDirectory() as tmp:
                 student = copy.deepcopy(pruned).requires_grad_(True)  # train() freezes the teacher (base), which rows copy
-                if args.student_dropout is not None:
-                    for m in student.modules():
-                        if isinstance(m, torch.nn.Dropout):
-                            m.p = args.student_dropout
                 res = train(student, ds, ds[:8], TrainConfig(
                     steps=args.kd_steps, batch_size=args.batch, lr=args.lr, warmup_steps=min(20, args.kd_steps // 4),
-                    log_every=50, resume=False), tmp, teacher=base, distill=DistillConfig(
+                    log_every=50, resume=False, dropout=args.student_dropout), tmp, teacher=base, distill=DistillConfig(
                     embedding_weight=1.0, embedding_loss="cosine", hidden_weight=args.hidden_weight,
                     hidden_loss=args.hidden_loss, layer_map="auto" if args.hidden_weight else None))
             row["kd_wall_s"] = time.time() - t0

@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
     log_every: int = Field(10, gt=0, description="write train metrics every N steps")
     seed: int = Field(0, description="seed of initialisation-independent randomness: data order, dropout")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="the student's dropout probability while training "
+                                  "(every torch.nn.Dropout, which attention dropout reads too); null = the model's own; "
+                                  "0 = off, usual for distillation; the returned model gets its own values back")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, ~30% slower)")
     lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of all weights; null = full fine-tuning")
     full_finetune: bool = Field(True, description="train every weight; must be false when lora is set (set automatically)")

@@ -112,6 +112,16 @@ def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
+def _set_dropout(model: nn.Module, p: float | None) -> dict[str, float]:
+    """Set every ``nn.Dropout`` of ``model`` to ``p`` (None: leave them); returns {module name: its own p}."""
+    own = {name: m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    if p is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+    return own
+
+
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
           distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None,
           domains=None, shearing=None) -> TrainResult:
@@ -156,6 +166,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         if cfg.lora is not None:
             raise ValueError("prune.learn: learned masks are trained with all weights or with frozen weights, "
                              "not with LoRA adapters (their hooks sit on the base layers)")
+    own_dropout = _set_dropout(model, cfg.dropout)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     teacher = _prepare_teacher(teacher, distill, accelerator.device)
@@ -247,6 +258,9 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         if keeper is not None else None
     if use_cache is not None:
         student.config.use_cache = use_cache
+    for name, m in student.named_modules():  # the model's own dropout back (by name: the student may be a gathered copy)
+        if name in own_dropout and isinstance(m, nn.Dropout):
+            m.p = own_dropout[name]
     accelerator.end_training()
     metrics = {"final_train_loss": last_loss, "eval": state["eval"],
                "final_val_ppl": state["eval"][-1]["val_ppl"] if state["eval"] else None,
