@@ -114,3 +114,19 @@ def test_train_dropout_applies_while_training_and_is_given_back(tmp_path, p):
     assert all(m.p == 0.1 for m in res.model.modules() if isinstance(m, torch.nn.Dropout))
     with pytest.raises(ValueError, match="dropout"):
         TrainConfig(steps=1, dropout=1.0)
+
+
+def test_train_dropout_reaches_llama_attention(tmp_path):
+    """Llama-style attention reads a float attention_dropout, not an nn.Dropout: train.dropout sets and restores it."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(attention_dropout=0.0))
+    attn = model.model.layers[0].self_attn
+    seen = []
+    attn.register_forward_hook(lambda m, i, o: seen.append((m.training, m.attention_dropout)))
+    ds = [{"input_ids": x, "labels": x} for x in torch.randint(0, 64, (8, 12))]
+    res = train(model, ds, ds[:2], TrainConfig(steps=1, batch_size=4, log_every=1, resume=False, dropout=0.2),
+                tmp_path / "t")
+    assert {p for training, p in seen if training} == {0.2}
+    assert res.model.model.layers[0].self_attn.attention_dropout == 0.0

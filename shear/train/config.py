@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="write train metrics every N steps")
     seed: int = Field(0, description="seed of initialisation-independent randomness: data order, dropout")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="the student's dropout probability while training "
-                                  "(every torch.nn.Dropout, which attention dropout reads too); null = the model's own; "
+                                  "(every torch.nn.Dropout and Llama-style attention_dropout); null = the model's own; "
                                   "0 = off, usual for distillation; the returned model gets its own values back")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, ~30% slower)")
     lora: LoraConfig | None = Field(None, description="train low-rank adapters instead of all weights; null = full fine-tuning")

@@ -10,6 +10,7 @@ gradient does not depend on how the global batch is split over processes and mic
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .config import DistillConfig, TrainConfig
 from .data import StepSampler, collate, local_micro_batches
 from .lora import apply_lora, merge_lora
 from .student import LossModule, attention_mask_for, teacher_hidden_states
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,13 +115,21 @@ def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def _set_dropout(model: nn.Module, p: float | None) -> dict[str, float]:
-    """Set every ``nn.Dropout`` of ``model`` to ``p`` (None: leave them); returns {module name: its own p}."""
-    own = {name: m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+def _set_dropout(model: nn.Module, p: float | None) -> dict[tuple[str, str], float]:
+    """Set the dropout of ``model`` to ``p`` (None: leave it): every ``nn.Dropout`` and the float
+    ``attention_dropout`` that Llama-style attention reads; returns {(module name, attribute): its own value}."""
+    own = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout):
+            own[(name, "p")] = m.p
+        elif isinstance(getattr(m, "attention_dropout", None), float):
+            own[(name, "attention_dropout")] = m.attention_dropout
     if p is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = p
+        if not own:
+            log.warning("train.dropout: %s has no dropout shear can set; the setting has no effect", type(model).__name__)
+        mods = dict(model.named_modules())
+        for name, attr in own:
+            setattr(mods[name], attr, p)
     return own
 
 
@@ -258,9 +269,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         if keeper is not None else None
     if use_cache is not None:
         student.config.use_cache = use_cache
-    for name, m in student.named_modules():  # the model's own dropout back (by name: the student may be a gathered copy)
-        if name in own_dropout and isinstance(m, nn.Dropout):
-            m.p = own_dropout[name]
+    mods = dict(student.named_modules())  # the model's own dropout back (by name: the student may be a gathered copy)
+    for (name, attr), value in own_dropout.items():
+        if name in mods and hasattr(mods[name], attr):
+            setattr(mods[name], attr, value)
     accelerator.end_training()
     metrics = {"final_train_loss": last_loss, "eval": state["eval"],
                "final_val_ppl": state["eval"][-1]["val_ppl"] if state["eval"] else None,
