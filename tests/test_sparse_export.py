@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from families import family_model, outputs
 from shear.sparse import SparsifyConfig

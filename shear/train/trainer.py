@@ -118,18 +118,14 @@ def evaluate_ppl(accelerator, module, val_ds, cfg: TrainConfig) -> dict:
 def _set_dropout(model: nn.Module, p: float | None) -> dict[tuple[str, str], float]:
     """Set the dropout of ``model`` to ``p`` (None: leave it): every ``nn.Dropout`` and the float
     ``attention_dropout`` that Llama-style attention reads; returns {(module name, attribute): its own value}."""
-    own = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Dropout):
-            own[(name, "p")] = m.p
-        elif isinstance(getattr(m, "attention_dropout", None), float):
-            own[(name, "attention_dropout")] = m.attention_dropout
+    slots = [(name, m, "p" if isinstance(m, nn.Dropout) else "attention_dropout") for name, m in model.named_modules()
+             if isinstance(m, nn.Dropout) or isinstance(getattr(m, "attention_dropout", None), float)]
+    if p is not None and not slots:
+        log.warning("train.dropout: %s has no dropout shear can set; the setting has no effect", type(model).__name__)
+    own = {(name, attr): getattr(m, attr) for name, m, attr in slots}
     if p is not None:
-        if not own:
-            log.warning("train.dropout: %s has no dropout shear can set; the setting has no effect", type(model).__name__)
-        mods = dict(model.named_modules())
-        for name, attr in own:
-            setattr(mods[name], attr, p)
+        for _, m, attr in slots:
+            setattr(m, attr, p)
     return own
 
 
