@@ -233,3 +233,65 @@ def test_domains_refused_in_prune_while_tuning():
                               "train": {"steps": 2}})
     with pytest.raises(ValueError, match="data.domains"):
         run_rounds_from_recipe(recipe, None, None, None, None)
+
+
+def test_weight_floor_mixes_with_uniform():
+    """Every weight stays at or above the floor m after an update, the sum stays 1: (1 - K·m)·α + m.
+    None = LLM-Shearing's (1 - c)·α + c/K, c = 1e-4."""
+    from shear.data.domains import DEFAULT_SMOOTHING, min_weight_of
+    from shear.data.text import DataConfig
+
+    w = torch.full((3,), 1 / 3, dtype=torch.float64)
+    loss, ref = torch.tensor([40.0, 1.0, 1.0], dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    bare = update_weights(w, loss, ref, eta=1.0)
+    assert float(bare[1]) < 1e-15  # no floor: a domain can starve
+    floored = update_weights(w, loss, ref, eta=1.0, min_weight=0.05)
+    assert floored.tolist() == pytest.approx([(1 - 0.15) * float(b) + 0.05 for b in bare], rel=1e-12)
+    assert float(floored.min()) == pytest.approx(0.05) and float(floored.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert min_weight_of(None, 4) == DEFAULT_SMOOTHING / 4 == 2.5e-5 and min_weight_of(0.0, 4) == 0.0
+    with pytest.raises(ValueError, match="domain_min_weight"):
+        min_weight_of(0.5, 2)
+    assert DataConfig().domain_min_weight is None and DataConfig().domain_reference == "given_else_teacher"
+    s = DomainSampler([10, 10, 10], ["a", "b", "c"], seed=0)
+    for step in range(1, 6):
+        s.update(step, {"a": 30.0, "b": 1.0, "c": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0}, eta=1.0, min_weight=0.02)
+    assert min(s.weight_dict().values()) >= 0.02 - 1e-12
+
+
+def test_reference_source_is_a_named_choice(tmp_path, tiny_llama, caplog):
+    import logging
+
+    from shear.data.domains import mix_from_config
+    from shear.data.text import BlockDataset, DataConfig
+    from shear.data.tokenizer import train_bpe
+
+    val = {"a": BlockDataset(torch.randint(0, 64, (3, 8))), "b": BlockDataset(torch.randint(0, 64, (2, 8)))}
+    with pytest.raises(ValueError, match="'given' needs"):
+        reference_losses(tiny_llama, val, given={"b": 1.25}, reference="given")
+    with pytest.raises(ValueError, match="'teacher' measures"):
+        reference_losses(tiny_llama, val, given={"b": 1.25}, reference="teacher")
+    with pytest.raises(ValueError, match="domain_reference"):
+        reference_losses(tiny_llama, val, reference="scaling")
+    measured = reference_losses(tiny_llama, val, reference="teacher")
+    assert measured["b"] == pytest.approx(domain_loss(tiny_llama, val["b"]))
+    assert reference_losses(None, val, given={"a": 2.0, "b": 1.25}, reference="given") == {"a": 2.0, "b": 1.25}
+
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            (tmp_path / name / f"{i}.txt").write_text(f"{name} document {i} " * 40)
+    tok = train_bpe([f"x document {i} y document" for i in range(20)], vocab_size=280)
+    doms = [{"name": "x", "source": str(tmp_path / "x"), "ref_loss": 2.0}, {"name": "y", "source": str(tmp_path / "y")}]
+    data = DataConfig(seq_len=16, validation_fraction=0.34, domains=doms, domain_min_weight=0.01)
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    teacher = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok))).eval()
+    with caplog.at_level(logging.INFO, logger="shear"):
+        mix = mix_from_config(data, tok, teacher=teacher)
+    line = [r.getMessage() for r in caplog.records if "reference losses" in r.getMessage()]
+    assert len(line) == 1 and "(given_else_teacher)" in line[0] and "x 2.0000 (given)" in line[0] and "(teacher)" in line[0]
+    assert mix.ref_losses["x"] == 2.0 and mix.min_weight == 0.01
+    with pytest.raises(ValueError, match="'given' needs"):
+        mix_from_config(data.model_copy(update={"domain_reference": "given"}), tok, teacher=teacher)

@@ -186,6 +186,8 @@ def test_score_initialized_masks_change_no_logits_and_follow_the_scores():
     masks = attach_masks(model, graph, ("heads", "mlp", "hidden"))
     init_from_scores_(masks, scores)
     masks.eval()
+    for m in masks.masks.values():  # eval masks of every unit (by default they keep round(Σ P(z > 0)): P ≥ 0.98 here)
+        m.keep = m.log_alpha.shape[1]
     assert torch.equal(outputs(model, ids), ref)
     for t, m in masks.masks.items():
         assert torch.equal(deterministic_z(m.log_alpha), torch.ones_like(m.log_alpha))

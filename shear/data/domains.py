@@ -8,19 +8,31 @@
     ... after each evaluation:  sampler.update(step, {name: val_loss}, ref, eta=1.0)
 
 Weights follow ../shared/FIELD-NOTES.md section 4: α ← softmax(log α + η·(ℓ − ℓ_ref)) after each
-evaluation; with ``clamp_gap=True`` the gap is max(ℓ − ℓ_ref, 0) as in the paper's Algorithm 1. The
+evaluation; with ``clamp_gap=True`` the gap is max(ℓ − ℓ_ref, 0) as in the paper's Algorithm 1. Then
+α ← (1 − K·m)·α + m over K domains, so no weight falls below the floor m (LLM-Shearing mixes with
+uniform the same way: (1 − c)·α + c/K, c = 1e-4, after DoReMi; ``DEFAULT_SMOOTHING``).
+Reference losses ℓ_ref (``reference=``): ``given`` (Sheared-LLaMA: per-domain losses predicted by a
+scaling law for a model of the target size), ``teacher`` (the unpruned model's own held-out loss) or
+``given_else_teacher`` (given where set, else the teacher's). The
 sampler's state (weights, per-domain read positions, history) is a plain dict for checkpoints; the
 batch drawn at a step is a function of that state and (seed, step), so a resumed run reads exactly
 what an uninterrupted one would. Math (``update_weights``, ``domain_counts``) is apart from glue.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .text import BlockDataset, DomainConfig  # noqa: F401  (DomainConfig: the data.domains key lives with DataConfig)
+
+log = logging.getLogger("shear")
+
+#: LLM-Shearing's mix of the updated weights with uniform, (1 - c)·α + c/K (c from DoReMi, Xie et al. 2023)
+DEFAULT_SMOOTHING = 1e-4
+REFERENCES = ("given_else_teacher", "given", "teacher")
 
 # First Folio classification (1623); Pericles, absent from the Folio, is a late romance like The
 # Tempest and The Winter's Tale, which the Folio lists among the comedies. Cymbeline and Troilus and
@@ -99,13 +111,25 @@ def build_domain_datasets(domains: list[DomainConfig], tokenizer, seq_len: int, 
 
 # ---- math -------------------------------------------------------------------------------------------
 
+def min_weight_of(min_weight: float | None, n_domains: int) -> float:
+    """The weight floor: ``min_weight``, or LLM-Shearing's c/K (c = ``DEFAULT_SMOOTHING``) when None."""
+    m = DEFAULT_SMOOTHING / n_domains if min_weight is None else float(min_weight)
+    if not 0.0 <= m * n_domains < 1.0:
+        raise ValueError(f"data.domain_min_weight: {m} x {n_domains} domains must be in [0, 1)")
+    return m
+
+
 def update_weights(weights: torch.Tensor, losses: torch.Tensor, ref_losses: torch.Tensor, eta: float,
-                   clamp_gap: bool = False) -> torch.Tensor:
-    """α' = softmax(log α + η·g), g = ℓ − ℓ_ref (or max(ℓ − ℓ_ref, 0) with ``clamp_gap``). All [D]."""
+                   clamp_gap: bool = False, min_weight: float = 0.0) -> torch.Tensor:
+    """α' = (1 − K·m)·softmax(log α + η·g) + m, g = ℓ − ℓ_ref (or max(ℓ − ℓ_ref, 0) with ``clamp_gap``),
+    m = ``min_weight`` (every weight ≥ m; the sum stays 1). All [K]."""
     gap = losses.double() - ref_losses.double()
     if clamp_gap:
         gap = gap.clamp(min=0)
-    return torch.softmax(weights.double().log() + eta * gap, dim=0)
+    alpha = torch.softmax(weights.double().log() + eta * gap, dim=0)
+    if min_weight:
+        alpha = (1.0 - alpha.numel() * min_weight) * alpha + min_weight
+    return alpha
 
 
 def domain_counts(weights: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -161,14 +185,14 @@ class DomainSampler:
         return self._drawn[step]
 
     def update(self, step: int, losses: dict[str, float], ref_losses: dict[str, float], eta: float,
-               clamp_gap: bool = False) -> dict[str, float]:
+               clamp_gap: bool = False, min_weight: float = 0.0) -> dict[str, float]:
         """Re-weight after an evaluation at ``step``; logs and returns the new weights."""
         missing = [n for n in self.names if n not in losses or n not in ref_losses]
         if missing:
             raise ValueError(f"data.domains: no loss or reference loss for {missing}")
         cur = torch.tensor([losses[n] for n in self.names])
         ref = torch.tensor([ref_losses[n] for n in self.names])
-        self.weights = update_weights(self.weights, cur, ref, eta, clamp_gap)
+        self.weights = update_weights(self.weights, cur, ref, eta, clamp_gap, min_weight)
         self.history.append({"step": step, "weights": self.weight_dict(),
                              "losses": {n: float(losses[n]) for n in self.names}})
         return self.weight_dict()
@@ -199,6 +223,7 @@ class DomainMix:
     eta: float = 1.0
     clamp_gap: bool = False
     weights: list[float] | None = None  # initial weights in domain order (None = uniform)
+    min_weight: float | None = None  # weight floor after each update (None = LLM-Shearing's 1e-4 / K)
 
     def concat(self) -> torch.utils.data.ConcatDataset:
         return torch.utils.data.ConcatDataset(list(self.train.values()))
@@ -212,7 +237,8 @@ class DomainMix:
     def evaluate_and_update(self, step: int, loss_of, sampler: DomainSampler) -> dict[str, float]:
         """``loss_of(ds) -> float`` on each held-out domain, then the weight update; flat keys for the eval log."""
         losses = {n: float(loss_of(ds)) for n, ds in self.val.items()}
-        weights = sampler.update(step, losses, self.ref_losses, self.eta, self.clamp_gap)
+        weights = sampler.update(step, losses, self.ref_losses, self.eta, self.clamp_gap,
+                                 min_weight_of(self.min_weight, len(self.val)))
         return {**{f"domain_loss/{n}": v for n, v in losses.items()},
                 **{f"domain_weight/{n}": v for n, v in weights.items()}}
 
@@ -238,29 +264,46 @@ def domain_loss(model, ds: "BlockDataset", batch_size: int = 8, max_batches: int
 
 
 def reference_losses(teacher, val: dict[str, "BlockDataset"], given: dict[str, float | None] | None = None,
-                     batch_size: int = 8, max_batches: int | None = None) -> dict[str, float]:
-    """ℓ_ref per domain: the given value, else the teacher's held-out loss on that domain."""
-    given = given or {}
-    return {n: given[n] if given.get(n) is not None else domain_loss(teacher, ds, batch_size, max_batches)
-            for n, ds in val.items()}
+                     batch_size: int = 8, max_batches: int | None = None,
+                     reference: str = "given_else_teacher") -> dict[str, float]:
+    """ℓ_ref per domain from ``reference``: ``given_else_teacher`` (the given value, else the teacher's
+    held-out loss on the domain), ``given`` (every domain's given value: Sheared-LLaMA's scaling-law
+    predictions) or ``teacher`` (the teacher's held-out loss on every domain; no value may be given)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"data.domain_reference: {reference!r} is not one of {list(REFERENCES)}")
+    given = {n: v for n, v in (given or {}).items() if v is not None}
+    if reference == "given":
+        missing = [n for n in val if n not in given]
+        if missing:
+            raise ValueError(f"data.domain_reference: 'given' needs data.domains[*].ref_loss for {missing} (Sheared-LLaMA: "
+                             "the loss a target-size model is predicted to reach, from a per-domain scaling law)")
+    if reference == "teacher" and given:
+        raise ValueError(f"data.domain_reference: 'teacher' measures every reference, but ref_loss is set for "
+                         f"{sorted(given)}; drop it or use given_else_teacher")
+    if teacher is None and any(n not in given for n in val):
+        raise ValueError(f"data.domains: no ref_loss for {[n for n in val if n not in given]} and no teacher to "
+                         "measure it; set data.domains[*].ref_loss or add a distill section (its teacher measures them)")
+    return {n: given[n] if n in given else domain_loss(teacher, ds, batch_size, max_batches) for n, ds in val.items()}
 
 
 def mix_from_config(data, tokenizer, teacher=None) -> DomainMix:
     """A ``DomainMix`` from a recipe's ``data`` section (``data.domains``, ``data.domain_eta``...).
 
-    ``data.domains: genres`` means ``genre_domains()``. Reference losses not given are measured from
-    ``teacher`` on each domain's held-out blocks (at most ``data.max_validation_blocks`` of them).
+    ``data.domains: genres`` means ``genre_domains()``. Reference losses follow ``data.domain_reference``;
+    measured ones come from ``teacher`` on each domain's held-out blocks (at most
+    ``data.max_validation_blocks`` of them). One log line names the reference of every domain.
     """
     domains = genre_domains() if data.domains == "genres" else list(data.domains)
     train, val = build_domain_datasets(domains, tokenizer, data.seq_len, data.validation_fraction, data.seed)
     given = {d.name: d.ref_loss for d in domains}
-    missing = [n for n, v in given.items() if v is None]
-    if missing and teacher is None:
-        raise ValueError(f"data.domains: no ref_loss for {missing} and no teacher to measure it; set "
-                         "data.domains[*].ref_loss or add a distill section (its teacher measures them)")
+    reference = getattr(data, "domain_reference", "given_else_teacher")
     cap = data.max_validation_blocks
-    ref = reference_losses(teacher, val, given, max_batches=None if cap is None else -(-cap // 8))
-    return DomainMix(train, val, ref, data.domain_eta, data.domain_clamp_gap, [d.weight for d in domains])
+    ref = reference_losses(teacher, val, given, max_batches=None if cap is None else -(-cap // 8), reference=reference)
+    floor = min_weight_of(getattr(data, "domain_min_weight", None), len(domains))
+    log.info("dynamic batch loading: reference losses (%s): %s; weight floor %.3g", reference,
+             ", ".join(f"{n} {v:.4f} ({'given' if given.get(n) is not None else 'teacher'})" for n, v in ref.items()),
+             floor)
+    return DomainMix(train, val, ref, data.domain_eta, data.domain_clamp_gap, [d.weight for d in domains], floor)
 
 
 def plot_weights(history: list[dict], path) -> Path:

@@ -141,11 +141,30 @@ class LearnConfig(BaseModel):
     init: Literal["uniform", "scores"] = Field("uniform", description="uniform: every log alpha starts equal (Sheared-LLaMA); "
                                                                      "scores: ordered by the importance section's scores within "
                                                                      "each row (calibration as for one-shot pruning)")
+    constraint: Literal["per_row", "per_type"] = Field(
+        "per_row", description="per_row: the Lagrangian holds every row's expected size to the target (each layer's "
+                               "heads and MLP channels, the hidden channels, the layers), one multiplier pair per "
+                               "type (LLM-Shearing); per_type: only each type's total over the layers (rows may "
+                               "drift apart, and the final per-layer top-k then cuts what a wide layer learned)")
+    log_alpha_range: tuple[float, float] | None = Field(
+        (-4.605170185988091, 4.605170185988092), description="log alpha is clamped to [low, high] after every optimizer step "
+                                                     "(before every mask draw); default: LLM-Shearing's [log 1e-2, log 1e2] "
+                                                     "~ [-4.61, 4.61]: P(z > 0) stays in [0.047, 0.998]; None = no clamp")
+    eval_keep: Literal["expected", "target"] = Field(
+        "expected", description="units each row of an eval (deterministic) mask keeps, the top ones by log alpha: "
+                                "expected = round(expected kept units of the row); target = the target (LLM-Shearing's "
+                                "default with a target model: the masked eval model is then the finished model)")
+    hidden_norm: Literal["kept", "all"] = Field(
+        "kept", description="hidden masks: RMSNorm statistics over the kept channels only (LLM-Shearing: the masked "
+                            "model is the sliced model with its own norm weights) or over all channels (norm outputs "
+                            "up to sqrt(d/k) larger while learning; the slicer folds sqrt(d/k) into the norm weights)")
 
     @model_validator(mode="after")
     def _warmup(self):
         if self.warmup is not None and self.warmup > self.steps:
             raise ValueError(f"warmup: {self.warmup} exceeds steps ({self.steps})")
+        if self.log_alpha_range is not None and not self.log_alpha_range[0] < self.log_alpha_range[1]:
+            raise ValueError(f"log_alpha_range: low {self.log_alpha_range[0]} must be below high {self.log_alpha_range[1]}")
         return self
 
     def ramp(self) -> int:

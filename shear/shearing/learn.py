@@ -81,10 +81,14 @@ def learn_masks(model: nn.Module, cfg: PruneConfig, train_cfg: TrainConfig, trai
     log.info("learned masks: target %s (units kept per row) of %s", target, full_shape(graph))
     scores, calib = init_scores(model, graph, tuple(target), importance, tokenizer, data, ids) \
         if learn.init == "scores" else (None, None)
-    masks = attach_masks(model, graph, tuple(target))
+    masks = attach_masks(model, graph, tuple(target), hidden_norm=learn.hidden_norm,
+                         log_alpha_range=learn.log_alpha_range)
     if scores is not None:
         init_from_scores_(masks, scores)
-    term = ShearingTerm(masks, target, learn.ramp(), mask_lr=learn.mask_lr, lambda_lr=learn.lambda_lr)
+    term = ShearingTerm(masks, target, learn.ramp(), mask_lr=learn.mask_lr, lambda_lr=learn.lambda_lr,
+                        constraint=learn.constraint, eval_keep=learn.eval_keep)
+    log.info("learned masks: constraint %s, eval masks keep the %s count, log alpha clamped to %s, hidden norms "
+             "over %s channels", learn.constraint, learn.eval_keep, learn.log_alpha_range, learn.hidden_norm)
     frozen = learn.weight_lr == 0
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(not frozen)

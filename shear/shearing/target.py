@@ -5,9 +5,10 @@ units per layer, in the graph's unit: KV groups, heads, or query heads per KV gr
 (channels per layer), ``hidden`` (residual channels). It comes from an explicit shape, a parameter
 ratio, or another model's ``config.json`` (``shape_from``).
 
-Constraint per mask type, with ŝ = expected kept fraction and t(step) ramped linearly from 1 to the
-target fraction over the warm-up:  L = λ₁·(ŝ − t) + λ₂·(ŝ − t)².  λ is maximised (gradient ascent),
-so it grows until the expected size meets the target.
+Constraint per mask type, with ŝ_r = expected kept fraction of row r (a layer's heads or MLP channels;
+the hidden channels; the layers) and t(step) ramped linearly from 1 to the target fraction over the
+warm-up:  L = mean_r(λ₁·(ŝ_r − t) + λ₂·(ŝ_r − t)²)  (``per_row``, LLM-Shearing), or one gap of the
+rows' mean per type.  λ is maximised (gradient ascent), so it grows until the expected size meets the target.
 """
 from __future__ import annotations
 
@@ -203,11 +204,21 @@ def resolve_target(graph: StructureGraph, shapes: dict, shape: dict | None = Non
 
 
 class Lagrangian(nn.Module):
-    """λ₁, λ₂ per mask type; ``forward(expected, step)`` -> (loss term, {type: (ŝ, t)})."""
+    """λ₁, λ₂ per mask type; ``forward(expected, step)`` -> (loss term, {type: (ŝ, t)}).
 
-    def __init__(self, full: dict[str, int], target: dict[str, int], rows: dict[str, int], warmup: int):
+    ``expected[type]`` is the expected kept units of each row ``[rows]``. ``per_row=True`` (LLM-Shearing's
+    ``lagrangian_regularization`` with a target model: one λ pair per type, the gap of every row):
+    ``L_type = mean_r(λ₁·(ŝ_r − t) + λ₂·(ŝ_r − t)²)``, so each layer's heads / MLP channels are held to the
+    per-layer target and the final per-row top-k keeps what was learned. ``per_row=False``: one gap per
+    type, ŝ = the mean of the rows (only the type's total is constrained; rows may drift apart).
+    The reported ŝ is the mean over rows either way.
+    """
+
+    def __init__(self, full: dict[str, int], target: dict[str, int], rows: dict[str, int], warmup: int,
+                 per_row: bool = True):
         super().__init__()
         self.full, self.target, self.rows, self.warmup = full, target, rows, max(1, warmup)
+        self.per_row = per_row
         self.lambdas = nn.ParameterDict({t: nn.Parameter(torch.zeros(2)) for t in target})
 
     def target_fraction(self, t: str, step: int) -> float:
@@ -217,8 +228,9 @@ class Lagrangian(nn.Module):
     def forward(self, expected: dict[str, torch.Tensor], step: int):
         loss, report = 0.0, {}
         for t, lam in self.lambdas.items():
-            s_hat = expected[t] / (self.full[t] * self.rows[t])
-            gap = s_hat - self.target_fraction(t, step)
-            loss = loss + lam[0] * gap + lam[1] * gap * gap
-            report[t] = (float(s_hat.detach()), self.target_fraction(t, step))
+            s_rows = expected[t].reshape(-1) / self.full[t]
+            goal = self.target_fraction(t, step)
+            gap = (s_rows if self.per_row else s_rows.mean()) - goal
+            loss = loss + (lam[0] * gap + lam[1] * gap * gap).mean()
+            report[t] = (float(s_rows.detach().mean()), goal)
         return loss, report

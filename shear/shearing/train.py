@@ -30,6 +30,10 @@ class ShearTrainConfig:
         kd_weight: weight of the KD term when a teacher is given; the CE term gets 1 − kd_weight.
         kd_loss: divergence (``shear.train.losses.token_divergence`` kinds).
         temperature: KD temperature.
+        constraint: ``"per_row"`` (every layer's expected size against the per-layer target, LLM-Shearing)
+            or ``"per_type"`` (one expected total per mask type).
+        eval_keep: units the eval masks keep per row: ``"expected"`` (round of the expected count) or
+            ``"target"``.
     """
 
     steps: int = 300
@@ -40,6 +44,8 @@ class ShearTrainConfig:
     kd_weight: float = 1.0
     kd_loss: str = "forward_kl"
     temperature: float = 1.0
+    constraint: str = "per_row"
+    eval_keep: str = "expected"
 
 
 def _task_loss(model, teacher, ids: torch.Tensor, cfg: ShearTrainConfig) -> torch.Tensor:
@@ -59,8 +65,10 @@ def _task_loss(model, teacher, ids: torch.Tensor, cfg: ShearTrainConfig) -> torc
 def train_masks(model: nn.Module, masks: ShearMasks, target: dict[str, int], batches: Iterable[torch.Tensor],
                 cfg: ShearTrainConfig, teacher: nn.Module | None = None) -> list[dict]:
     """Learn ``masks`` toward ``target`` (``resolve_target``) on ``batches`` of token ids ``[B, T]``
-    (cycled until ``cfg.steps``). Returns one log row per step: loss, lagrangian, ŝ and t per type."""
-    term = ShearingTerm(masks, target, cfg.warmup, mask_lr=cfg.mask_lr, lambda_lr=cfg.lambda_lr)
+    (cycled until ``cfg.steps``). Returns one log row per step: loss, lagrangian, ŝ and t per type.
+    log α is clamped to ``masks.log_alpha_range`` after every optimizer step."""
+    term = ShearingTerm(masks, target, cfg.warmup, mask_lr=cfg.mask_lr, lambda_lr=cfg.lambda_lr,
+                        constraint=cfg.constraint, eval_keep=cfg.eval_keep)
     groups = term.param_groups()
     if cfg.weight_lr > 0:
         groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.weight_lr})
@@ -78,6 +86,7 @@ def train_masks(model: nn.Module, masks: ShearMasks, target: dict[str, int], bat
             opt.zero_grad(set_to_none=True)
             (task + lag_loss).backward()
             opt.step()
+            masks.constrain_()  # log α back into its range after every step (the next draw would do it too)
             log.append({"step": step, "loss": float(task.detach()), "lagrangian": float(lag_loss.detach()),
                         **term.report})
             step += 1
