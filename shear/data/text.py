@@ -2,6 +2,8 @@
 
 Sources (``DataConfig.source``):
 - ``"shakespeare"``: the embedded corpus with its fixed held-out split (see ``corpus.py``);
+- ``"english"``: general English documentation prose, the Python standard library's docstrings
+  (``english.py``; no download), the default calibration text of pretrained models;
 - a local ``.txt`` / ``.jsonl`` / ``.json`` file, a directory of them, or a list of files;
   each .txt file is one document, except a single one, which is cut into documents (``split_documents``);
 - an HF dataset name (``load_dataset(name, config)``; offline it must be in the local cache).
@@ -64,6 +66,16 @@ class DataConfig(BaseModel):
                           "the shipped corpus by genre; the training batches then come from these, validation from source")
     domain_eta: float = Field(1.0, gt=0, description="step size of the domain-weight update after each evaluation")
     domain_clamp_gap: bool = Field(False, description="use max(loss - ref, 0) as the gap (Sheared-LLaMA Alg. 1)")
+    domain_min_weight: float | None = Field(None, ge=0.0, description="floor of every domain weight after each update: "
+                                            "w <- (1 - K*m)*w + m over K domains (a mix with uniform, still summing to "
+                                            "1); None = LLM-Shearing's (1 - c)*w + c/K with c = 1e-4 (after DoReMi), i.e. "
+                                            "m = 1e-4/K; 0 = no floor")
+    domain_reference: Literal["given_else_teacher", "given", "teacher"] = Field(
+        "given_else_teacher", description="where each domain's reference loss comes from: given_else_teacher = "
+        "data.domains[*].ref_loss where set, else the teacher's held-out loss on the domain; given = every domain "
+        "sets ref_loss (Sheared-LLaMA: the loss a model of the target size is predicted to reach, from a scaling "
+        "law fit per domain on the source family's losses, not the teacher's); teacher = the teacher's loss on "
+        "every domain (a ref_loss is then refused)")
 
     @field_validator("seq_len")
     @classmethod
@@ -85,6 +97,11 @@ def load_text_splits(cfg: DataConfig):
     """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of raw records."""
     from datasets import Dataset, DatasetDict, load_dataset
 
+    if cfg.source == "english":
+        from shear.data.english import load_english
+
+        return DatasetDict({s: Dataset.from_list([{cfg.text_field: d} for d in load_english(s)])
+                            for s in ("train", "validation")})
     if cfg.source == "shakespeare":
         from shear.data.corpus import load_corpus
 
