@@ -20,6 +20,7 @@ COMMANDS = [
     "shear.cli.train",  # train
     "shear.cli.sparsify",  # sparsify
     "shear.cli.compare",  # compare
+    "shear.cli.convert",  # convert (GGUF -> HF directory)
 ]
 
 
