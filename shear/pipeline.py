@@ -66,7 +66,7 @@ def check_lengths(recipe: Recipe, model) -> None:
 
     if recipe.train is not None:
         check_context(model, recipe.data.seq_len, "data.seq_len")
-    if recipe.prune is not None and recipe.importance is not None:
+    if recipe.prune is not None and recipe.importance is not None and recipe.importance.seq_len is not None:
         check_context(model, recipe.importance.seq_len, "importance.seq_len")
     if recipe.sparsify is not None and recipe.sparsify.seq_len is not None:
         check_context(model, recipe.sparsify.seq_len, "sparsify.seq_len")

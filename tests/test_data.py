@@ -84,3 +84,40 @@ def test_calibration_is_seeded(tok):
     b = calibration_ids(tok, 4, 32, seed=3, split="validation")
     c = calibration_ids(tok, 4, 32, seed=4, split="validation")
     assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+class _WordTok:
+    """Word-level stand-in: word ``w<i>`` is token ``i + 1``; EOS is 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[int(w[1:]) + 1 for w in t.split()] for t in texts]}
+
+
+def test_calibration_from_a_directory_uses_every_document(tmp_path):
+    """Calibration from a user's directory draws from all of its files: none is held out as validation
+    (5% of 20 files would be one). Each file holds a token no other file has; dense windows hit all."""
+    from shear.data.text import calibration_scope, calibration_texts
+
+    n = 20
+    for i in range(n):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"w{i} " * 8)
+    cfg = DataConfig(source=str(tmp_path))
+    assert calibration_texts(cfg) == [f"w{i} " * 8 for i in range(n)]  # every file, in file order
+    assert calibration_scope(str(tmp_path)) == "all documents"
+    ids = calibration_ids(_WordTok(), n_samples=200, seq_len=16, seed=0, source=str(tmp_path))
+    assert set(range(1, n + 1)) <= set(ids.unique().tolist())
+    assert torch.equal(ids, calibration_ids(_WordTok(), n_samples=200, seq_len=16, seed=0, source=str(tmp_path)))
+    # a run's data section keeps its validation share out: that is the run's held-out text
+    train_only = calibration_ids(_WordTok(), n_samples=200, seq_len=16, seed=0, data=cfg)
+    assert len(set(ids.unique().tolist()) - set(train_only.unique().tolist())) == 1
+
+
+def test_calibration_keeps_the_named_corpora_held_out_split():
+    """'shakespeare' and 'english' have fixed evaluation splits: calibration never draws from them."""
+    from shear.data.text import calibration_texts
+
+    texts = calibration_texts(DataConfig(source="shakespeare"))
+    assert texts == [d["text"] for d in load_corpus("train")]
+    assert not set(texts) & {d["text"] for d in load_corpus("validation")}

@@ -102,7 +102,7 @@ def test_calib_flag_names_the_text(encoder_dir, tmp_path, capsys):
     assert main(["prune", str(encoder_dir), "--ratio", "0.2", "--calib", str(text), "--no-export",
                  "-o", str(out)] + SMALL) == 0
     line = json.loads((out / "report.json").read_text())["calibration_text"]
-    assert re.fullmatch(rf"4 x 32 tokens from importance.source={re.escape(str(text))}, train split, "
+    assert re.fullmatch(rf"4 x 32 tokens from importance.source={re.escape(str(text))}, all documents, "
                         r"tokenizer Bert\w*Tokenizer", line), line
     assert f"calibration: {line}" in capsys.readouterr().out
 

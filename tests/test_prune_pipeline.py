@@ -85,6 +85,33 @@ def test_iterative_flap_biases_survive_later_steps(ids):
         assert torch.isfinite(m(ids).logits).all()
 
 
+def test_stock_compensation_counts_and_reports_the_zero_biases_of_its_flags(tmp_path, ids, caplog):
+    """A uniform (stock) FLAP export compensates o_proj and down_proj through Llama's attention_bias /
+    mlp_bias, which also give q/k/v and gate/up a bias (all zeros). The ratio target holds for the
+    exported model with those zeros, and the result says how many there are (== the export's zeros)."""
+    from shear.prune.export import export
+    from shear.prune.transform import prune_to_target_
+
+    caplog.set_level("WARNING", logger="shear")
+    m = LlamaForCausalLM(tiny_llama_config()).eval()
+    p0 = sum(p.numel() for p in m.parameters())
+    cfg = PruneConfig(target={"ratio": 0.3}, structures=["heads", "mlp"], allocation="uniform")
+    res = prune_to_target_(m, cfg, ImportanceConfig(estimator="flap"), ids)
+    assert res.flags == ["attention_bias", "mlp_bias"]
+    export(m, tmp_path / "model")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # stock: no modeling file needed
+    assert type(back) is LlamaForCausalLM
+    assert sum(p.numel() for p in back.parameters()) <= int(p0 * 0.7)
+    biases = {n: p for n, p in back.named_parameters() if n.endswith(".bias")}
+    zeros = sum(int((p == 0).sum()) for p in biases.values())
+    assert res.zero_bias_params == zeros > 0
+    assert set(res.zero_biases) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                    "mlp.up_proj"}
+    assert all(biases[f"model.layers.{i}.{p}.bias"].abs().sum() > 0 for i in range(2) for p in ("self_attn.o_proj",
+                                                                                               "mlp.down_proj"))
+    assert any(f"{zeros} zero-valued bias parameters" in r.message for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_cli_prune_model_dir(tmp_path):
     import argparse

@@ -118,3 +118,16 @@ def test_cli_sparsify_writes_both_forms_and_a_report(tiny_lm_dir, tiny_text, tmp
     assert json.loads((out / "report.json").read_text())["method"] == "magnitude"
     with pytest.raises(SystemExit):  # neither --sparsity nor --pattern
         main(["sparsify", str(tiny_lm_dir), "--method", "wanda", "-o", str(out)])
+
+
+@pytest.mark.parametrize("flag", [["--source", "calib.txt"], ["--n-samples", "4"], ["--seq-len", "32"]])
+def test_cli_sparsify_magnitude_refuses_calibration_flags(tmp_path, capsys, flag):
+    """magnitude needs no text: a calibration flag with it is a one-line error before any model is loaded
+    (the model path here does not exist), not a silently ignored option."""
+    from shear.cli import main
+
+    assert main(["sparsify", str(tmp_path / "no-model"), "--method", "magnitude", "--sparsity", "0.5",
+                 "-o", str(tmp_path / "out")] + flag) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"shear: error: {flag[0]}: magnitude uses no calibration text; drop {flag[0]}"
+    assert not (tmp_path / "out").exists()

@@ -85,3 +85,12 @@ def test_config_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="valid regex"):
         SparsifyConfig(sparsity=0.5, targets=["re:("])
     assert SparsifyConfig(pattern=" 2 : 4").nm == (2, 4)
+
+
+def test_config_refuses_calibration_text_magnitude_would_ignore():
+    """magnitude reads |W| only: a calibration source with it is refused, not silently unused (with owl
+    allocation the text is read: the Wanda-score outliers come from it)."""
+    with pytest.raises(ValueError, match="magnitude uses no calibration text.*drop source"):
+        SparsifyConfig(method="magnitude", sparsity=0.5, source="shakespeare")
+    assert SparsifyConfig(method="magnitude", sparsity=0.5, allocation="owl", source="shakespeare").source
+    assert SparsifyConfig(method="wanda", sparsity=0.5, source="shakespeare").source

@@ -90,13 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--round-to", type=int, default=1)
     g.add_argument("--steps", type=int, default=1, help="iterative steps")
     g.add_argument("--protect", nargs="*", default=None, help="protected layer indices")
-    g.add_argument("--n-samples", type=int, default=32)
-    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; 32 on the "
+                                                               "reference models' Shakespeare corpus)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512, capped at "
+                                                            "the model's positions; 128 on the reference models' corpus)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--vocab-text", default=None, help="trim the vocabulary first (WordPiece encoders) to the tokens this "
                                                        "text uses: a file, a directory, an HF dataset name or 'shakespeare' "
                                                        "(prune.vocab.source); --ratio still counts from the untrimmed model")
     g.add_argument("--vocab-min-count", type=int, default=1, help="with --vocab-text: uses a token needs to stay")
     g.add_argument("--calib", default=None, help="calibration text (importance.source): a text file, a directory, "
-                   "an HF dataset name or 'shakespeare' (default: the shipped corpus)")
+                   "an HF dataset name, 'english' or 'shakespeare' (default: the text shear trained the "
+                   "model on, else general English prose: 'english')")
     p.set_defaults(func=_cmd_prune)

@@ -13,13 +13,26 @@ import argparse
 from pathlib import Path
 
 
+CALIBRATION_FLAGS = (("source", "--source"), ("n_samples", "--n-samples"), ("seq_len", "--seq-len"))
+
+
+def _refuse_unused_calibration(args) -> None:
+    """magnitude with uniform allocation reads no text: a calibration flag given with it is an error."""
+    if args.method == "magnitude" and args.allocation == "uniform":
+        for key, flag in CALIBRATION_FLAGS:
+            if getattr(args, key) is not None:
+                raise ValueError(f"{flag}: magnitude uses no calibration text; drop {flag}")
+
+
 def _cmd_sparsify(args) -> int:
     from shear.models import load_model, load_tokenizer
     from shear.sparse.config import SparsifyConfig
     from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
 
+    _refuse_unused_calibration(args)
+    n_samples = {} if args.n_samples is None else {"n_samples": args.n_samples}
     cfg = SparsifyConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-                         owl_m=args.owl_m, owl_lambda=args.owl_lambda, targets=args.targets, n_samples=args.n_samples,
+                         owl_m=args.owl_m, owl_lambda=args.owl_lambda, targets=args.targets, **n_samples,
                          seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, source=args.source,
                          blocksize=args.blocksize, dampening=args.dampening, device=args.device,
                          compressed=not args.no_compressed)
@@ -54,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sparsity", type=float, help="fraction of each pruned linear's weights set to zero")
     g.add_argument("--pattern", help="N:M, e.g. 2:4 or 4:8")
     p.add_argument("-o", "--output-dir", required=True, help="OUT: model/, compressed/ and report.json go here")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per calibration sequence (default: the model's max_position_embeddings, at most 4096)")
     p.add_argument("--allocation", default="uniform", choices=["uniform", "owl"], help="per-layer sparsity (owl: unstructured only)")

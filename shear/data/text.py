@@ -93,8 +93,13 @@ class DataConfig(BaseModel):
         return v
 
 
-def load_text_splits(cfg: DataConfig):
-    """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of raw records."""
+BUILTIN_SOURCES = ("shakespeare", "english")  # named corpora whose validation split is a fixed evaluation split
+
+
+def load_documents(cfg: DataConfig):
+    """The raw records of ``cfg.source``: a ``DatasetDict`` (``train``/``validation``) when the source has
+    its own validation split (the named corpora, an HF dataset that ships one), else a ``Dataset`` of
+    every document in source order (files sorted by name; an HF dataset's ``train`` split)."""
     from datasets import Dataset, DatasetDict, load_dataset
 
     if cfg.source == "english":
@@ -109,20 +114,60 @@ def load_text_splits(cfg: DataConfig):
                             for s in ("train", "validation")})
     files = _local_files(cfg.source)
     if files is not None and files[0].suffix in (".jsonl", ".json"):
-        ds = load_json_records(files)
-    elif files is not None:  # .txt: one document per file; a single file is cut into documents
+        return load_json_records(files)
+    if files is not None:  # .txt: one document per file; a single file is cut into documents
         texts = [read_utf8(f) for f in files]
-        ds = Dataset.from_dict({"text": split_documents(texts[0]) if len(texts) == 1 else texts})
-    else:
-        ds = load_dataset(cfg.source, cfg.config_name)
-        if "validation" in ds and "train" in ds:
-            return DatasetDict(train=ds["train"], validation=ds["validation"])
-        ds = ds["train"]
+        return Dataset.from_dict({"text": split_documents(texts[0]) if len(texts) == 1 else texts})
+    ds = load_dataset(cfg.source, cfg.config_name)
+    if "validation" in ds and "train" in ds:
+        return DatasetDict(train=ds["train"], validation=ds["validation"])
+    return ds["train"]
+
+
+def load_text_splits(cfg: DataConfig):
+    """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits of raw records.
+
+    A source without a validation split of its own gets one: ``cfg.validation_fraction`` of its
+    documents, drawn with ``cfg.seed``."""
+    from datasets import DatasetDict
+
+    ds = load_documents(cfg)
+    if isinstance(ds, DatasetDict):
+        return ds
     if cfg.validation_fraction == 0 or len(ds) < 2:
         raise ValueError(f"data.source {cfg.source!r}: no validation split; set data.validation_fraction > 0 "
                          f"and give at least 2 documents (found {len(ds)})")
     split = ds.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed, shuffle=True)
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def calibration_texts(cfg: DataConfig, split: str = "train", whole: bool = True) -> list[str]:
+    """The documents to calibrate on from ``cfg.source``.
+
+    Calibration is not evaluation: with ``whole`` and ``split="train"``, a source without a validation
+    split of its own (local files, an HF dataset with only ``train``) gives every document, in source
+    order, instead of the training share :func:`load_text_splits` would leave. A validation split the
+    source itself defines (the named corpora 'shakespeare' / 'english', an HF dataset that ships one)
+    is an evaluation split and stays out. ``whole=False`` (or another ``split``): that split of
+    :func:`load_text_splits` only, for a data section whose held-out share is the run's own validation.
+    """
+    from datasets import DatasetDict
+
+    ds = load_documents(cfg) if split == "train" and whole else load_text_splits(cfg)
+    if isinstance(ds, DatasetDict):
+        ds = ds[split]
+    if cfg.text_field not in ds.column_names:
+        raise ValueError(f"data.text_field: no column {cfg.text_field!r}; have {ds.column_names}")
+    return list(ds[cfg.text_field])
+
+
+def calibration_scope(source, data: "DataConfig | None" = None) -> str:
+    """Which documents :func:`calibration_ids` draws from, in words (for reports)."""
+    if data is not None or source in BUILTIN_SOURCES:
+        return "train split"
+    if _local_files(source) is not None:
+        return "all documents"
+    return "all documents (the train split where the dataset ships a validation split)"
 
 
 def read_utf8(path: Path) -> str:
@@ -302,12 +347,16 @@ def build_datasets(cfg: DataConfig, tokenizer) -> tuple[BlockDataset, BlockDatas
 
 def calibration_ids(tokenizer, n_samples: int = 32, seq_len: int = 128, seed: int = 0,
                     source: str = "shakespeare", split: str = "train", data: "DataConfig | None" = None) -> torch.Tensor:
-    """``n_samples`` random windows of ``seq_len`` tokens from one split: LongTensor[n, L], seeded.
+    """``n_samples`` random windows of ``seq_len`` tokens: LongTensor[n, L], seeded.
 
-    ``data``: a whole data section (its source, text field, dataset config...) instead of ``source``."""
+    ``source`` (a calibration text of its own): every document of a local file/dir or of an HF dataset
+    without a validation split; the train split of the named corpora and of datasets that ship a
+    validation split (see :func:`calibration_texts`). ``data``: a whole data section (its source, text
+    field, dataset config...) instead of ``source``; its validation split is the run's held-out text,
+    so only the train split is drawn from."""
     cfg = (data.model_copy(update={"seq_len": seq_len, "seed": seed}) if data is not None
            else DataConfig(source=source, seq_len=seq_len, seed=seed))
-    texts = load_text_splits(cfg)[split][cfg.text_field]
+    texts = calibration_texts(cfg, split, whole=data is None)
     stream = token_stream(texts, tokenizer)
     if stream.numel() <= seq_len:
         raise ValueError(f"calibration: {stream.numel()} tokens, need more than seq_len={seq_len}")

@@ -16,10 +16,12 @@ from shear.importance import criteria
 from shear.importance.estimators import ESTIMATORS, Estimator, ScoringContext, Scores, register
 from shear.importance import obs_hooks  # noqa: E402,F401  (registers "obs")
 
-__all__ = ["ESTIMATORS", "Estimator", "ScoringContext", "Scores", "register", "score", "criteria", "needs_data"]
+__all__ = ["SELF_STANDARDIZED", "ESTIMATORS", "Estimator", "ScoringContext", "Scores", "register", "score", "criteria", "needs_data"]
 
 #: estimators whose scores are standardized across layers by default (FLAP).
 STANDARDIZED = {"flap"}
+#: estimators whose scores come standardized (within each layer) already: pool-able, never re-standardized.
+SELF_STANDARDIZED = {"flap_original"}
 
 
 def needs_data(cfg, kinds: set[str] | None = None) -> bool:

@@ -17,7 +17,10 @@ per projection, never assumed:
   a stock export cannot, so it is **skipped** and reported (``skipped``), never written into a
   directory that would load without it.
 
-The parameters the biases add are counted (:meth:`BiasPlan.added_params`) so plans meet budgets.
+The parameters the biases add are counted (:meth:`BiasPlan.added_params`) so plans meet budgets,
+the zero biases a flag brings along included: Llama has no o-only or down-only flag, so compensating
+o_proj gives q/k/v zero biases too (``attention_bias``) and down_proj gives gate/up ones (``mlp_bias``);
+:func:`flag_zero_biases` counts them in the result for the report.
 """
 from __future__ import annotations
 
@@ -150,6 +153,23 @@ def plan_biases(model: nn.Module, fam: Family, graph: StructureGraph, biases: di
                     bp.add[name] = None
     bp.flags = sorted(flags)
     return bp
+
+
+def flag_zero_biases(model: nn.Module, fam: Family, layers_prefix: str, flags) -> dict[str, int]:
+    """Exactly-zero bias entries on the projections the config ``flags`` cover, by projection path in a
+    block (``{"self_attn.q_proj": 960, ...}``, zero counts left out): parameters the stock export holds
+    only because the flag makes its class build a bias on every projection it covers."""
+    covered = {rel for flag, rels in fam.bias_flags if flag in flags for rel in rels}
+    out: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        where = _block_path(name, layers_prefix)
+        b = getattr(mod, "bias", None)
+        if where is None or where[1] not in covered or not isinstance(b, torch.Tensor):
+            continue
+        n = int((b.detach() == 0).sum())
+        if n:
+            out[where[1]] = out.get(where[1], 0) + n
+    return out
 
 
 def _add_bias(lin: nn.Module, b: torch.Tensor | None) -> None:

@@ -2,7 +2,7 @@
 
 Recipe sections (every key documented below; unknown keys are errors)::
 
-    importance: {estimator: flap, aggregation: sum, n_samples: 32, seq_len: 128}
+    importance: {estimator: flap, aggregation: sum, n_samples: 128, seq_len: 512}
     prune:
       target: {ratio: 0.35}            # or {params: 4_000_000} or {shape: {intermediate_size: 512}}
                                        # or {shape_from: path/to/smaller/config.json}
@@ -35,12 +35,15 @@ class ImportanceConfig(BaseModel):
                                                                        "angular, random; None = the width estimator scores them too")
     aggregation: Literal["sum", "mean", "max", "prod", "first"] = Field("sum", description="how the per-member scores of a group's "
                                                                                             "parameters combine into one score per unit")
-    n_samples: int = Field(32, gt=0, description="calibration sequences")
-    seq_len: int = Field(128, gt=1, description="tokens per calibration sequence")
+    n_samples: int | None = Field(None, gt=0, description="calibration sequences; None = 128 (32 for the reference "
+                                                        "models' Shakespeare corpus; shear.data.calibration)")
+    seq_len: int | None = Field(None, gt=1, description="tokens per calibration sequence; None = 512 capped at the model's "
+                                                      "positions (128 for the reference models' Shakespeare corpus)")
     seed: int = Field(0, description="seed of the calibration sampler and of the random estimator")
-    source: str | list[str] | None = Field(None, description="calibration text: 'shakespeare', local file/dir path(s) or an HF dataset "
-                                                              "name; None = the recipe's data section (data.source), or the "
-                                                              "shipped Shakespeare corpus where there is none (said in the log and report)")
+    source: str | list[str] | None = Field(None, description="calibration text: 'english', 'shakespeare', local file/dir path(s) or "
+                                                              "an HF dataset name; None = the recipe's data section (data.source), "
+                                                              "else the text shear trained the model on (its shear_recipe.yaml), "
+                                                              "else general English ('english'); said in the log and report")
     device: str | None = Field(None, description="device for scoring and slicing, e.g. 'cuda' (the model moves there and back); "
                                                  "None = where the model is (a model loaded with model.device_map stays spread)")
     batch_size: int = Field(8, gt=0, description="sequences per forward pass while calibrating (per-sample gradients use 1)")

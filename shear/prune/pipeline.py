@@ -125,12 +125,12 @@ def prune_with_vocab(model, tokenizer, cfg: PruneConfig, importance: ImportanceC
     if cfg.vocab is None:
         model, _, report = run_prune(model, tokenizer, cfg, importance, out_dir, recipe, export_dir, data=data)
         return model, tokenizer, report
-    from shear.data.text import DataConfig, load_text_splits
+    from shear.data.text import DataConfig, calibration_texts
     from shear.prune.vocab import VocabConfig, select_vocab, token_counts, trim_vocab_
 
     v = cfg.vocab
     dcfg = DataConfig(source=v.source) if v.source is not None else (data or DataConfig(source="shakespeare"))
-    texts = list(load_text_splits(dcfg)["train"][dcfg.text_field])
+    texts = calibration_texts(dcfg, whole=v.source is not None)
     p0, v0 = sum(p.numel() for p in model.parameters()), model.config.vocab_size
     keep = select_vocab(tokenizer, token_counts(tokenizer, texts),
                         VocabConfig(min_count=v.min_count, max_size=v.max_size, keep_ascii=v.keep_ascii))
@@ -167,15 +167,6 @@ def _move_for_scoring(model, device: str | None):
     return home
 
 
-def calibration_source(icfg: ImportanceConfig, data) -> tuple[object, str]:
-    """(DataConfig or None, a line naming the text) for the calibration sampler."""
-    if icfg.source is not None:
-        return None, f"importance.source={icfg.source}"
-    if data is not None:
-        return data, f"data.source={data.source}"
-    return None, "the shipped Shakespeare corpus (no importance.source or data section)"
-
-
 def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data):
     check_settings(cfg, icfg)
     calib, t_calib = None, 0.0
@@ -184,14 +175,10 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
         graph = analyze(model, heads=cfg.heads)
         before_w, p0, macs0 = layer_widths(graph), graph.total_params, graph.total_macs
         if ids is None and needs_data(icfg, kinds_needed(cfg)):
-            from shear.data.text import calibration_ids
+            from shear.data.calibration import calibration_for
 
             tc = time.time()
-            dcfg, what = calibration_source(icfg, data)
-            ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed,
-                                  source=icfg.source or "shakespeare", data=dcfg)
-            calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split, tokenizer {type(tokenizer).__name__}"
-            log.info("calibration: %s", calib)
+            ids, calib = calibration_for(model, tokenizer, icfg.source, data, icfg.n_samples, icfg.seq_len, icfg.seed)
             t_calib = time.time() - tc
         res = prune_to_target_(model, cfg, icfg, ids)
         after = analyze(model, heads=cfg.heads)
@@ -205,7 +192,8 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
         "params_before": p0, "params_after": after.total_params, "removed_ratio": 1 - after.total_params / p0,
         "macs_before": macs0, "macs_after": after.total_macs, "mac_ratio": after.total_macs / macs0,
         "widths_before": before_w, "widths_after": layer_widths(after),
-        "bias_compensation": {"flags": res.flags, "compensated": len(res.compensated), "skipped": res.skipped}
+        "bias_compensation": {"flags": res.flags, "compensated": len(res.compensated), "skipped": res.skipped,
+                              "zero_bias_params": res.zero_bias_params, "zero_biases": res.zero_biases}
         if res.compensate else None,
         "time_s": {**{k: round(v, 3) for k, v in t.items()}, "total": round(time.time() - t0, 3)},
         "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1),

@@ -22,8 +22,8 @@ import torch
 from shear.analyze import analyze
 from shear.analyze.families import family_of
 from shear.analyze.graph import PrunePlan, StructureGraph
-from shear.importance import ESTIMATORS, STANDARDIZED, score
-from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, plan_biases
+from shear.importance import ESTIMATORS, SELF_STANDARDIZED, STANDARDIZED, score
+from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, flag_zero_biases, plan_biases
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.plan import STRUCTURE_KINDS, ParamCounter, build_plan, model_shapes
 
@@ -39,8 +39,14 @@ class PruneResult:
     flags: list[str] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    zero_biases: dict[str, int] = field(default_factory=dict)  # zero bias entries the flags brought, by projection
     time_s: dict = field(default_factory=lambda: {"scoring": 0.0, "planning": 0.0, "reconstruction": 0.0,
                                                   "slicing": 0.0})
+
+    @property
+    def zero_bias_params(self) -> int:
+        """Zero-valued bias parameters the compensation's config flags added (counted in the target)."""
+        return sum(self.zero_biases.values())
 
 
 def kinds_needed(cfg: PruneConfig) -> set[str]:
@@ -106,7 +112,7 @@ def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePla
 def check_settings(cfg: PruneConfig, icfg: ImportanceConfig) -> None:
     """Settings that cannot be honoured together are errors before any work."""
     std = icfg.standardize if icfg.standardize is not None else icfg.estimator in STANDARDIZED
-    if cfg.allocation == "pool" and not std:
+    if cfg.allocation == "pool" and not std and icfg.estimator not in SELF_STANDARDIZED:
         raise ValueError("prune.allocation=pool ranks heads against MLP channels, so their scores must share a scale: "
                          f"set importance.standardize=true (estimator {icfg.estimator!r} is not standardized by default)")
 
@@ -126,7 +132,7 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
     steps = cfg.iterative_steps if cfg.target.shape is None else 1
     reconstruct = ESTIMATORS[icfg.estimator].reconstruct
     compensate = icfg.bias_compensation if icfg.bias_compensation is not None else (
-        icfg.estimator == "flap" or reconstruct is not None)
+        icfg.estimator in ("flap", "flap_original") or reconstruct is not None)
     fam = family_of(model)
     if compensate and fam is None:
         log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
@@ -169,6 +175,13 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
         res.plans.append(plan)
         log.info("prune step %d/%d: %s", k, steps, {kk: len(v) for kk, v in plan.remove.items()})
         del ctx, scores
+    if res.flags:
+        res.zero_biases = flag_zero_biases(model, fam, graph.meta.get("layers", ""), res.flags)
+        if res.zero_biases:
+            log.warning("bias compensation set %s: the stock %s class then builds a bias on every projection the "
+                        "flag covers, so the model holds %d zero-valued bias parameters (%s); a ratio or params "
+                        "target counts them", "/".join(res.flags), fam.name, res.zero_bias_params,
+                        ", ".join(f"{k} {v}" for k, v in res.zero_biases.items()))
     return res
 
 

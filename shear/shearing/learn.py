@@ -47,19 +47,14 @@ def init_scores(model: nn.Module, graph, types: tuple[str, ...], importance: Imp
     """``prune.learn.init: scores``: the importance estimator's scores of the groups the masks of ``types``
     will cover (calibrated as for one-shot pruning). Returns (scores, the line naming the calibration text)."""
     from shear.importance import needs_data, score
-    from shear.prune.pipeline import calibration_source
 
     icfg = importance or ImportanceConfig()
     kinds = {g.kind for g in graph.groups if any(g.kind in MASK_TYPES[t] for t in types)}
     calib = None
     if ids is None and needs_data(icfg, kinds):
-        from shear.data.text import calibration_ids
+        from shear.data.calibration import calibration_for
 
-        dcfg, what = calibration_source(icfg, data)
-        ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed, source=icfg.source or "shakespeare",
-                              data=dcfg)
-        calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split, tokenizer {type(tokenizer).__name__}"
-        log.info("calibration: %s", calib)
+        ids, calib = calibration_for(model, tokenizer, icfg.source, data, icfg.n_samples, icfg.seq_len, icfg.seed)
     scores, _ = score(model, graph, icfg, ids, kinds=kinds)
     return scores, calib
 

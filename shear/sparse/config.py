@@ -84,6 +84,8 @@ class SparsifyConfig(BaseModel):
             raise ValueError("sparsity: give exactly one of sparsity (unstructured) and pattern (N:M)")
         if self.allocation == "owl" and self.pattern is not None:
             raise ValueError("allocation: owl allocates unstructured sparsity; an N:M pattern is the same in every layer")
+        if self.method == "magnitude" and self.allocation == "uniform" and self.source is not None:
+            raise ValueError("source: magnitude uses no calibration text (|W| alone, uniform allocation); drop source")
         if self.pattern is not None and self.method == "sparsegpt" and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize: {self.blocksize} is not a multiple of M={self.nm[1]} (pattern {self.pattern})")
         return self

@@ -52,19 +52,11 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     calib, t_calib = None, 0.0
     needs_data = cfg.method != "magnitude" or cfg.allocation == "owl"
     if ids is None and needs_data:
-        from shear.data.text import calibration_ids
+        from shear.data.calibration import calibration_for
 
         tc = time.time()
-        seq_len = calibration_length(model, cfg)
-        if cfg.source is not None:
-            dcfg, what = None, f"sparsify.source={cfg.source}"
-        elif data is not None:
-            dcfg, what = data, f"data.source={data.source}"
-        else:
-            dcfg, what = None, "the shipped Shakespeare corpus (no sparsify.source or data section)"
-        ids = calibration_ids(tokenizer, cfg.n_samples, seq_len, cfg.seed, source=cfg.source or "shakespeare", data=dcfg)
-        calib = f"{ids.shape[0]} x {ids.shape[1]} tokens from {what}, train split"
-        log.info("calibration: %s", calib)
+        ids, calib = calibration_for(model, tokenizer, cfg.source, data, cfg.n_samples, calibration_length(model, cfg),
+                                     cfg.seed, key="sparsify.source")
         t_calib = time.time() - tc
     home = None
     if cfg.device is not None:

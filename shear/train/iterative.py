@@ -204,13 +204,9 @@ def prune_while_tuning(model, tokenizer, prune_cfg, importance_cfg, train_cfg, t
     targets, steps = round_targets(p0, final, rounds), round_steps(train_cfg.steps, rounds)
     ids = None
     if lorap or needs_data(icfg, kinds):
-        from shear.data.text import calibration_ids
+        from shear.data.calibration import calibration_for
 
-        from shear.prune.pipeline import calibration_source
-
-        dcfg, _ = calibration_source(icfg, data)  # importance.source, else the recipe's data section
-        ids = calibration_ids(tokenizer, icfg.n_samples, icfg.seq_len, icfg.seed,
-                              source=icfg.source or "shakespeare", data=dcfg)
+        ids, _ = calibration_for(model, tokenizer, icfg.source, data, icfg.n_samples, icfg.seq_len, icfg.seed)
     report = {"estimator": icfg.estimator, "rounds_total": rounds, "params_before": p0, "target_params": final,
               "rounds": []}
     scores = None
