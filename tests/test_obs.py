@@ -141,6 +141,25 @@ def test_greedy_order_removes_the_cheapest_and_sums_to_the_set_error(layer):
     assert float(marg.sum()) == pytest.approx(float(O.set_error(w, hinv, cols)), rel=1e-9)
 
 
+def test_single_column_units_take_the_rank_one_path_with_the_same_result(layer):
+    """MLP channels (one column per unit) skip the batched solves: the same errors, order and final
+    weights as units given as two-column sets whose second column carries no weight."""
+    x, w, _ = layer
+    hinv = O.inverse_hessian(2 * x.t() @ x, damp=0.01)
+    single = torch.arange(8).view(8, 1)
+    per = torch.stack([0.5 * w[:, j] @ w[:, j] / hinv[j, j] for j in range(8)])
+    assert torch.allclose(O.unit_errors(w, hinv, single), per, rtol=1e-10)
+    order, marg = O.greedy_order(w, hinv, single, n=5)
+    cols = single[order].reshape(-1)
+    assert float(marg.sum()) == pytest.approx(float(O.set_error(w, hinv, cols)), rel=1e-8)
+    _, marg_all = O.greedy_order(w, hinv, single)  # all of them: the joint error of removing every column
+    assert float(marg_all.sum()) == pytest.approx(float(O.set_error(w, hinv, single.reshape(-1))), rel=1e-6)
+    # rounds of 3 units: joint updates compose exactly too, and the first round takes the 3 cheapest alone
+    order3, marg3 = O.greedy_order(w, hinv, single, n=6, step=3)
+    assert sorted(order3[:3]) == sorted(torch.topk(per, 3, largest=False).indices.tolist())
+    assert float(marg3.sum()) == pytest.approx(float(O.set_error(w, hinv, single[order3].reshape(-1))), rel=1e-8)
+
+
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
 
 

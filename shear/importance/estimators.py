@@ -158,6 +158,29 @@ def flap(ctx: ScoringContext, groups: list[Group]) -> Scores:
     return _column_estimator(ctx, groups, lambda w, st: C.flap_columns(w, st.x_sum, st.x_sqsum, st.n), "flap")
 
 
+HEAD_KINDS = ("head", "kv_group", "query_head")
+
+
+@register("flap_original", "activations", HEAD_KINDS + ("mlp_channel",),
+          "FLAP as its code does it: WIFV Var(X_j)*||W[:, j]||^2 on o_proj / down_proj columns, o_proj's squared, "
+          "standardized within each layer's consumer, heads = mean of their columns (use with allocation=pool: AL-AM)")
+def flap_original(ctx: ScoringContext, groups: list[Group]) -> Scores:
+    """FLAP (An et al. 2024) as its released code scores structures: per consumer column ``j`` the WIFV
+    metric ``Var(X_j) ||W[:, j]||²`` (o_proj's squared), z-scored over that layer's columns (their
+    ``standarlization`` is per layer, not across layers), a head scoring the mean of its columns. The
+    scores are already on one scale, so ``allocation: pool`` ranks heads against MLP channels (AL-AM)."""
+    def member(g, j, m):
+        st = ctx.linear_stats(m)
+        if st is None:
+            return None
+        col = C.flap_columns(ctx.weight_out_in(m), st.x_sum, st.x_sqsum, st.n)
+        if g.kind in HEAD_KINDS:
+            col = col ** 2
+        col = (col - col.mean()) / col.std().clamp_min(1e-12)
+        return col.cpu()[m.units.reshape(-1)].reshape(m.units.shape).mean(1)
+    return _combine(ctx, groups, member, "flap_original")
+
+
 @register("minitron", "activations", WIDTH_KINDS,
           "Minitron: L2 over samples of mean over tokens of |X_j| (head/channel/norm-output activations)")
 def minitron(ctx: ScoringContext, groups: list[Group]) -> Scores:

@@ -39,6 +39,7 @@ from shear.importance import criteria as C
 from shear.importance import obs as O
 from shear.importance.calibrate import _device, _to, capture_block_inputs, decoder_layers
 from shear.importance.estimators import ScoringContext, Scores, register
+from shear.progress import progress
 
 log = logging.getLogger("shear")
 
@@ -159,7 +160,8 @@ def reconstruct_(model: nn.Module, plan: PrunePlan, graph: StructureGraph, ctx: 
     new: dict[str, torch.Tensor] = {}
     handles, done = [], 0
     try:
-        for i, layer in enumerate(decoder_layers(model)):
+        layers = decoder_layers(model)
+        for i, layer in progress(enumerate(layers), "obs: refitting blocks", total=len(layers)):
             if i in gone_layers:
                 continue
             for name, members in cons.get(i, {}).items():
@@ -203,7 +205,8 @@ def obs_scores(ctx: ScoringContext, groups: list[Group]) -> Scores:
     per: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
     hidden, kws = capture_block_inputs(model, ctx.ids, ctx.cfg.batch_size)
     aug = ctx.cfg.bias_compensation is not False  # new biases allowed: score with the bias column
-    for i, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for i, layer in progress(enumerate(layers), "obs: scoring blocks", total=len(layers)):
         mods = {n: model.get_submodule(n) for n in cons.get(i, {})}
         hs, hidden = _run_block(layer, hidden, kws, mods, stop=False, bias_cols=set(mods) if aug else set())
         for name, members in cons.get(i, {}).items():
