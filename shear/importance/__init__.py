@@ -38,8 +38,12 @@ def score(model, graph: StructureGraph, cfg, ids: torch.Tensor | None = None, ki
 
     Returns ``({group name: FloatTensor[num_units]}, context)``; higher = more important.
     """
-    ctx = ctx or ScoringContext(model, graph, cfg, ids)
     groups = [g for g in graph.groups if kinds is None or g.kind in kinds]
+    if ctx is None:
+        ctx = ScoringContext(model, graph, cfg, ids)
+        if kinds is not None:  # record only the inputs these groups read (their input-column members)
+            ctx.modules = {m.param[: -len(".weight")] for g in groups for m in g.members
+                           if m.role == "in" and m.param.endswith(".weight")}
     width = [g for g in groups if g.kind not in DEPTH_KINDS]
     depth = [g for g in groups if g.kind in DEPTH_KINDS]
     out: Scores = {}

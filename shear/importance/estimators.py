@@ -58,6 +58,10 @@ class ScoringContext:
     ids: torch.Tensor | None = None
     act: ActivationStats | None = None
     grads: dict[str, GradientStats] = field(default_factory=dict)
+    #: Linear modules whose input statistics are recorded (None = every Linear in the blocks and the head);
+    #: :func:`shear.importance.score` narrows it to the consumers of the kinds it scores (FLAP needs o_proj and
+    #: down_proj, not the q/k/v/gate/up inputs that hidden channels read).
+    modules: set[str] | None = None
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -66,7 +70,7 @@ class ScoringContext:
     def activations(self) -> ActivationStats:
         if self.act is None:
             self._need_ids()
-            self.act = collect_activation_stats(self.model, self.ids, self.cfg.batch_size)
+            self.act = collect_activation_stats(self.model, self.ids, self.cfg.batch_size, modules=self.modules)
         return self.act
 
     def gradients(self, mode: str, kinds: set[str]) -> GradientStats:
@@ -84,7 +88,10 @@ class ScoringContext:
         """The input statistics of the Linear/Conv1D whose input columns ``m`` indexes, or None."""
         if m.role != "in" or not m.param.endswith(".weight"):
             return None
-        return self.activations().linears.get(m.param[: -len(".weight")])
+        name = m.param[: -len(".weight")]
+        if self.modules is not None and name not in self.modules:
+            raise ValueError(f"importance: statistics of {name} were not recorded (kinds scored: see ScoringContext.modules)")
+        return self.activations().linears.get(name)
 
     def weight_out_in(self, m: Member) -> torch.Tensor:
         """The member's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``; its input dim is 0)."""
