@@ -22,7 +22,7 @@ from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
 
 WIDTH_ESTIMATORS = ("magnitude_l1", "magnitude_l2", "taylor_vector", "taylor_element1", "taylor_element2",
-                    "wanda_sp", "flap", "minitron", "random", "obs")
+                    "wanda_sp", "flap", "flap_original", "minitron", "random", "obs")
 LAYER_ESTIMATORS = ("block_influence", "angular", "magnitude_l1", "taylor_vector", "random")
 HEAD_DIM_FROM_HIDDEN = ("gpt2", "opt", "bert")
 RATIO = {"heads": 0.1, "heads_q": 0.1, "mlp": 0.2, "hidden": 0.2, "layers": 0.3, "default": 0.3}
@@ -47,8 +47,10 @@ def cases(fam):
                 yield est, struct, alloc
     for est in LAYER_ESTIMATORS:
         yield est, "layers", "global"
-    yield "flap", "default", "global"  # shear prune's default: heads + MLP, global, FLAP + compensation
-    yield "flap", "default", "pool"  # FLAP's AL-AM: heads and MLP channels in one ranking
+    yield "obs", "default", "balanced"  # shear prune's default: heads + MLP, uniform widths, split by the scores
+    yield "flap", "default", "global"  # the old default: heads + MLP, global, FLAP + compensation
+    yield "flap", "default", "pool"  # shear's AL-AM: heads and MLP channels in one ranking
+    yield "flap_original", "default", "pool"  # FLAP's AL-AM as its code scores (per-layer standardization)
     yield "obs", "default", "global"  # OBS refit of the kept columns + new biases where compensation puts them
 
 
@@ -63,7 +65,9 @@ def configs(est, struct, alloc):
 def expect_stock(fam, struct, alloc):
     if struct == "layers":
         return True
-    if alloc != "uniform":
+    if alloc == "balanced" and fam in HEAD_DIM_FROM_HIDDEN:
+        return None  # stock unless the split it picks removes heads
+    if alloc not in ("uniform", "balanced"):
         return None  # per-layer widths: usually the modeling file; a plan may happen to be uniform
     return not (fam in HEAD_DIM_FROM_HIDDEN and struct in ("heads", "hidden"))
 

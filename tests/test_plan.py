@@ -162,3 +162,30 @@ def test_uniform_heads_keep_a_count_that_divides_hidden(tmp_path):
     prune_(m, plan, g)
     out = export(m, tmp_path / "o")
     assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+
+def _balanced_setup(head_score: float):
+    """A tiny GQA Llama (2 KV groups per layer) with flat scores: every KV group scores ``head_score``,
+    every MLP channel 1.0, so the summed score of a plan is ``head_score x groups + channels`` removed."""
+    m = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).eval()
+    g = analyze(m)
+    scores = {x.name: torch.full((x.num_units,), head_score if x.kind == "kv_group" else 1.0) for x in g.groups}
+    return m, g, scores
+
+
+@pytest.mark.parametrize("head_score, heads_go", [(1e6, 0), (1e-3, 1)])
+def test_balanced_picks_the_split_with_the_least_summed_score(head_score, heads_go):
+    """Costly heads: every unit comes out of the MLP (no head removed); cheap heads: one KV group per layer
+    goes and the MLP keeps more. Either way the widths are uniform and the target is met exactly as counted."""
+    m, g, scores = _balanced_setup(head_score)
+    cfg = PruneConfig(target={"ratio": 0.25}, structures=["heads", "mlp"], allocation="balanced")
+    plan = build_plan(g, scores, cfg, model_shapes(m))
+    assert plan.meta["heads_removed_per_layer"] == heads_go
+    heads = {len(plan.remove.get(f"layers.{i}.kv_group", [])) for i in range(3)}
+    mlp = {len(plan.remove.get(f"layers.{i}.mlp_channel", [])) for i in range(3)}
+    assert heads == {heads_go} and len(mlp) == 1
+    equal = build_plan(g, scores, cfg.model_copy(update={"allocation": "uniform"}), model_shapes(m))
+    cost = lambda p: sum(head_score * len(v) if "kv_group" in k else len(v) for k, v in p.remove.items())  # noqa: E731
+    assert cost(plan) <= cost(equal)
+    prune_(m, plan, g)
+    assert sum(p.numel() for p in m.parameters()) == plan.meta["params_after"] <= int(plan.meta["params_before"] * 0.75)

@@ -52,7 +52,7 @@ def test_changed_recipe_refused_resumed_restarted(recipe, tmp_path, capsys, capl
 def test_changed_prune_ratio_is_refused_not_a_size_mismatch(recipe, tmp_path, capsys):
     out = tmp_path / "o"
     prune = ["prune.target.ratio=0.2", f"importance.source={tmp_path / 'corpus.txt'}", "importance.n_samples=2",
-             "importance.seq_len=16", "train.steps=1"]
+             "importance.seq_len=16", "train.steps=1", "importance.estimator=flap", "prune.allocation=global"]
     assert main(["run", recipe, "-o", str(out), *prune]) == 0
     assert main(["run", recipe, "-o", str(out), *prune, "prune.target.ratio=0.4"]) == 2
     assert "changed: prune.target.ratio (0.2 -> 0.4)" in one_line_error(capsys)

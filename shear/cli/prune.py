@@ -83,10 +83,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("model directory flags (ignored with a recipe)")
     g.add_argument("--ratio", type=float, default=0.35, help="fraction of parameters to remove")
     g.add_argument("--params", type=int, default=None, help="parameter budget (instead of --ratio)")
-    g.add_argument("--estimator", default="flap", help="importance estimator name")
+    g.add_argument("--estimator", default="obs", help="importance estimator name (default obs; flap is ~4x faster)")
     g.add_argument("--structures", nargs="+", default=["heads", "mlp"], help="heads mlp hidden layers")
-    g.add_argument("--allocation", default="global", choices=["uniform", "global", "pool"])
-    g.add_argument("--heads", default="kv_group", choices=["kv_group", "query_head"])
+    g.add_argument("--allocation", default="balanced", choices=["balanced", "uniform", "global", "pool"],
+                   help="balanced (default): same widths in every layer, heads/MLP split by scores")
+    g.add_argument("--heads", default="kv_group", choices=["kv_group", "query_head"],
+                   help="GQA: remove whole KV groups (default) or query heads inside every group")
     g.add_argument("--round-to", type=int, default=1)
     g.add_argument("--steps", type=int, default=1, help="iterative steps")
     g.add_argument("--protect", nargs="*", default=None, help="protected layer indices")

@@ -38,10 +38,11 @@ COMPENSATED_KINDS = ("head", "kv_group", "query_head", "mlp_channel")
 
 
 def compensation_biases(model: nn.Module, plan: PrunePlan, graph: StructureGraph,
-                        stats: ActivationStats) -> dict[str, torch.Tensor]:
+                        stats: ActivationStats | None) -> dict[str, torch.Tensor]:
     """``{projection module name: bias [out]}`` for the input columns the plan removes (old numbering).
 
-    Rows the plan also removes (hidden channels) and modules of removed layers are dropped.
+    Rows the plan also removes (hidden channels) and modules of removed layers are dropped. ``stats``
+    None: the same keys with zero values (where biases would go, for a refit that computes its own values).
     """
     params = dict(model.named_parameters())
     out: dict[str, torch.Tensor] = {}
@@ -51,6 +52,10 @@ def compensation_biases(model: nn.Module, plan: PrunePlan, graph: StructureGraph
             continue
         for m in g.members:
             mod = m.param[: -len(".weight")] if m.param.endswith(".weight") else None
+            if stats is None and mod and m.role == "in":
+                w = params[m.param].detach()
+                out.setdefault(mod, torch.zeros((w.t() if m.dim == 0 else w).shape[0]))
+                continue
             st = stats.linears.get(mod) if (mod and m.role == "in") else None
             if st is None:
                 continue

@@ -2,12 +2,12 @@
 
 Recipe sections (every key documented below; unknown keys are errors)::
 
-    importance: {estimator: flap, aggregation: sum, n_samples: 128, seq_len: 512}
+    importance: {estimator: obs, aggregation: sum, n_samples: 128, seq_len: 512}
     prune:
       target: {ratio: 0.35}            # or {params: 4_000_000} or {shape: {intermediate_size: 512}}
                                        # or {shape_from: path/to/smaller/config.json}
       structures: [heads, mlp]         # what may shrink: heads, mlp, hidden, layers
-      allocation: global               # uniform: same width in every layer; global: ranked across layers; pool: heads+MLP in one ranking
+      allocation: balanced             # balanced: same widths in every layer, heads/MLP split by scores; uniform; global; pool
       round_to: 8
       protected_layers: [0]            # or a regex on the layer index, e.g. "^(0|5)$"
       learn: {steps: 100}              # learned masks (Sheared-LLaMA) instead of one-shot scores
@@ -27,7 +27,8 @@ class ImportanceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    estimator: str = Field("flap", description="width estimator: magnitude_l1, magnitude_l2, taylor_vector, taylor_element1, "
+    estimator: str = Field("obs", description="width estimator (default obs: on SmolLM2-135M and the reference teacher it "
+                                              "beat FLAP, docs/BENCHMARKS.md): magnitude_l1, magnitude_l2, taylor_vector, taylor_element1, "
                                                "taylor_element2, wanda_sp, flap, minitron, random, obs (heads/MLP: OBS scores + refit of the kept weights), "
                                                "loraprune (prune.tune_rounds > 1 with train.lora only); "
                                                "see `shear.importance.ESTIMATORS`")
@@ -203,13 +204,17 @@ class PruneConfig(BaseModel):
         default_factory=dict,
         description="fixed fraction of UNITS removed per structure (e.g. {layers: 0.25}); structures listed in `structures` "
                     "without a fixed ratio share one common fraction solved to meet the parameter target")
-    allocation: Literal["uniform", "global", "pool"] = Field(
-        "global", description="uniform: the same kept width in every layer; global: each structure's units ranked across layers "
+    allocation: Literal["balanced", "uniform", "global", "pool"] = Field(
+        "balanced", description="balanced (default): the same kept widths in every layer, with the split between heads and MLP "
+                                "channels that removes the least summed score at the target (stock class on export); "
+                                "uniform: the same kept width in every layer, every structure losing the same fraction; "
+                                "global: each structure's units ranked across layers "
                               "(per-layer widths, one removed fraction per structure); pool: heads and MLP channels of all layers "
                               "ranked in ONE pool (FLAP's AL-AM: needs standardized scores, e.g. flap), so the split between "
                               "attention and MLP follows the scores")
     heads: Literal["kv_group", "query_head"] = Field(
-        "kv_group", description="GQA head strategy: remove whole KV groups, or the same number of query heads inside each group")
+        "kv_group", description="GQA head strategy: remove whole KV groups (default: the KV cache shrinks too), or the same "
+                                "number of query heads inside each group (finer; keeps every KV head)")
     round_to: int = Field(1, gt=0, description="kept MLP / hidden widths are multiples of this (8, 64, 128); heads round to 1; "
                                                 "hidden also rounds to the head count where the stock config requires it (Llama, Gemma2)")
     protected_layers: list[int] | str = Field(

@@ -7,7 +7,11 @@ bisection so that the exact parameter count after removal (:class:`ParamCounter`
 for overlaps such as a q_proj row that also loses hidden columns) is at most the target.
 
 Allocation inside a structure: ``uniform`` gives every layer the same kept width (rounded to
-``round_to``); ``global`` ranks units of all (unprotected) layers together by score, so widths
+``round_to``); ``balanced`` is uniform too, but heads and MLP channels do not lose the same fraction:
+every head count per layer that the stock config allows is tried, the MLP width solved for the
+target, and the split whose removed units carry the least summed score wins (scores on one scale:
+OBS's ``ΔE`` and FLAP's output variance are both the squared error a unit's removal adds to the
+residual stream); ``global`` ranks units of all (unprotected) layers together by score, so widths
 differ per layer, then rounds each layer's kept width to ``round_to``. Layers are always ranked
 globally. Within a group the lowest-scored units go.
 """
@@ -117,7 +121,7 @@ class _Planner:
             order = sorted(gs, key=lambda g: (float(self._score(g)[0]), g.layer))
             return {g.name: 1 for g in order[:n]}
         align, mk = self._align(structure), self.cfg.min_keep
-        if self.cfg.allocation == "uniform" or len(gs) == 1:
+        if self.cfg.allocation in ("uniform", "balanced") or len(gs) == 1:
             keep = {g.name: _round_keep(g.num_units * (1 - f), g.num_units, align, mk) for g in gs}
             if structure == "heads":
                 keep = {n: self._stock_heads(self.graph[n], k) for n, k in keep.items()}
@@ -178,6 +182,57 @@ def _pool_counts(p: _Planner, order: list[str], k: int) -> dict[str, int]:
         align = p._align("mlp" if g.kind == "mlp_channel" else "heads")
         out[name] = g.num_units - _round_keep(g.num_units - n, g.num_units, align, p.cfg.min_keep)
     return out
+
+
+def _solve(counter, counts_at, target_params: int) -> dict[str, int] | None:
+    """The least removal fraction ``f`` whose counts meet ``target_params`` (bisection), or None."""
+    lo, hi = 0.0, 1.0 - 1e-6
+    if counter.count(counts_at(lo)) <= target_params:
+        return counts_at(lo)
+    if counter.count(counts_at(hi)) > target_params:
+        return None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if counter.count(counts_at(mid)) <= target_params else (mid, hi)
+    return counts_at(hi)
+
+
+def _balanced(p: "_Planner", counter, fixed: dict, free: list[str], target_params: int,
+              equal: dict[str, int]) -> tuple[dict[str, int], int]:
+    """``allocation: balanced``: the uniform plan whose split between heads and MLP channels removes the least
+    summed score. For each head count ``k`` removed in every layer (counts the stock config accepts), the other
+    free structures lose the fraction that meets the target; returns (counts, ``k``)."""
+    heads = p._free(p.groups["heads"])
+    n = min(g.num_units for g in heads)
+    others = [s for s in free if s != "heads"]
+
+    def cost(counts: dict[str, int]) -> float:
+        return sum(float(torch.sort(p._score(p.graph[g]))[0][:c].sum()) for g, c in counts.items()
+                   if c and p.graph[g].kind != "layer")
+
+    best, best_cost, best_k = equal, cost(equal), None
+    for k in range(0, n):
+        if any(p._stock_heads(g, g.num_units - k) != g.num_units - k for g in heads):
+            continue
+        head_counts = {g.name: k for g in heads if k}
+
+        def counts_at(f: float) -> dict[str, int]:
+            c = dict(head_counts)
+            for s, r in fixed.items():
+                c.update(p.counts(s, r))
+            for s in others:
+                c.update(p.counts(s, f))
+            return c
+
+        c = _solve(counter, counts_at, target_params)
+        if c is None:
+            continue
+        v = cost(c)
+        if v < best_cost:
+            best, best_cost, best_k = c, v, k
+    if best_k is None:
+        best_k = max((c for g, c in best.items() if p.graph[g].kind in STRUCTURE_KINDS["heads"]), default=0)
+    return best, best_k
 
 
 def _shape_counts(p: _Planner, shape) -> dict[str, int]:
@@ -306,6 +361,8 @@ def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shap
             f = 0.0
         counts = counts_at(f)
         meta.update(fraction=f, target_params=target_params)
+        if cfg.allocation == "balanced" and "heads" in free and "mlp" in free:
+            counts, meta["heads_removed_per_layer"] = _balanced(p, counter, fixed, free, target_params, counts)
     meta["params_after"] = counter.count(counts)
     meta["removed_ratio"] = 1 - meta["params_after"] / before
     return PrunePlan(remove=p.select(counts), meta=meta)

@@ -94,8 +94,9 @@ def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePla
     from shear.prune.export import layout_of
 
     stock_now = not layout_of(model)  # once: re-planning changes the plan, not the model
+    refit = ESTIMATORS[cfg_estimator(ctx)].reconstruct is not None  # values come from the refit: placement only
     for _ in range(6):
-        biases = compensation_biases(model, plan, graph, ctx.activations())
+        biases = compensation_biases(model, plan, graph, None if refit else ctx.activations())
         dead = {g.module for g in graph.by_kind("layer") if plan.remove.get(g.name)}
         bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan, stock_now), dead)
         if tp is None:
@@ -107,6 +108,10 @@ def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePla
         plan = build_plan(graph, scores, cfg, shapes, target_params=tp - extra)
     raise ValueError(f"prune.target: {tp} parameters cannot be met with bias compensation's added biases; "
                      "set importance.bias_compensation=false")
+
+
+def cfg_estimator(ctx) -> str:
+    return getattr(ctx.cfg, "estimator", "")
 
 
 def check_settings(cfg: PruneConfig, icfg: ImportanceConfig) -> None:

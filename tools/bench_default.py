@@ -1,0 +1,88 @@
+"""The default's other half: candidate default plans on the toy teacher (reference-teacher, trained by shear on
+Shakespeare), beside the real-model rows of tools/bench_real.py. A default must hold on both.
+
+    OMP_NUM_THREADS=2 python tools/bench_default.py --out runs/bench-default
+
+Same protocol as the toy tables in docs/BENCHMARKS.md: held-out Shakespeare (macbeth + tempest) as one
+stream, non-overlapping 128-token windows, the first 200; calibration is what each plan's defaults
+resolve to for this model (the text it was trained on: 32 x 128 Shakespeare tokens). No recovery.
+Every row is exported and reloaded in a fresh process (``benchlib``-style reload) before it is scored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+CANDIDATES = [
+    ("default", []),
+    ("old default: flap, global, KV groups + MLP", ["--estimator", "flap", "--allocation", "global",
+                                                     "--structures", "heads", "mlp", "--heads", "kv_group"]),
+    ("flap, uniform, MLP", ["--estimator", "flap", "--allocation", "uniform", "--structures", "mlp"]),
+    ("flap, uniform, query heads + MLP", ["--estimator", "flap", "--allocation", "uniform", "--structures", "heads",
+                                          "mlp", "--heads", "query_head"]),
+    ("obs, uniform, MLP", ["--estimator", "obs", "--allocation", "uniform", "--structures", "mlp"]),
+    ("obs, uniform, query heads + MLP", ["--estimator", "obs", "--allocation", "uniform", "--structures", "heads",
+                                         "mlp", "--heads", "query_head"]),
+    ("flap_original, pool (AL-AM)", ["--estimator", "flap_original", "--allocation", "pool"]),
+]
+
+EVAL = """
+import json, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from shear.eval.perplexity import eval_text, load_eval_text
+d = sys.argv[1]
+remote = bool(getattr(AutoConfig.from_pretrained(d, trust_remote_code=True), "auto_map", None))
+m, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote, output_loading_info=True)
+assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+tok = AutoTokenizer.from_pretrained(d, trust_remote_code=remote)
+r = eval_text(m.eval(), tok, load_eval_text("shakespeare", "validation"), seq_len=128, max_windows=200, batch_size=8)
+print(json.dumps({"ppl": r.ppl, "params": sum(p.numel() for p in m.parameters())}))
+"""
+
+
+def fresh(model_dir: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", EVAL, model_dir], capture_output=True, text=True, check=True,
+                       stdin=subprocess.DEVNULL)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reference-teacher")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5])
+    ap.add_argument("--out", default="runs/bench-default")
+    a = ap.parse_args(argv)
+    from shear.models import resolve_model_path
+
+    model = resolve_model_path(a.model)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dense = fresh(model)
+    rows = [{"plan": "dense", "ratio": 0.0, **dense, "x": 1.0}]
+    for r in a.ratios:
+        for i, (name, flags) in enumerate(CANDIDATES):
+            d = out / f"{i}-{int(r * 100)}"
+            m = benchlib.measure(["shear", "prune", model, "--ratio", str(r), *flags, "-o", str(d)],
+                                 log=Path(str(d) + ".log"))
+            row = {"plan": name, "ratio": r, **m}
+            if m["rc"] == 0:
+                row.update(fresh(str(d / "model")))
+                row["x"] = row["ppl"] / dense["ppl"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    table = benchlib.table(rows, [("plan", "plan"), ("ratio", "removed"), ("params", "params"), ("ppl", "PPL"),
+                                  ("x", "x dense"), ("wall_s", "time s")])
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
