@@ -581,7 +581,7 @@ def main(argv=None) -> int:
 
     head = [f"Command: `OMP_NUM_THREADS={a.threads} python tools/bench_peers.py " + " ".join(sys.argv[1:]) + "`",
             f"Model: {a.model}; protocol {json.dumps(benchlib.PROTOCOL)}; texts {', '.join(benchlib.TEXTS)}; "
-            f"CPU: {benchlib_cpu()} ({platform.machine()}), {a.threads} threads",
+            f"CPU: {benchlib.cpu_name()} ({platform.machine()}), {a.threads} threads",
             "ratio to dense: PPL docs / PPL news over the dense row's; wall s and peak RSS: the whole row "
             "process (load, calibration, pruning, evaluation); prune s: pruning alone.", ""]
     md = "\n".join(head) + benchlib.table(rows, COLS) + "\n"
@@ -598,16 +598,6 @@ def main(argv=None) -> int:
                                                     "model": str(a.model), "peers": PEERS, "rows": rows}, indent=1))
     print(md)
     return 0
-
-
-def benchlib_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

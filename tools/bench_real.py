@@ -162,7 +162,7 @@ def main(argv=None) -> int:
             ("zeros", "zeros"), ("docs", "PPL docs"), ("docs_x", "x dense"), ("news", "PPL news"),
             ("news_x", "x dense"), ("wall_s", "time s"), ("peak_rss_mb", "peak RSS MB")]
     head = (f"SmolLM2-135M dense: {dense['params']:,} params, PPL docs {dense['docs']:.2f}, news {dense['news']:.2f}; "
-            f"protocol {benchlib.PROTOCOL}; {platform.processor() or platform.machine()}, python {platform.python_version()}")
+            f"protocol {benchlib.PROTOCOL}; {benchlib.cpu_name()}, python {platform.python_version()}")
     (out / "table.md").write_text(head + "\n\n" + benchlib.table(rows, cols) + "\n")
     plot(rows, dense, out / "ppl_vs_params.png")
     print(head)

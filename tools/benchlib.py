@@ -164,6 +164,17 @@ def _run_measured(out: str, argv: list[str]) -> int:
     return rc
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (every table names its machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     """A markdown table: ``cols`` = [(key, header)]; floats to 4 significant figures."""
     def fmt(v):

@@ -98,11 +98,12 @@ def calibration_for(model, tokenizer, source=None, data=None, n_samples: int | N
                     seq_len: int | None = None, seed: int = 0, key: str = "importance.source") -> tuple[torch.Tensor, str]:
     """Seeded calibration ids ``[n, L]`` and the line naming them (also logged)."""
     from shear.data.text import calibration_ids, calibration_scope
-    from shear.eval.report import check_context
 
     c = resolve_calibration(model, source, data, n_samples, seq_len, key)
-    if seq_len is not None:
-        check_context(model, seq_len, key.split(".")[0] + ".seq_len")
+    limit = max_positions(model)
+    if seq_len is not None and limit and seq_len > limit:
+        what = key.split(".")[0] + ".seq_len"
+        raise ValueError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}")
     ids = calibration_ids(tokenizer, c.n_samples, c.seq_len, seed, source=c.source, data=c.data)
     line = (f"{ids.shape[0]} x {ids.shape[1]} tokens from {c.what}, {calibration_scope(c.source, c.data)}, "
             f"tokenizer {type(tokenizer).__name__}")
