@@ -53,7 +53,9 @@ def main(argv: list[str]) -> int:
             cache[calib, n, length] = calibration_ids(tok, n, length, 0, source=calib)
         m, t0 = copy.deepcopy(base), time.time()
         prune_to_target_(m, pcfg, icfg, cache[calib, n, length])
-        row = {"spec": json.loads(spec), "params": sum(p.numel() for p in m.parameters()), "s": round(time.time() - t0)}
+        row = {"spec": json.loads(spec), "params": sum(p.numel() for p in m.parameters()), "s": round(time.time() - t0),
+               "heads": sorted({blk.self_attn.q_proj.out_features // m.config.head_dim for blk in m.model.layers}),
+               "mlp": sorted({blk.mlp.gate_proj.out_features for blk in m.model.layers})}
         for t, txt in texts.items():
             row[t] = round(eval_text(m, tok, txt, seq_len=256, max_windows=16, batch_size=8).ppl, 2)
         print(json.dumps(row), flush=True)
