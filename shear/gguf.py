@@ -6,7 +6,7 @@ the dtype asked for), but refuses to ``save_pretrained`` a model that carries a 
 ``quantization_config``. :func:`convert_gguf` drops that config, rebuilds the model ``from_config``,
 loads the dequantized weights (strictly: a missing or unexpected key is an error), re-ties tied
 embeddings and saves, atomically. The dequantized weights are the dense reference from then on.
-Needs the ``gguf`` package (``pip install gguf``).
+Needs the ``gguf`` package (``pip install 'shear[gguf]'``).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def convert_gguf(src: str | Path, out: str | Path, dtype: str = "fp32", overwrit
     try:
         import gguf  # noqa: F401 - transformers' reader needs it; say so in one line
     except ImportError:
-        raise ValueError("reading GGUF needs the gguf package: pip install gguf") from None
+        raise ValueError("reading GGUF needs the gguf package: pip install 'shear[gguf]'") from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     folder, name = find_gguf(src)
