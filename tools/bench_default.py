@@ -34,10 +34,12 @@ CANDIDATES = [
 
 EVAL = """
 import json, sys, torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from shear.eval.perplexity import eval_text, load_eval_text
+sys.path.insert(0, sys.argv[2])
+import benchlib
 d = sys.argv[1]
-remote = bool(getattr(AutoConfig.from_pretrained(d, trust_remote_code=True), "auto_map", None))
+remote = benchlib.shear_modeling_file(d)  # only shear's own per-layer modeling file, never another auto_map
 m, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote, output_loading_info=True)
 assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 tok = AutoTokenizer.from_pretrained(d, trust_remote_code=remote)
@@ -47,7 +49,7 @@ print(json.dumps({"ppl": r.ppl, "params": sum(p.numel() for p in m.parameters())
 
 
 def fresh(model_dir: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", EVAL, model_dir], capture_output=True, text=True, check=True,
+    r = subprocess.run([sys.executable, "-c", EVAL, model_dir, str(Path(__file__).resolve().parent)], capture_output=True, text=True, check=True,
                        stdin=subprocess.DEVNULL)
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -90,16 +90,28 @@ def text(name: str) -> str:
     raise ValueError(f"unknown text {name!r}")
 
 
+def shear_modeling_file(model_dir: str) -> bool:
+    """Whether ``model_dir`` needs its modeling file, which must then be shear's own (a per-layer export the
+    benchmark just wrote: ``model_type`` ``shear_*``); any other ``auto_map`` is refused, nothing of it run."""
+    from shear.models import needs_remote_code
+
+    if not needs_remote_code(model_dir):
+        return False
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", "")
+    if not str(model_type).startswith("shear_"):
+        raise SystemExit(f"{model_dir}: carries modeling code that shear did not write (model_type {model_type!r})")
+    return True
+
+
 def evaluate(model_dir: str, texts=TEXTS, windows: int = PROTOCOL["windows"]) -> dict:
     """PPL per text, parameters and zeros of ``model_dir`` loaded here (call through :func:`fresh_eval`)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shear.eval.perplexity import eval_text
 
     torch.manual_seed(0)
-    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    remote = bool(getattr(cfg, "auto_map", None))  # per-layer exports: shear's own modeling file
+    remote = shear_modeling_file(model_dir)
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=remote,
                                                        output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 #: group kinds, by what a unit is.
+HEAD_KINDS = ("head", "kv_group", "query_head")  #: attention units: MHA heads, KV groups, query heads in groups
 WIDTH_KINDS = ("head", "kv_group", "query_head", "mlp_channel", "hidden")
 DEPTH_KINDS = ("layer", "attn_sublayer", "mlp_sublayer")
 KINDS = WIDTH_KINDS + DEPTH_KINDS

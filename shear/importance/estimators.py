@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from shear.analyze.graph import DEPTH_KINDS, WIDTH_KINDS, Group, Member, StructureGraph
+from shear.analyze.graph import DEPTH_KINDS, HEAD_KINDS, WIDTH_KINDS, Group, Member, StructureGraph
 from shear.importance import criteria as C
 from shear.importance.calibrate import ActivationStats, collect_activation_stats, layer_scores
 from shear.importance.gradients import GradientStats, accumulate_gradients
@@ -165,7 +165,6 @@ def flap(ctx: ScoringContext, groups: list[Group]) -> Scores:
     return _column_estimator(ctx, groups, lambda w, st: C.flap_columns(w, st.x_sum, st.x_sqsum, st.n), "flap")
 
 
-HEAD_KINDS = ("head", "kv_group", "query_head")
 
 
 @register("flap_original", "activations", HEAD_KINDS + ("mlp_channel",),

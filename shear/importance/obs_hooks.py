@@ -34,7 +34,7 @@ import logging
 import torch
 from torch import nn
 
-from shear.analyze.graph import DEPTH_KINDS, Group, PrunePlan, StructureGraph
+from shear.analyze.graph import DEPTH_KINDS, HEAD_KINDS, Group, PrunePlan, StructureGraph
 from shear.importance import criteria as C
 from shear.importance import obs as O
 from shear.importance.calibrate import _device, _to, capture_block_inputs, decoder_layers
@@ -44,7 +44,6 @@ from shear.progress import progress
 log = logging.getLogger("shear")
 
 OBS_KINDS = ("head", "kv_group", "query_head", "mlp_channel")
-HEAD_KINDS = ("head", "kv_group", "query_head")
 
 
 class _Stop(Exception):

@@ -21,7 +21,7 @@ import torch
 
 from shear.analyze import analyze
 from shear.analyze.families import family_of
-from shear.analyze.graph import PrunePlan, StructureGraph
+from shear.analyze.graph import HEAD_KINDS, PrunePlan, StructureGraph
 from shear.importance import ESTIMATORS, SELF_STANDARDIZED, STANDARDIZED, score
 from shear.importance.compensation import BiasPlan, apply_biases_, compensation_biases, flag_zero_biases, plan_biases
 from shear.prune.config import ImportanceConfig, PruneConfig
@@ -62,7 +62,6 @@ def kinds_needed(cfg: PruneConfig) -> set[str]:
     return {k for st in structures for k in STRUCTURE_KINDS[st]}
 
 
-HEAD_KINDS = ("head", "kv_group", "query_head")
 
 
 def stays_stock(model, graph: StructureGraph, plan: PrunePlan, stock_now: bool | None = None) -> bool:

@@ -29,14 +29,13 @@ import math
 import torch
 from torch import nn
 
-from shear.analyze.graph import StructureGraph
+from shear.analyze.graph import HEAD_KINDS, StructureGraph
 
 BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1
 INIT_LOG_ALPHA = 5.0
 #: log α bounds, clamped before every draw: LLM-Shearing's ``Mask.constrain_parameters``
 #: (``clamp(log 1e-2, log 1e2)``), so P(z > 0) stays in about [0.047, 0.998] and no unit is beyond recall
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
-HEAD_KINDS = ("head", "kv_group", "query_head")
 #: mask type -> the group kinds it covers
 MASK_TYPES = {"layers": ("layer",), "heads": HEAD_KINDS, "mlp": ("mlp_channel",), "hidden": ("hidden",)}
 
