@@ -170,6 +170,17 @@ def test_small_shards_load_to_identical_logits(plan, tmp_path):
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_per_layer_export_in_bf16(tmp_path):
+    """export(dtype=...) casts in place: the per-layer modeling file rebuilds bf16 parameters, every key loads."""
+    model = family_model("llama")
+    prune_(model, PrunePlan({"layers.0.mlp_channel": [1, 2]}))
+    out = export(model, tmp_path / "x", dtype="bf16")
+    assert header_dtypes(out) == {"BF16"} and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    back, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert back.dtype == torch.bfloat16 and not any(info.values())
+    assert torch.equal(outputs(back.eval(), IDS), outputs(model, IDS))
+
+
 def test_checkpoint_dtype_reads_headers_then_config(tmp_path):
     model = family_model("llama")
     model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
@@ -234,3 +245,10 @@ def test_run_export_auto_writes_the_checkpoint_dtype(bf16_dir, tmp_path):
 def test_memory_helpers():
     assert isinstance(trim(), bool)
     assert peak_rss_bytes() > 0 if sys.platform.startswith("linux") else peak_rss_bytes() == 0
+
+
+def test_no_export_refuses_export_flags(tmp_path, capsys):
+    from shear.cli import main
+
+    assert main(["prune", str(tmp_path / "no-model"), "--no-export", "--dtype", "bf16"]) == 2
+    assert "nothing is written with --no-export" in capsys.readouterr().err

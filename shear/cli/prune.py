@@ -34,7 +34,10 @@ def _cmd_prune(args) -> int:
     from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, source_weight_bytes
     from shear.prune.pipeline import prune_with_vocab
     from shear.sparse.export import bytes_on_disk
+    from shear.storage import MAX_SHARD_SIZE
 
+    if args.no_export and (args.dtype != "auto" or args.max_shard_size != MAX_SHARD_SIZE):
+        raise ValueError("--dtype / --max-shard-size: nothing is written with --no-export; drop them")
     src = Path(args.source)
     if src.suffix in (".yaml", ".yml"):
         from shear.cli.run import recipe_overrides
