@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from shear.storage import EXPORT_DTYPES, MAX_SHARD_SIZE  # noqa: F401 (re-exported)
+from shear.storage import EXPORT_DTYPES
 
 REFERENCE_ARCHS = {
     # 5.0M parameters: hidden 256, 6 layers, 8 query heads / 2 KV heads of 32, MLP 640.

@@ -18,9 +18,9 @@ from shear.analyze import analyze
 from shear.analyze.graph import PrunePlan, StructureGraph
 from shear.importance import needs_data
 from shear.memory import peak_rss_mb
-from shear.storage import MAX_SHARD_SIZE
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.transform import check_settings, kinds_needed, prune_to_target_  # noqa: F401 (kinds_needed re-exported)
+from shear.storage import MAX_SHARD_SIZE
 
 log = logging.getLogger("shear")
 
