@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from shear.storage import MAX_SHARD_SIZE
 from shear.sparse.config import MAX_DEFAULT_SEQ_LEN, SparsifyConfig
 from shear.sparse.sequential import sparsify_
+from shear.storage import MAX_SHARD_SIZE
 
 log = logging.getLogger("shear")
 
