@@ -134,6 +134,22 @@ evaluation texts are disjoint from it), via ``shear.data.text.calibration_ids``.
    None``, the CUDA version of the torch build). The mode also converts only Megatron-Core ``GPTModel`` /
    ``HybridModel`` instances (an HF model must first be converted to Megatron), so Minitron does not run
    on CPU for an HF Llama here.
+5. Wanda and SparseGPT, unstructured 50% and 2:4 (``--peers wanda,sparsegpt`` beside ``shear-wanda,
+   shear-sparsegpt``; ``--sparse-patterns``): a git checkout of locuslab/wanda at commit
+   8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6 (``git clone https://github.com/locuslab/wanda``), whose
+   ``lib/prune.py`` holds ``prune_wanda`` and ``prune_sparsegpt`` (the latter with ``lib/sparsegpt.py``,
+   IST-DASLab/sparsegpt at f5c2500 as its comment says). Called as its ``main.py`` does with
+   ``--sparsity_type unstructured`` (``sparsity_ratio`` 0.5) or ``2:4`` (``prune_n=2, prune_m=4``),
+   ``use_variant`` off, ``percdamp`` 0.01 and ``blocksize`` 128 (its fixed values; shear's defaults are
+   the same). Calibration: 128 x 256 tokens of shear's ``english`` text (its ``get_loaders("c4", ...)`` is
+   replaced by the same tensor the shear rows get). No file of the checkout is edited; adaptations in the
+   row: ``model.hf_device_map = {}`` (its ``main.py`` loads with ``device_map="auto"``); the forward
+   pre-hook that fills ``position_embeddings`` (as for FLAP); ``torch.cuda.synchronize`` made a no-op
+   (``fasterprune`` times itself with it; a CPU-only torch raises); layers return a tensor, so its
+   ``layer(...)[0]`` takes batch row 0 - the same values at its batch size 1. The shear rows call
+   ``shear.sparse.sparsify_`` on a fresh copy with the same calibration tensor; every row is scored
+   in-process with the same windows (the exports of ``shear sparsify`` are reloaded in a fresh process by
+   tools/bench_real.py).
 """
 from __future__ import annotations
 
