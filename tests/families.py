@@ -26,6 +26,12 @@ FAMILY_CONFIGS = {
                                              num_hidden_layers=2, num_attention_heads=4,
                                              max_position_embeddings=128)),
 }
+#: models no Family entry describes: what works on them works through structure alone
+UNLISTED_CONFIGS = {
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, sandwich norms, sliding layers
+                    dict(COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
+}
 FAMILIES = tuple(FAMILY_CONFIGS)
 GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 PRENORM = tuple(f for f in FAMILIES if f != "bert")
@@ -34,7 +40,7 @@ PRENORM = tuple(f for f in FAMILIES if f != "bert")
 def family_config(family: str, **over):
     import transformers
 
-    cfg_cls, _, kw = FAMILY_CONFIGS[family]
+    cfg_cls, _, kw = {**FAMILY_CONFIGS, **UNLISTED_CONFIGS}[family]
     return getattr(transformers, cfg_cls)(**dict(kw, **over))
 
 
@@ -43,7 +49,7 @@ def family_model(family: str, std: float = 0.2, **over):
     zeroing or slicing a unit can never pass by accident)."""
     import transformers
 
-    model = getattr(transformers, FAMILY_CONFIGS[family][1])(family_config(family, **over))
+    model = getattr(transformers, {**FAMILY_CONFIGS, **UNLISTED_CONFIGS}[family][1])(family_config(family, **over))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)
