@@ -15,6 +15,9 @@ FAMILY_CONFIGS = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(COMMON, hidden_act="gelu_pytorch_tanh")),  # tied
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, query_pre_attn_scalar=16, sliding_window=4,
                                                          layer_types=["sliding_attention", "full_attention"])),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, sandwich norms, sliding layers
+                    dict(COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict({k: v for k, v in COMMON.items() if k != "head_dim"},
                                                    pad_token_id=0, bos_token_id=0, eos_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=96,
@@ -26,21 +29,15 @@ FAMILY_CONFIGS = {
                                              num_hidden_layers=2, num_attention_heads=4,
                                              max_position_embeddings=128)),
 }
-#: models no Family entry describes: what works on them works through structure alone
-UNLISTED_CONFIGS = {
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, sandwich norms, sliding layers
-                    dict(COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=4,
-                         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
-}
 FAMILIES = tuple(FAMILY_CONFIGS)
-GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 PRENORM = tuple(f for f in FAMILIES if f != "bert")
 
 
 def family_config(family: str, **over):
     import transformers
 
-    cfg_cls, _, kw = {**FAMILY_CONFIGS, **UNLISTED_CONFIGS}[family]
+    cfg_cls, _, kw = FAMILY_CONFIGS[family]
     return getattr(transformers, cfg_cls)(**dict(kw, **over))
 
 
@@ -49,7 +46,7 @@ def family_model(family: str, std: float = 0.2, **over):
     zeroing or slicing a unit can never pass by accident)."""
     import transformers
 
-    model = getattr(transformers, {**FAMILY_CONFIGS, **UNLISTED_CONFIGS}[family][1])(family_config(family, **over))
+    model = getattr(transformers, FAMILY_CONFIGS[family][1])(family_config(family, **over))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)
