@@ -227,3 +227,21 @@ def test_analyze_path_of_a_per_layer_export_needs_consent(tmp_path):
         analyze_path(out)
     g = analyze_path(out, trust_remote_code=True)
     assert g["layers.0.mlp_channel"].num_units == 93 and g["layers.1.mlp_channel"].num_units == 96
+
+
+def test_plan_warns_when_asked_structures_have_no_groups(caplog):
+    """The generic analyzer has no head groups: asking for heads + MLP prunes MLP only, and says so."""
+    import logging
+
+    from shear.prune.config import PruneConfig
+    from shear.prune.plan import build_plan
+
+    model = _olmo(kv=2)
+    g = analyze(model)
+    scores = {x.name: torch.rand(x.num_units) for x in g.groups}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    cfg = PruneConfig(target={"ratio": 0.1}, structures=["heads", "mlp"], allocation="uniform")
+    with caplog.at_level(logging.WARNING, logger="shear"):
+        plan = build_plan(g, scores, cfg, shapes)
+    assert "no heads groups" in caplog.text and "generic analyzer" in caplog.text
+    assert plan.meta["structures_not_found"] == ["heads"]
