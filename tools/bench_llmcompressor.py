@@ -88,7 +88,7 @@ def ensure_venv(venv: Path) -> Path:
 def venv_versions(py: Path) -> dict:
     code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
             "('torch', 'transformers', 'llmcompressor', 'compressed-tensors', 'accelerate')}))")
-    return json.loads(subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True).stdout)
+    return benchlib.fresh_json(["-c", code], python=str(py))
 
 
 # ---------------------------------------------------------------- workers (one process per run)

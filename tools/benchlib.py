@@ -159,10 +159,11 @@ def child_env(threads: int | None = None, env: dict | None = None) -> dict:
     return out
 
 
-def fresh_json(argv: list[str], threads: int | None = None, env: dict | None = None) -> dict:
+def fresh_json(argv: list[str], threads: int | None = None, env: dict | None = None,
+               python: str = sys.executable) -> dict:
     """``python ARGV`` (a script and its arguments, or ``-c CODE ...``) in a fresh process, stdin closed; the
     JSON object its last stdout line holds. ``threads``, ``env``: see :func:`child_env`."""
-    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=child_env(threads, env),
+    r = subprocess.run([python, *argv], capture_output=True, text=True, env=child_env(threads, env),
                        stdin=subprocess.DEVNULL)
     if r.returncode != 0:
         cmd = " ".join(a if len(a) < 80 else a[:40] + "..." for a in map(str, argv))
