@@ -7,8 +7,9 @@ recipe with the new one, key by key, on the keys that change results:
 - no difference: the run continues where it stopped (training resumes from its newest checkpoint);
 - a difference, by default: an error listing the differing dotted keys, before any work;
 - ``on_change="resume"`` (``--resume``): continue anyway, with a warning; the change is recorded in run.json;
-- ``on_change="restart"`` (``--restart``): the outputs shear wrote for the run (``SHEAR_OUTPUTS``)
-  are deleted first; any other file in the directory stays.
+- ``on_change="restart"`` (``--restart``): the outputs shear wrote for the run are deleted first
+  (``SHEAR_OUTPUTS``; inside its subdirectories only the names shear writes there, ``OWN_NAMES``, and in
+  an export only the files its manifest lists); any other file stays and is named.
 
 Keys that do not change results are left out of the comparison and of the fingerprint
 (``NON_RESULT_KEYS``): what is evaluated and how (``eval``, validation cadence and size), logging and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +41,12 @@ NON_RESULT_KEYS = (
 )
 # What shear writes into OUTPUT_DIR for a run (``model`` / ``compressed`` only when they hold a shear export).
 SHEAR_OUTPUTS = ("recipe.yaml", "run.json", "summary.json", "prune", "train", "rounds", "model", "sparsify", "compressed")
+# What shear writes inside those subdirectories (reports, training state, tensorboard events under ``shear``);
+# ``prune``, ``train`` and ``round-K`` are looked into in turn. Any other name there is the user's.
+OWN_NAMES = ("report.json", "plans.json", "kept_widths.png", "mask_sizes.png", "train_config.json", "metrics.jsonl",
+             "train_summary.json", "domain_weights.png", "checkpoints", "tokenizer", "shear", "iterative_report.json",
+             "loraprune_scores.safetensors")
+_NESTED = re.compile(r"(prune|train|round-\d+)$")
 OnChange = Literal["refuse", "resume", "restart"]
 
 
@@ -101,8 +109,10 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
     changes = recipe_changes(old, new) if old is not None else {}
     if on_change == "restart" and old is not None:
         if write:
-            removed = clear_run_dir(out)
+            removed, kept = clear_run_dir(out)
             log.warning("%s: --restart: removed the previous run's %s", out, ", ".join(removed) or "nothing")
+            if kept:
+                log.warning("%s: --restart: kept %s (not written by shear)", out, ", ".join(kept))
         changes = {}
     elif changes and on_change == "refuse":
         listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items())
@@ -124,21 +134,58 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
     run_file.write_text(json.dumps(run, indent=1, default=str))
 
 
-def clear_run_dir(out: Path) -> list[str]:
-    """Delete what shear wrote for a run in ``out`` (``SHEAR_OUTPUTS``); return the names removed."""
-    removed = []
+def _own_under(d: Path) -> list[Path]:
+    """What shear wrote in one of its subdirectories: ``OWN_NAMES``, looking into ``prune``/``train``/``round-K``."""
+    found = []
+    for p in sorted(d.iterdir()):
+        if p.name in OWN_NAMES:
+            found.append(p)
+        elif p.is_dir() and _NESTED.match(p.name):
+            found += _own_under(p)
+    return found
+
+
+def restart_deletes(out: Path) -> list[Path]:
+    """The paths ``--restart`` deletes in ``out``: ``SHEAR_OUTPUTS``, inside directories only what shear wrote there."""
+    from shear.prune.export import _written_by_shear
+
+    found = []
     for name in SHEAR_OUTPUTS:
         p = Path(out) / name
-        if name in ("model", "compressed") and not (p / "shear_recipe.yaml").exists():
-            continue  # not an export shear made: leave it
-        if p.is_dir():
-            shutil.rmtree(p)
+        if name in ("model", "compressed"):  # an export: the files its manifest lists (none: not shear's)
+            found += [p / f for f in _written_by_shear(p) if (p / f).exists()]
+        elif p.is_dir():
+            found += _own_under(p)
         elif p.exists():
-            p.unlink()
+            found.append(p)
+    return found
+
+
+def clear_run_dir(out: Path) -> tuple[list[str], list[str]]:
+    """Delete what shear wrote for a run in ``out`` (:func:`restart_deletes`); return (removed, kept): the
+    top-level names removed, and the files left in shear's subdirectories because shear did not write them."""
+    out = Path(out)
+    removed = []
+    for p in restart_deletes(out):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
         else:
-            continue
-        removed.append(name)
-    return removed
+            p.unlink()
+        top = p.relative_to(out).parts[0]
+        if top not in removed:
+            removed.append(top)
+    kept = []
+    for name in SHEAR_OUTPUTS:
+        d = out / name
+        if d.is_dir():
+            for sub in sorted(d.rglob("*"), reverse=True):  # deepest first: directories left empty go
+                if sub.is_dir() and not any(sub.iterdir()):
+                    sub.rmdir()
+                elif not sub.is_dir():
+                    kept.append(str(sub.relative_to(out)))
+            if not any(d.iterdir()):
+                d.rmdir()
+    return removed, sorted(kept)
 
 
 def newest_checkpoint(out: Path) -> Path | None:

@@ -1,0 +1,31 @@
+"""Outputs are never lost or mixed: --restart deletes only what shear wrote and never a recipe's input, a
+refused or failed command leaves an existing output as it was, all forms of an export are published
+together, and one output directory takes one command at a time (issue 19)."""
+import json
+
+import pytest
+import yaml
+
+from shear.cli import main
+from test_probes import one_line_error, write_recipe
+
+
+@pytest.fixture
+def recipe(tiny_lm_dir, tiny_text, tmp_path):
+    (tmp_path / "corpus.txt").write_text(tiny_text)
+    return write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)},
+                        data={"source": str(tmp_path / "corpus.txt"), "seq_len": 16},
+                        train={"steps": 2, "batch_size": 2, "eval_batches": 1, "save_every": 1, "log_every": 1})
+
+
+def test_restart_keeps_files_shear_did_not_write(recipe, tmp_path, caplog):
+    out = tmp_path / "o"
+    assert main(["run", recipe, "-o", str(out)]) == 0
+    (out / "train" / "mine.txt").write_text("mine")
+    (out / "train" / "checkpoints" / "step-2" / "state.json").write_text("{}")  # shear's: goes
+    assert main(["run", recipe, "-o", str(out), "--restart", "train.lr=1e-3"]) == 0
+    assert (out / "train" / "mine.txt").read_text() == "mine"
+    assert f"--restart: kept {'train/mine.txt'} (not written by shear)" in caplog.text
+    assert "removed the previous run's recipe.yaml, run.json, summary.json, train" in caplog.text
+    assert json.loads((out / "train" / "checkpoints" / "step-2" / "state.json").read_text())["step"] == 2
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 1e-3
