@@ -9,7 +9,9 @@ recipe with the new one, key by key, on the keys that change results:
 - ``on_change="resume"`` (``--resume``): continue anyway, with a warning; the change is recorded in run.json;
 - ``on_change="restart"`` (``--restart``): the outputs shear wrote for the run are deleted first
   (``SHEAR_OUTPUTS``; inside its subdirectories only the names shear writes there, ``OWN_NAMES``, and in
-  an export only the files its manifest lists); any other file stays and is named.
+  an export only the files its manifest lists); any other file stays and is named. A recipe that reads
+  an input from what the restart would delete (``model.path`` pointing at the earlier run's export) is
+  refused before anything is deleted.
 
 Keys that do not change results are left out of the comparison and of the fingerprint
 (``NON_RESULT_KEYS``): what is evaluated and how (``eval``, validation cadence and size), logging and
@@ -108,6 +110,8 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
     old = _saved_recipe(out / "recipe.yaml")
     changes = recipe_changes(old, new) if old is not None else {}
     if on_change == "restart" and old is not None:
+        _refuse_deleting_inputs(new, out, "--restart would delete {path}, which the recipe reads ({key}); "
+                                          "copy it out of {out} first or write the run elsewhere (-o)")
         if write:
             removed, kept = clear_run_dir(out)
             log.warning("%s: --restart: removed the previous run's %s", out, ", ".join(removed) or "nothing")
@@ -116,8 +120,11 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
         changes = {}
     elif changes and on_change == "refuse":
         listed = ", ".join(f"{k} ({_short(a)} -> {_short(b)})" for k, (a, b) in changes.items())
-        raise ValueError(f"{out} holds a run of another recipe (changed: {listed}); pass --resume to continue "
-                         "it anyway, or --restart to start it over")
+        msg = (f"{out} holds a run of another recipe (changed: {listed}); pass --resume to continue it anyway, or "
+               "{hint}")
+        _refuse_deleting_inputs(new, out, msg.replace("{hint}", "write the run elsewhere (-o): --restart would "
+                                                                "delete {path}, which the recipe reads ({key})"))
+        raise ValueError(msg.replace("{hint}", "--restart to start it over"))
     elif changes:
         log.warning("%s: continuing a run whose recipe changed (%s) because of --resume; recorded in run.json",
                     out, ", ".join(changes))
@@ -132,6 +139,37 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
     run.update(fingerprint=fingerprint(recipe), excluded_from_fingerprint=list(NON_RESULT_KEYS))
     dump_recipe(recipe, out / "recipe.yaml")
     run_file.write_text(json.dumps(run, indent=1, default=str))
+
+
+def recipe_inputs(recipe: dict) -> dict[str, Path]:
+    """``{dotted key: path}`` for every value of the recipe that names an existing file or directory
+    (``model.path``, ``distill.teacher``, ``data.source``...), where the run writes excluded."""
+    found = {}
+
+    def walk(key, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{key}.{k}" if key else k, x)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(f"{key}[{i}]", x)
+        elif isinstance(v, str) and v and key not in ("output_dir", "export.dir", "description"):
+            p = Path(v).expanduser()
+            if p.exists():
+                found[key] = p.resolve()
+
+    walk("", recipe)
+    return found
+
+
+def _refuse_deleting_inputs(recipe: dict, out: Path, msg: str) -> None:
+    """Raise ``msg`` (formatted with key, path, out) when an input of the recipe lies in what --restart deletes."""
+    root = Path(out).resolve()
+    doomed = [p.resolve() for p in restart_deletes(out)]
+    for key, path in recipe_inputs(recipe).items():
+        inside = path != root and path.is_relative_to(root)  # a directory of the run (OUT/model) whose files go
+        if any(path.is_relative_to(d) or (inside and d.is_relative_to(path)) for d in doomed):
+            raise ValueError(msg.format(key=key, path=path, out=out))
 
 
 def _own_under(d: Path) -> list[Path]:

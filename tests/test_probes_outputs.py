@@ -18,6 +18,21 @@ def recipe(tiny_lm_dir, tiny_text, tmp_path):
                         train={"steps": 2, "batch_size": 2, "eval_batches": 1, "save_every": 1, "log_every": 1})
 
 
+def test_restart_never_deletes_the_recipes_input(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    a = write_recipe(tmp_path / "a.yaml", model={"path": str(tiny_lm_dir)}, export={})
+    assert main(["run", a, "-o", str(out)]) == 0
+    b = write_recipe(tmp_path / "b.yaml", model={"path": str(out / "model")}, export={"dir": str(tmp_path / "m2")})
+    assert main(["run", b, "-o", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert "changed: model.path" in err and "--restart to start it over" not in err
+    assert f"--restart would delete {out / 'model'}, which the recipe reads (model.path)" in err
+    assert main(["run", b, "-o", str(out), "--restart"]) == 2
+    assert (f"--restart would delete {out / 'model'}, which the recipe reads (model.path); copy it out of {out} "
+            "first or write the run elsewhere (-o)") in one_line_error(capsys)
+    assert (out / "model" / "model.safetensors").exists() and (out / "recipe.yaml").exists()
+
+
 def test_restart_keeps_files_shear_did_not_write(recipe, tmp_path, caplog):
     out = tmp_path / "o"
     assert main(["run", recipe, "-o", str(out)]) == 0
