@@ -101,6 +101,13 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     """
     run = _Run(recipe, Path(out_dir or recipe.output_dir))
     open_run_dir(recipe, run.out, on_change, write=run.main)
+    if run.main:  # what an interrupted export of an earlier run left behind
+        from shear.prune.export import remove_stale_staging
+
+        remove_stale_staging(run.out)
+        remove_stale_staging(run.out / "sparsify")  # the report, staged beside it
+        if recipe.export is not None and recipe.export.dir:
+            remove_stale_staging(run.export_dir())
     seed_everything(recipe.seed)
     t0 = time.time()
     model, tok = build_model(recipe)
@@ -219,8 +226,14 @@ class _Run:
         self.summary["stages"].append("train")
         return result.model
 
+    def export_dir(self) -> Path:
+        from shear.models import cache_dir
+
+        d = self.recipe.export.dir
+        return Path(d.replace("{cache}", str(cache_dir()))).expanduser() if d else self.out / "model"
+
     def export(self, model) -> None:
-        from shear.models import DTYPES, cache_dir
+        from shear.models import DTYPES
         from shear.prune.export import export
 
         recipe, summary = self.recipe, self.summary
@@ -229,16 +242,14 @@ class _Run:
             # so the model evaluated here is the model that reloads
             for p in model.parameters():
                 p.data = p.data.to(DTYPES[recipe.export.dtype])
-        target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
-                  if recipe.export.dir else self.out / "model")
+        target = self.export_dir()
         as_json = recipe.model_dump(mode="json")
         if recipe.sparsify is not None:  # the dense form, plus the compressed-tensors form and bytes on disk
-            from shear.sparse.pipeline import export_sparse, write_report
+            from shear.sparse.pipeline import export_sparse
 
             export_sparse(model, summary["sparsify"], recipe.sparsify, target,
                           self.out / "compressed" if recipe.sparsify.compressed else None, tokenizer=self.tok,
-                          recipe=as_json, overwrite=recipe.export.overwrite)
-            write_report(summary["sparsify"], self.out / "sparsify")
+                          recipe=as_json, overwrite=recipe.export.overwrite, report_dir=self.out / "sparsify")
         else:
             export(model, target, tokenizer=self.tok, recipe=as_json, overwrite=recipe.export.overwrite)
         summary["model_dir"] = str(target)

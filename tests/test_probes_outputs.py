@@ -44,3 +44,34 @@ def test_restart_keeps_files_shear_did_not_write(recipe, tmp_path, caplog):
     assert "removed the previous run's recipe.yaml, run.json, summary.json, train" in caplog.text
     assert json.loads((out / "train" / "checkpoints" / "step-2" / "state.json").read_text())["step"] == 2
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 1e-3
+
+
+def _sparsity_of(d):
+    return yaml.safe_load((d / "shear_recipe.yaml").read_text())["sparsify"]["sparsity"]
+
+
+def test_sparsify_publishes_both_forms_and_the_report_together(tiny_lm_dir, tmp_path, monkeypatch, caplog):
+    import shear.sparse.export
+
+    out = tmp_path / "out"
+    args = ["sparsify", str(tiny_lm_dir), "--method", "magnitude", "-o", str(out)]
+    assert main(args + ["--sparsity", "0.3"]) == 0
+    (out / ".model.tmp-0123abcd").mkdir()  # what a kill -9 during an export leaves
+    (out / ".model.tmp-0123abcd" / "model.safetensors").write_text("partial")
+    (out / ".notes.tmp-mine").write_text("mine")  # not a name shear gives: kept
+
+    def killed(*a, **k):  # the dense form is written, the compressed one never comes
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(shear.sparse.export, "_compression_config", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["--debug", *args, "--sparsity", "0.5", "--overwrite"])
+    assert _sparsity_of(out / "model") == _sparsity_of(out / "compressed") == 0.3  # the earlier run, whole
+    assert json.loads((out / "report.json").read_text())["sparsity"] == 0.3
+    assert f"{out}: removed .model.tmp-0123abcd, left by an interrupted export" in caplog.text
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".notes.tmp-mine"]
+
+    monkeypatch.undo()
+    assert main(args + ["--sparsity", "0.5", "--overwrite"]) == 0
+    assert _sparsity_of(out / "model") == _sparsity_of(out / "compressed") == 0.5
+    assert json.loads((out / "report.json").read_text())["export"]["model"]["dir"] == str(out / "model")

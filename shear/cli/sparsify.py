@@ -26,8 +26,9 @@ def _refuse_unused_calibration(args) -> None:
 
 def _cmd_sparsify(args) -> int:
     from shear.models import load_model, load_tokenizer
+    from shear.prune.export import remove_stale_staging
     from shear.sparse.config import SparsifyConfig
-    from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
+    from shear.sparse.pipeline import export_sparse, run_sparsify
 
     _refuse_unused_calibration(args)
     n_samples = {} if args.n_samples is None else {"n_samples": args.n_samples}
@@ -40,13 +41,13 @@ def _cmd_sparsify(args) -> int:
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
+    remove_stale_staging(out)
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model)
     model, report = run_sparsify(model, tok, cfg)
     recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
-                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite)
-    write_report(report, out)
+                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite, report_dir=out)
     mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
     forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
     if "compressed" in rec:
