@@ -1,6 +1,7 @@
 """Outputs are never lost or mixed: --restart deletes only what shear wrote and never a recipe's input, a
 refused or failed command leaves an existing output as it was, all forms of an export are published
 together, and one output directory takes one command at a time (issue 19)."""
+import importlib
 import json
 
 import pytest
@@ -75,3 +76,39 @@ def test_sparsify_publishes_both_forms_and_the_report_together(tiny_lm_dir, tmp_
     assert main(args + ["--sparsity", "0.5", "--overwrite"]) == 0
     assert _sparsity_of(out / "model") == _sparsity_of(out / "compressed") == 0.5
     assert json.loads((out / "report.json").read_text())["export"]["model"]["dir"] == str(out / "model")
+
+
+def test_refused_prune_leaves_the_finished_output_as_it_was(tiny_lm_dir, tiny_text, tmp_path, capsys, monkeypatch):
+    exporting = importlib.import_module("shear.prune.export")  # shear.prune.export is also the function
+
+    (tmp_path / "calib.txt").write_text(tiny_text)
+    d = tmp_path / "d"
+    args = ["prune", str(tiny_lm_dir), "--estimator", "magnitude_l2", "--structures", "mlp", "-o", str(d)]
+    assert main(args + ["--ratio", "0.1"]) == 0
+    before = {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()}
+    assert set(before) >= {"report.json", "plans.json", "kept_widths.png"}
+    weights = (d / "model" / "model.safetensors").read_bytes()
+
+    for again in (["--ratio", "0.2"], ["--ratio", "0.1"]):  # another prune, or the same one redone
+        assert main(args + again) == 2
+        assert one_line_error(capsys).endswith(f"{d} already holds a finished prune (report.json, model); pass "
+                                               "--overwrite to replace it, or -o elsewhere")
+        assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+        assert (d / "model" / "model.safetensors").read_bytes() == weights
+
+    assert main(args + ["--ratio", "0.9", "--overwrite"]) == 2  # fails in the work: nothing in D changes
+    assert "cannot be reached" in one_line_error(capsys)
+    assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+    with monkeypatch.context() as m:  # fails at the export, after the reports are written: in the staging only
+        m.setattr(exporting, "layout_of", lambda model: (_ for _ in ()).throw(RuntimeError("disk full")))
+        with pytest.raises(RuntimeError, match="disk full"):
+            main(["--debug", *args, "--ratio", "0.2", "--overwrite"])
+    assert {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()} == before
+    (d / "notes.txt").write_text("mine")
+    assert main(args + ["--ratio", "0.2", "--overwrite"]) == 0
+    report = json.loads((d / "report.json").read_text())
+    assert report["target"]["ratio"] == 0.2 and report["plot"] == str(d / "kept_widths.png")
+    assert report["model_dir"] == str(d / "model")
+    assert yaml.safe_load((d / "model" / "shear_recipe.yaml").read_text())["prune"]["target"]["ratio"] == 0.2
+    assert (d / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left

@@ -5,8 +5,10 @@
 
 A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
 directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
-OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model. The calibration text, sample
-count and tokenizer class are printed and kept in the report (``calibration_text``).
+OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model, written beside OUT and moved in
+once the whole command has succeeded (an OUT that holds a finished prune is replaced only with
+--overwrite, said before any work). The calibration text, sample count and tokenizer class are
+printed and kept in the report (``calibration_text``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,34 @@ def _configs_from_flags(args):
     return prune, imp
 
 
+def _refuse_finished(out: Path, overwrite: bool) -> None:
+    """A finished prune in ``out`` (its report, or a model) is replaced only with --overwrite: said before any work."""
+    done = [n for n in ("report.json", "model") if (out / n / "config.json" if n == "model" else out / n).exists()]
+    if done and not overwrite:
+        raise FileExistsError(f"{out} already holds a finished prune ({', '.join(done)}); pass --overwrite to "
+                              "replace it, or -o elsewhere")
+
+
+def _publish(stage: Path, out: Path, report: dict) -> None:
+    """Move the staged outputs into ``out``: the model and the plot, plans and report (last), nothing else there."""
+    from shear.prune.export import _remove, _written_by_shear, move_in
+
+    for k, name in (("plot", "kept_widths.png"), ("model_dir", "model")):
+        if k in report:
+            report[k] = str(out / name)
+    (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if not (stage / "model").exists():  # --no-export: shear's earlier model would not match the new report
+        for name in _written_by_shear(out / "model"):
+            _remove(out / "model" / name)
+    forms = [(stage / "model", out / "model")] if (stage / "model").exists() else []
+    names = sorted((f.name for f in stage.iterdir() if f.is_file()), key=lambda n: n == "report.json")
+    move_in(forms, [(stage / n, out / n) for n in names])
+
+
 def _cmd_prune(args) -> int:
+    import shutil
+
+    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
     from shear.prune.pipeline import prune_with_vocab
 
     src = Path(args.source)
@@ -42,25 +71,35 @@ def _cmd_prune(args) -> int:
             raise ValueError(f"recipe {src}: no prune section")
         if recipe.prune.learn is not None or recipe.prune.tune_rounds > 1:
             raise ValueError(f"recipe {src}: prune.learn / prune.tune_rounds prune while training; use `shear run`")
+        out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
+        _refuse_finished(out, args.overwrite)
         model, tok = build_model(recipe)
         prune, imp = recipe.prune, recipe.importance
-        out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
         recipe_dict = recipe.model_dump(mode="json")
     else:
         if args.overrides:
             raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
         from shear.models import load_model, load_tokenizer
 
+        out = Path(args.output_dir or "shear-prune")
+        _refuse_finished(out, args.overwrite)
         model = load_model(args.source, trust_remote_code=args.trust_remote_code)
         tok = load_tokenizer(args.source)
         prune, imp = _configs_from_flags(args)
-        out = Path(args.output_dir or "shear-prune")
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
                        "prune": prune.model_dump(mode="json")}
-    _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
-                                    export_dir=None if args.no_export else out / "model",
-                                    data=recipe.data if src.suffix in (".yaml", ".yml") else None)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if not args.no_export:  # before any work: the model's own directory, or a model shear did not write
+        _check_target(model, (out / "model").expanduser().resolve(), args.overwrite, ())
+    remove_stale_staging(out)
+    stage = staging_dir(out.expanduser().resolve())  # nothing is written into OUT until the whole command succeeded
+    try:
+        _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=stage, recipe=recipe_dict,
+                                        export_dir=None if args.no_export else stage / "model",
+                                        data=recipe.data if src.suffix in (".yaml", ".yml") else None)
+        out.mkdir(parents=True, exist_ok=True)
+        _publish(stage, out, report)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if report.get("vocab"):
         v = report["vocab"]
         print(f"vocabulary: {v['tokens_before']:,} -> {v['tokens_after']:,} tokens (text: {v['source']})")
@@ -78,6 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="recipe only: dotted key=value overrides, e.g. prune.target.ratio=0.5")
     p.add_argument("-o", "--output-dir", default=None, help="output directory (default: OUTPUT_DIR/prune or ./shear-prune)")
     p.add_argument("--no-export", action="store_true", help="write the report only")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shear's earlier prune in OUT (report, plans, plot and model); nothing else there")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     g = p.add_argument_group("model directory flags (ignored with a recipe)")
