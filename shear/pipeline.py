@@ -101,6 +101,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     """
     run = _Run(recipe, Path(out_dir or recipe.output_dir))
     open_run_dir(recipe, run.out, on_change, write=run.main)
+    if recipe.export is not None and run.main:  # a finished run is not redone only to be refused at the export
+        target = run.export_dir()
+        if (target / "config.json").exists() and not recipe.export.overwrite:
+            raise FileExistsError(f"{target} already holds a model (a finished run?): nothing redone; set "
+                                  "export.overwrite=true to replace it, pass --restart, or write elsewhere (-o)")
     if run.main:  # what an interrupted export of an earlier run left behind
         from shear.prune.export import remove_stale_staging
 

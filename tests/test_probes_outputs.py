@@ -112,3 +112,18 @@ def test_refused_prune_leaves_the_finished_output_as_it_was(tiny_lm_dir, tiny_te
     assert yaml.safe_load((d / "model" / "shear_recipe.yaml").read_text())["prune"]["target"]["ratio"] == 0.2
     assert (d / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_finished_run_is_said_up_front(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    import shear.pipeline
+
+    out = tmp_path / "o"
+    a = write_recipe(tmp_path / "a.yaml", model={"path": str(tiny_lm_dir)}, export={})
+    assert main(["run", a, "-o", str(out)]) == 0
+    monkeypatch.setattr(shear.pipeline, "build_model", lambda recipe: pytest.fail("work redone"))
+    assert main(["run", a, "-o", str(out)]) == 2
+    assert one_line_error(capsys).endswith(f"{out / 'model'} already holds a model (a finished run?): nothing redone; "
+                                           "set export.overwrite=true to replace it, pass --restart, or write "
+                                           "elsewhere (-o)")
+    monkeypatch.undo()
+    assert main(["run", a, "-o", str(out), "export.overwrite=true"]) == 0
