@@ -6,7 +6,8 @@ recipe with the new one, key by key, on the keys that change results:
 
 - no difference: the run continues where it stopped (training resumes from its newest checkpoint);
 - a difference, by default: an error listing the differing dotted keys, before any work;
-- ``on_change="resume"`` (``--resume``): continue anyway, with a warning; the change is recorded in run.json;
+- ``on_change="resume"`` (``--resume``): continue anyway, with a warning; the change is recorded in run.json
+  (with the new recipe.yaml) once the resume is validated, never before;
 - ``on_change="restart"`` (``--restart``): the outputs shear wrote for the run are deleted first
   (``SHEAR_OUTPUTS``; inside its subdirectories only the names shear writes there, ``OWN_NAMES``, and in
   an export only the files its manifest lists); any other file stays and is named. A recipe that reads
@@ -100,10 +101,13 @@ def _short(v) -> str:
     return s if len(s) <= 30 else s[:27] + "..."
 
 
-def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", write: bool = True) -> None:
+def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", write: bool = True) -> dict:
     """Check ``out`` against ``recipe`` (see the module docstring), then write recipe.yaml and run.json.
 
-    ``write=False`` (ranks other than 0) checks only.
+    Returns the changes a ``--resume`` continues over: then nothing is written here, the caller records
+    them with :func:`record_run` once the resume is validated (the checkpoint fits the changed recipe), so
+    a resume that fails leaves the directory describing its artifacts. ``write=False`` (ranks other than
+    0) checks only.
     """
     out = Path(out)
     new = recipe.model_dump(mode="json")
@@ -129,8 +133,13 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
         log.warning("%s: continuing a run whose recipe changed (%s) because of --resume; recorded in run.json",
                     out, ", ".join(changes))
     out.mkdir(parents=True, exist_ok=True)
-    if not write:
-        return
+    if write and not changes:
+        record_run(recipe, out)
+    return changes
+
+
+def record_run(recipe: Recipe, out: Path, changes: dict | None = None) -> None:
+    """Write recipe.yaml and run.json (its fingerprint, with ``changes`` appended to its history)."""
     run_file = out / "run.json"
     run = json.loads(run_file.read_text()) if run_file.exists() else {"changes": []}
     if changes:

@@ -127,3 +127,21 @@ def test_finished_run_is_said_up_front(tiny_lm_dir, tmp_path, capsys, monkeypatc
                                            "elsewhere (-o)")
     monkeypatch.undo()
     assert main(["run", a, "-o", str(out), "export.overwrite=true"]) == 0
+
+
+def test_failed_resume_rewrites_nothing(recipe, tmp_path, capsys):
+    out = tmp_path / "o"
+    prune = ["prune.target.ratio=0.2", f"importance.source={tmp_path / 'corpus.txt'}", "importance.n_samples=2",
+             "importance.seq_len=16", "train.steps=1", "importance.estimator=flap", "prune.allocation=global"]
+    assert main(["run", recipe, "-o", str(out), *prune]) == 0
+    files = ["recipe.yaml", "run.json", "prune/report.json", "prune/plans.json", "prune/kept_widths.png"]
+    before = {f: (out / f).read_bytes() for f in files}
+    assert main(["run", recipe, "-o", str(out), *prune, "prune.target.ratio=0.4", "--resume"]) == 2
+    assert "made by a differently shaped model" in one_line_error(capsys)
+    assert {f: (out / f).read_bytes() for f in files} == before
+    assert [p.name for p in out.rglob(".*") if p.name != ".shear.lock"] == []  # no staging left
+    assert main(["run", recipe, "-o", str(out), *prune, "train.lr=1e-3", "--resume"]) == 0  # fits: recorded
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 1e-3
+    assert json.loads((out / "run.json").read_text())["changes"][-1]["keys"] == {"train.lr": [0.0003, 0.001]}
+    assert json.loads((out / "prune" / "report.json").read_text())["plot"] == str(out / "prune" / "kept_widths.png")
+    assert [p.name for p in out.rglob(".*") if p.name != ".shear.lock"] == []
