@@ -9,6 +9,7 @@ checkpoint: a resume that fails leaves the directory describing what is in it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from shear.config import Recipe
-from shear.rundir import OnChange, open_run_dir, record_run
+from shear.rundir import OnChange, locked, open_run_dir, record_run
 
 log = logging.getLogger("shear")
 
@@ -102,12 +103,13 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     the export, the evaluation and the summary.
     """
     run = _Run(recipe, Path(out_dir or recipe.output_dir))
-    changes = open_run_dir(recipe, run.out, on_change, write=run.main)
-    run.pending = changes if run.main else {}
-    try:
-        return _run_stages(recipe, run)
-    finally:
-        run.discard_staged()
+    with locked(run.out) if run.main else contextlib.nullcontext():  # one command per directory
+        changes = open_run_dir(recipe, run.out, on_change, write=run.main)
+        run.pending = changes if run.main else {}
+        try:
+            return _run_stages(recipe, run)
+        finally:
+            run.discard_staged()
 
 
 def _run_stages(recipe: Recipe, run: _Run) -> dict:

@@ -14,12 +14,15 @@ recipe with the new one, key by key, on the keys that change results:
   an input from what the restart would delete (``model.path`` pointing at the earlier run's export) is
   refused before anything is deleted.
 
+While a command runs, it holds an exclusive lock on the directory (:func:`locked`); a second one is refused.
+
 Keys that do not change results are left out of the comparison and of the fingerprint
 (``NON_RESULT_KEYS``): what is evaluated and how (``eval``, validation cadence and size), logging and
 checkpoint cadence, where the run and the export are written, and the remote-code consent.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -233,6 +236,30 @@ def clear_run_dir(out: Path) -> tuple[list[str], list[str]]:
             if not any(d.iterdir()):
                 d.rmdir()
     return removed, sorted(kept)
+
+
+LOCK = ".shear.lock"
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold an exclusive lock on the output directory ``out`` (``fcntl.flock`` on ``out/.shear.lock``, created
+    with ``out``) while a command writes there: a second command on the same directory is refused in one
+    line. Where fcntl does not exist (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as f:  # the lock goes with the file descriptor: released on exit or a crash
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{out} is in use by another shear command (it holds {LOCK}); wait for it to "
+                                  "finish or write elsewhere (-o)") from None
+        yield
 
 
 def newest_checkpoint(out: Path) -> Path | None:

@@ -70,7 +70,7 @@ def test_sparsify_publishes_both_forms_and_the_report_together(tiny_lm_dir, tmp_
     assert _sparsity_of(out / "model") == _sparsity_of(out / "compressed") == 0.3  # the earlier run, whole
     assert json.loads((out / "report.json").read_text())["sparsity"] == 0.3
     assert f"{out}: removed .model.tmp-0123abcd, left by an interrupted export" in caplog.text
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".notes.tmp-mine"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".notes.tmp-mine", ".shear.lock"]
 
     monkeypatch.undo()
     assert main(args + ["--sparsity", "0.5", "--overwrite"]) == 0
@@ -145,3 +145,21 @@ def test_failed_resume_rewrites_nothing(recipe, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["changes"][-1]["keys"] == {"train.lr": [0.0003, 0.001]}
     assert json.loads((out / "prune" / "report.json").read_text())["plot"] == str(out / "prune" / "kept_widths.png")
     assert [p.name for p in out.rglob(".*") if p.name != ".shear.lock"] == []
+
+
+def test_one_command_per_output_directory(tiny_lm_dir, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    a = write_recipe(tmp_path / "a.yaml", model={"path": str(tiny_lm_dir)}, export={})
+    commands = [["run", a, "-o", str(out)], ["sparsify", str(tiny_lm_dir), "--method", "magnitude", "--sparsity", "0.5",
+                "-o", str(out)], ["prune", str(tiny_lm_dir), "--estimator", "magnitude_l2", "-o", str(out)]]
+    with open(out / ".shear.lock", "a") as held:  # another shear command is writing there
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for argv in commands:
+            assert main(argv) == 2
+            assert one_line_error(capsys).endswith(f"{out} is in use by another shear command (it holds .shear.lock); "
+                                                   "wait for it to finish or write elsewhere (-o)")
+        assert sorted(p.name for p in out.iterdir()) == [".shear.lock"]
+    assert main(commands[0]) == 0  # released: the next command runs

@@ -46,6 +46,7 @@ def _publish(stage: Path, out: Path, report: dict) -> None:
         if k in report:
             report[k] = str(out / name)
     (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    out.mkdir(parents=True, exist_ok=True)
     if not (stage / "model").exists():  # --no-export: shear's earlier model would not match the new report
         for name in _written_by_shear(out / "model"):
             _remove(out / "model" / name)
@@ -55,16 +56,13 @@ def _publish(stage: Path, out: Path, report: dict) -> None:
 
 
 def _cmd_prune(args) -> int:
-    import shutil
-
-    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
-    from shear.prune.pipeline import prune_with_vocab
+    from shear.rundir import locked
 
     src = Path(args.source)
+    recipe = None
     if src.suffix in (".yaml", ".yml"):
         from shear.cli.run import recipe_overrides
         from shear.config import load_recipe
-        from shear.pipeline import build_model
 
         recipe = load_recipe(src, recipe_overrides(args))
         if recipe.prune is None:
@@ -72,17 +70,40 @@ def _cmd_prune(args) -> int:
         if recipe.prune.learn is not None or recipe.prune.tune_rounds > 1:
             raise ValueError(f"recipe {src}: prune.learn / prune.tune_rounds prune while training; use `shear run`")
         out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
+    else:
+        if args.overrides:
+            raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
+        out = Path(args.output_dir or "shear-prune")
+    with locked(out):  # one command per directory
         _refuse_finished(out, args.overwrite)
+        report = _prune_into(args, recipe, out)
+    if report.get("vocab"):
+        v = report["vocab"]
+        print(f"vocabulary: {v['tokens_before']:,} -> {v['tokens_after']:,} tokens (text: {v['source']})")
+    if report["calibration_text"]:
+        print(f"calibration: {report['calibration_text']}")
+    print(f"params {report['params_before']:,} -> {report['params_after']:,} "
+          f"({100 * report['removed_ratio']:.1f}% removed); MACs x{report['mac_ratio']:.3f}; "
+          f"{report['time_s']['total']:.1f} s; peak RSS {report['peak_rss_mb']:.0f} MB; report in {out}")
+    return 0
+
+
+def _prune_into(args, recipe, out: Path) -> dict:
+    """Load, prune and export into a staging directory beside ``out``; move it in once all succeeded."""
+    import shutil
+
+    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
+    from shear.prune.pipeline import prune_with_vocab
+
+    if recipe is not None:
+        from shear.pipeline import build_model
+
         model, tok = build_model(recipe)
         prune, imp = recipe.prune, recipe.importance
         recipe_dict = recipe.model_dump(mode="json")
     else:
-        if args.overrides:
-            raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
         from shear.models import load_model, load_tokenizer
 
-        out = Path(args.output_dir or "shear-prune")
-        _refuse_finished(out, args.overwrite)
         model = load_model(args.source, trust_remote_code=args.trust_remote_code)
         tok = load_tokenizer(args.source)
         prune, imp = _configs_from_flags(args)
@@ -95,20 +116,11 @@ def _cmd_prune(args) -> int:
     try:
         _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=stage, recipe=recipe_dict,
                                         export_dir=None if args.no_export else stage / "model",
-                                        data=recipe.data if src.suffix in (".yaml", ".yml") else None)
-        out.mkdir(parents=True, exist_ok=True)
+                                        data=recipe.data if recipe is not None else None)
         _publish(stage, out, report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    if report.get("vocab"):
-        v = report["vocab"]
-        print(f"vocabulary: {v['tokens_before']:,} -> {v['tokens_after']:,} tokens (text: {v['source']})")
-    if report["calibration_text"]:
-        print(f"calibration: {report['calibration_text']}")
-    print(f"params {report['params_before']:,} -> {report['params_after']:,} "
-          f"({100 * report['removed_ratio']:.1f}% removed); MACs x{report['mac_ratio']:.3f}; "
-          f"{report['time_s']['total']:.1f} s; peak RSS {report['peak_rss_mb']:.0f} MB; report in {out}")
-    return 0
+    return report
 
 
 def register(sub: argparse._SubParsersAction) -> None:

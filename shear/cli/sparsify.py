@@ -25,10 +25,8 @@ def _refuse_unused_calibration(args) -> None:
 
 
 def _cmd_sparsify(args) -> int:
-    from shear.models import load_model, load_tokenizer
-    from shear.prune.export import remove_stale_staging
+    from shear.rundir import locked
     from shear.sparse.config import SparsifyConfig
-    from shear.sparse.pipeline import export_sparse, run_sparsify
 
     _refuse_unused_calibration(args)
     n_samples = {} if args.n_samples is None else {"n_samples": args.n_samples}
@@ -38,6 +36,25 @@ def _cmd_sparsify(args) -> int:
                          blocksize=args.blocksize, dampening=args.dampening, device=args.device,
                          compressed=not args.no_compressed)
     out = Path(args.output_dir)
+    with locked(out):  # one command per directory
+        report, rec = _sparsify_into(args, cfg, out)
+    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
+    forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
+    if "compressed" in rec:
+        forms.append(f"{rec['compressed']['format']} {mb(rec['compressed']['bytes']['weights'])}")
+    print(f"{report['method']} {report['pattern'] or report['sparsity']}: {100 * report['pruned_sparsity']:.1f}% of "
+          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); weights on disk: "
+          f"{', '.join(forms)} (original {mb(report['dense_weight_bytes'])}); {report['time_s']['total']:.1f} s; "
+          f"report in {out / 'report.json'}")
+    return 0
+
+
+def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
+    """Sparsify and publish both forms and the report into ``out``: (report, export record)."""
+    from shear.models import load_model, load_tokenizer
+    from shear.prune.export import remove_stale_staging
+    from shear.sparse.pipeline import export_sparse, run_sparsify
+
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
@@ -48,15 +65,7 @@ def _cmd_sparsify(args) -> int:
     recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
                         tokenizer=tok, recipe=recipe, overwrite=args.overwrite, report_dir=out)
-    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
-    forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
-    if "compressed" in rec:
-        forms.append(f"{rec['compressed']['format']} {mb(rec['compressed']['bytes']['weights'])}")
-    print(f"{report['method']} {report['pattern'] or report['sparsity']}: {100 * report['pruned_sparsity']:.1f}% of "
-          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); weights on disk: "
-          f"{', '.join(forms)} (original {mb(report['dense_weight_bytes'])}); {report['time_s']['total']:.1f} s; "
-          f"report in {out / 'report.json'}")
-    return 0
+    return report, rec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
