@@ -46,7 +46,8 @@ NON_RESULT_KEYS = (
     "export.dir", "export.overwrite",
 )
 # What shear writes into OUTPUT_DIR for a run (``model`` / ``compressed`` only when they hold a shear export).
-SHEAR_OUTPUTS = ("recipe.yaml", "run.json", "summary.json", "prune", "train", "rounds", "model", "sparsify", "compressed")
+SHEAR_OUTPUTS = ("recipe.yaml", "run.json", "summary.json", "prune", "learn", "train", "rounds", "model", "sparsify",
+                 "compressed")
 # What shear writes inside those subdirectories (reports, training state, tensorboard events under ``shear``);
 # ``prune``, ``train`` and ``round-K`` are looked into in turn. Any other name there is the user's.
 OWN_NAMES = ("report.json", "plans.json", "kept_widths.png", "mask_sizes.png", "train_config.json", "metrics.jsonl",

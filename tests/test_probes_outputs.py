@@ -163,3 +163,16 @@ def test_one_command_per_output_directory(tiny_lm_dir, tmp_path, capsys):
                                                    "wait for it to finish or write elsewhere (-o)")
         assert sorted(p.name for p in out.iterdir()) == [".shear.lock"]
     assert main(commands[0]) == 0  # released: the next command runs
+
+
+def test_restart_clears_the_learned_masks_training(tmp_path):
+    """prune.learn trains in OUT/learn: a restart that left its checkpoints would resume the old masks."""
+    from shear.rundir import clear_run_dir
+
+    out = tmp_path / "o"
+    (out / "learn" / "checkpoints" / "step-1").mkdir(parents=True)
+    (out / "learn" / "checkpoints" / "step-1" / "state.json").write_text("{}")
+    (out / "learn" / "metrics.jsonl").write_text("{}\n")
+    (out / "recipe.yaml").write_text("{}")
+    assert clear_run_dir(out) == (["recipe.yaml", "learn"], [])
+    assert list(out.iterdir()) == []
