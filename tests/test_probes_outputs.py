@@ -76,6 +76,8 @@ def test_sparsify_publishes_both_forms_and_the_report_together(tiny_lm_dir, tmp_
     assert main(args + ["--sparsity", "0.5", "--overwrite"]) == 0
     assert _sparsity_of(out / "model") == _sparsity_of(out / "compressed") == 0.5
     assert json.loads((out / "report.json").read_text())["export"]["model"]["dir"] == str(out / "model")
+    assert main(args + ["--sparsity", "0.4", "--overwrite", "--no-compressed"]) == 0  # the old compressed form goes
+    assert _sparsity_of(out / "model") == 0.4 and not (out / "compressed").exists()
 
 
 def test_refused_prune_leaves_the_finished_output_as_it_was(tiny_lm_dir, tiny_text, tmp_path, capsys, monkeypatch):
@@ -111,6 +113,8 @@ def test_refused_prune_leaves_the_finished_output_as_it_was(tiny_lm_dir, tiny_te
     assert report["model_dir"] == str(d / "model")
     assert yaml.safe_load((d / "model" / "shear_recipe.yaml").read_text())["prune"]["target"]["ratio"] == 0.2
     assert (d / "notes.txt").read_text() == "mine"
+    assert main(args + ["--ratio", "0.1", "--overwrite", "--no-export"]) == 0  # the old model would not match
+    assert not (d / "model").exists() and json.loads((d / "report.json").read_text())["target"]["ratio"] == 0.1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 

@@ -40,19 +40,17 @@ def _refuse_finished(out: Path, overwrite: bool) -> None:
 
 def _publish(stage: Path, out: Path, report: dict) -> None:
     """Move the staged outputs into ``out``: the model and the plot, plans and report (last), nothing else there."""
-    from shear.prune.export import _remove, _written_by_shear, move_in
+    from shear.prune.export import move_in
 
     for k, name in (("plot", "kept_widths.png"), ("model_dir", "model")):
         if k in report:
             report[k] = str(out / name)
     (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
     out.mkdir(parents=True, exist_ok=True)
-    if not (stage / "model").exists():  # --no-export: shear's earlier model would not match the new report
-        for name in _written_by_shear(out / "model"):
-            _remove(out / "model" / name)
-    forms = [(stage / "model", out / "model")] if (stage / "model").exists() else []
+    exported = (stage / "model").exists()  # --no-export: shear's earlier model would not match the new report
     names = sorted((f.name for f in stage.iterdir() if f.is_file()), key=lambda n: n == "report.json")
-    move_in(forms, [(stage / n, out / n) for n in names])
+    move_in([(stage / "model", out / "model")] if exported else [], [(stage / n, out / n) for n in names],
+            drop=[] if exported else [out / "model"])
 
 
 def _cmd_prune(args) -> int:

@@ -64,7 +64,8 @@ def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     model, report = run_sparsify(model, tok, cfg)
     recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
-                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite, report_dir=out)
+                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite, report_dir=out,
+                        drop=() if cfg.compressed else (out / "compressed",))  # not the old run's beside the new
     return report, rec
 
 

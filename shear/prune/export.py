@@ -258,9 +258,10 @@ def _remove(f: Path) -> None:
         shutil.rmtree(f)
 
 
-def move_in(forms: list[tuple[Path, Path]], files: list[tuple[Path, Path]] = ()) -> None:
+def move_in(forms: list[tuple[Path, Path]], files: list[tuple[Path, Path]] = (), drop: list[Path] = ()) -> None:
     """Publish staged exports (``forms``: (staged directory, target)) and report files (``files``: (staged file,
     target)) together; in a target that exists only the previous export's files are replaced, nothing else.
+    ``drop``: earlier exports of forms the new output does not have (their manifest's files go).
 
     Every target is checked before anything moves. Then every old ``config.json`` and target file goes, the
     new files come in, each form's ``config.json`` (or the whole staged directory, renamed onto a target that
@@ -274,6 +275,11 @@ def move_in(forms: list[tuple[Path, Path]], files: list[tuple[Path, Path]] = ())
         _remove(out / "config.json")
     for _, dest in files:
         _remove(dest)
+    for out in drop:
+        for name in _written_by_shear(out):
+            _remove(out / name)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     for tmp, out in forms:
         if out.exists():
             for name in _written_by_shear(out):

@@ -98,14 +98,15 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
 
 def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Path, compressed_dir: str | Path | None,
                   tokenizer=None, recipe: dict | None = None, overwrite: bool = False,
-                  report_dir: str | Path | None = None) -> dict:
+                  report_dir: str | Path | None = None, drop: tuple = ()) -> dict:
     """Write the dense form (``model_dir``), unless None the compressed form and, with ``report_dir``, the
     report; return and record in ``report["export"]`` their directories and bytes on disk (``weights``:
     safetensors, ``total``: all files).
 
     Both targets are checked before any work, every form is staged beside its target, and all are
-    published in one step (``shear.prune.export.move_in``): an interrupted export never leaves one
-    run's dense form beside another run's compressed form or report.
+    published in one step (``shear.prune.export.move_in``, which also takes down shear's earlier
+    exports in ``drop``): an interrupted export never leaves one run's dense form beside another
+    run's compressed form or report.
     """
     import shutil
 
@@ -134,7 +135,7 @@ def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Pat
             staged.append(staging_dir(dest))
             staged[-1].write_text(json.dumps(report, indent=2, default=str))
             files = [(staged[-1], dest)]
-        move_in(forms, files)
+        move_in(forms, files, [Path(d) for d in drop])
     finally:
         for tmp in staged:
             if tmp.is_dir():
