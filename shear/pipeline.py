@@ -186,6 +186,8 @@ class _Run:
         from shear.prune.export import move_in
 
         for name, tmp in self._staged.items():
+            if not tmp.is_dir():
+                continue
             report = self.summary.get(name) or {}
             if "plot" in report:  # the report names its plot where it will be
                 report["plot"] = str(self.out / name / Path(report["plot"]).name)

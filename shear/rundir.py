@@ -118,9 +118,9 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
     old = _saved_recipe(out / "recipe.yaml")
     changes = recipe_changes(old, new) if old is not None else {}
     if on_change == "restart" and old is not None:
-        _refuse_deleting_inputs(new, out, "--restart would delete {path}, which the recipe reads ({key}); "
-                                          "copy it out of {out} first or write the run elsewhere (-o)")
-        if write:
+        if write:  # rank 0 alone: other ranks would race its deletion
+            _refuse_deleting_inputs(new, out, "--restart would delete {path}, which the recipe reads ({key}); "
+                                              "copy it out of {out} first or write the run elsewhere (-o)")
             removed, kept = clear_run_dir(out)
             log.warning("%s: --restart: removed the previous run's %s", out, ", ".join(removed) or "nothing")
             if kept:

@@ -309,12 +309,6 @@ def seal(tmp: Path, tokenizer=None, recipe: dict | None = None) -> None:
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
-def publish(tmp: Path, out: Path, tokenizer=None, recipe: dict | None = None) -> None:
-    """:func:`seal` ``tmp``, then move it into ``out`` (renamed, or moved in beside what is there: :func:`move_in`)."""
-    seal(tmp, tokenizer, recipe)
-    move_in([(tmp, out)])
-
-
 def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe: dict | None = None,
            overwrite: bool = False, protect: tuple = ()) -> Path:
     """Save ``model`` (pruned by ``prune_``) to ``out_dir``: safetensors + config (+ tokenizer, recipe).
