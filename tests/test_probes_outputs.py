@@ -9,14 +9,7 @@ import yaml
 
 from shear.cli import main
 from test_probes import one_line_error, write_recipe
-
-
-@pytest.fixture
-def recipe(tiny_lm_dir, tiny_text, tmp_path):
-    (tmp_path / "corpus.txt").write_text(tiny_text)
-    return write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)},
-                        data={"source": str(tmp_path / "corpus.txt"), "seq_len": 16},
-                        train={"steps": 2, "batch_size": 2, "eval_batches": 1, "save_every": 1, "log_every": 1})
+from test_probes_runs import recipe  # noqa: F401 (fixture: a 2-step training recipe on the tiny model)
 
 
 def test_restart_never_deletes_the_recipes_input(tiny_lm_dir, tmp_path, capsys):
