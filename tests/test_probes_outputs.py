@@ -34,7 +34,7 @@ def test_restart_keeps_files_shear_did_not_write(recipe, tmp_path, caplog):
     (out / "train" / "checkpoints" / "step-2" / "state.json").write_text("{}")  # shear's: goes
     assert main(["run", recipe, "-o", str(out), "--restart", "train.lr=1e-3"]) == 0
     assert (out / "train" / "mine.txt").read_text() == "mine"
-    assert f"--restart: kept {'train/mine.txt'} (not written by shear)" in caplog.text
+    assert "--restart: kept train/mine.txt (not written by shear)" in caplog.text
     assert "removed the previous run's recipe.yaml, run.json, summary.json, train" in caplog.text
     assert json.loads((out / "train" / "checkpoints" / "step-2" / "state.json").read_text())["step"] == 2
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 1e-3
@@ -145,7 +145,7 @@ def test_failed_resume_rewrites_nothing(recipe, tmp_path, capsys):
 
 
 def test_one_command_per_output_directory(tiny_lm_dir, tmp_path, capsys):
-    import fcntl
+    fcntl = pytest.importorskip("fcntl")  # POSIX: elsewhere nothing is locked
 
     out = tmp_path / "o"
     out.mkdir()
