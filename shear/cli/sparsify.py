@@ -27,11 +27,8 @@ def _refuse_unused_calibration(args) -> None:
 
 
 def _cmd_sparsify(args) -> int:
-    from shear.memory import peak_rss_mb, trim
-    from shear.models import (SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer,
-                              source_weight_bytes)
+    from shear.rundir import locked
     from shear.sparse.config import SparsifyConfig
-    from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
 
     _refuse_unused_calibration(args)
     n_samples = {} if args.n_samples is None else {"n_samples": args.n_samples}
@@ -41,25 +38,9 @@ def _cmd_sparsify(args) -> int:
                          blocksize=args.blocksize, dampening=args.dampening, device=args.device,
                          compressed=not args.no_compressed)
     out = Path(args.output_dir)
-    taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
-    if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
-        raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
-    ckpt = checkpoint_dtype(args.model)
-    written = export_dtype(args.dtype, args.model)
-    model = load_model(args.model, dtype=load_dtype(written, ckpt, args.device), trust_remote_code=args.trust_remote_code)
-    tok = load_tokenizer(args.model)
-    loaded = SHORT.get(next(model.parameters()).dtype)
-    model, report = run_sparsify(model, tok, cfg)
-    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
-    rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
-                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite, dtype=written,
-                        max_shard_size=args.max_shard_size)
-    del model
-    trim()
-    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
-    report["vm_hwm_mb"] = peak_rss_mb()
-    report["source_weight_bytes"] = source_bytes = source_weight_bytes(args.model)
-    write_report(report, out)
+    with locked(out):  # one command per directory
+        report, rec = _sparsify_into(args, cfg, out)
+    written, source_bytes = report["dtype"]["written"], report["source_weight_bytes"]
     mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
     forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
     if "compressed" in rec:
@@ -70,6 +51,36 @@ def _cmd_sparsify(args) -> int:
           f"on disk: {', '.join(forms)} ({original}); {report['time_s']['total']:.1f} s; peak RSS "
           f"{report['vm_hwm_mb']:.0f} MB; report in {out / 'report.json'}")
     return 0
+
+
+def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
+    """Sparsify and publish both forms and the report into ``out``: (report, export record)."""
+    from shear.memory import trim
+    from shear.models import (SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer,
+                              source_weight_bytes)
+    from shear.prune.export import remove_stale_staging
+    from shear.sparse.pipeline import export_sparse, run_sparsify
+
+    taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
+    if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
+        raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
+    remove_stale_staging(out)
+    ckpt = checkpoint_dtype(args.model)
+    written = export_dtype(args.dtype, args.model)
+    model = load_model(args.model, dtype=load_dtype(written, ckpt, args.device), trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model)
+    loaded = SHORT.get(next(model.parameters()).dtype)
+    model, report = run_sparsify(model, tok, cfg)
+    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
+    report["source_weight_bytes"] = source_weight_bytes(args.model)
+    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
+    rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
+                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite, dtype=written,
+                        max_shard_size=args.max_shard_size, report_dir=out,
+                        drop=() if cfg.compressed else (out / "compressed",))  # not the old run's beside the new
+    del model
+    trim()
+    return report, rec
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -64,27 +63,45 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     model first, :func:`shear.models.cast_weights_`, to choose it), sharded like the dense export. Same
     directory rules as the dense export: a temporary sibling first, a manifest, and only shear's own
     earlier export is ever replaced."""
-    from compressed_tensors import ModelCompressor
-
-    from shear.prune.export import _check_target, publish
+    from shear.prune.export import _check_target, move_in
 
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, ())
-    cfg, dense = _compression_config(model, pruned, nm)
-    compressor = ModelCompressor(sparsity_config=cfg)
-    state = compressor.compress(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp, info = stage_compressed(model, out, pruned, nm, tokenizer, recipe, max_shard_size)
     try:
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
-        compressor.update_config(str(tmp))
-        publish(tmp, out, tokenizer, recipe)
+        move_in([(tmp, out)])
     finally:
         if tmp.exists():
             import shutil
 
             shutil.rmtree(tmp)
-    return {"dir": str(out), "format": cfg.format, "dense": dense}
+    return info
+
+
+def stage_compressed(model: nn.Module, out: Path, pruned: list[str], nm: tuple[int, int] | None = None,
+                     tokenizer=None, recipe: dict | None = None,
+                     max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[Path, dict]:
+    """The compressed form written to a sealed staging directory beside ``out``: ``(it, info)`` (see
+    :func:`save_compressed`); ``shear.prune.export.move_in`` publishes it."""
+    import shutil
+
+    from compressed_tensors import ModelCompressor
+
+    from shear.prune.export import seal, staging_dir
+
+    cfg, dense = _compression_config(model, pruned, nm)
+    compressor = ModelCompressor(sparsity_config=cfg)
+    state = compressor.compress(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out)
+    try:
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        compressor.update_config(str(tmp))
+        seal(tmp, tokenizer, recipe)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, {"dir": str(out), "format": cfg.format, "dense": dense}
 
 
 def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:

@@ -131,7 +131,7 @@ def _set_dropout(model: nn.Module, p: float | None) -> dict[tuple[str, str], flo
 
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
           distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None,
-          domains=None, shearing=None) -> TrainResult:
+          domains=None, shearing=None, on_start=None) -> TrainResult:
     """Train `model` on `train_ds` (items {"input_ids": [L], "labels": [L]}); see the module docstring.
 
     With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
@@ -146,6 +146,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     (shear.shearing.ShearingTerm, hooked on `model`): learned masks, trained with the weights (or alone when
     no weight requires grad) under their own lrs; the Lagrangian is added once per step, the expected
     sizes are logged (size_<type>, target_<type>); the returned model still carries the masks' hooks.
+    `on_start` (no arguments) is called on the main process once the checkpoint to resume from, if any, is
+    restored and before anything is written (a run directory records a changed recipe only then).
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -196,6 +198,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         _use_config_hparams(optimizer, scheduler, cfg, fresh)
         if main:
             print(f"resuming from {last} (step {state['step']})")
+    if main and on_start is not None:
+        on_start()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=1))
