@@ -32,16 +32,15 @@ def seed_everything(seed: int) -> None:
 
 def build_model(recipe: Recipe, train_texts=None):
     """(model, tokenizer) for the recipe's model section: loaded, or built new for pretraining."""
-    from shear.models import load_model, load_tokenizer, reference_config
+    from shear.models import load_pretrained, load_tokenizer, reference_config
 
     m = recipe.model
     if m.init == "pretrained":
-        model = load_model(m.path, m.dtype, trust_remote_code=m.trust_remote_code, device_map=m.device_map)
-        return model, load_tokenizer(m.tokenizer or m.path)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        return load_pretrained(m.path, m.dtype, m.trust_remote_code, tokenizer=m.tokenizer, device_map=m.device_map)
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if m.tokenizer:
-        tok = AutoTokenizer.from_pretrained(m.tokenizer)
+        tok = load_tokenizer(m.tokenizer, m.trust_remote_code)
     else:
         from shear.data.text import load_text_splits
         from shear.data.tokenizer import train_bpe

@@ -15,9 +15,9 @@ from shear.eval.config import EvalConfig
 def load_model(model_dir: str, dtype: str = "float32", trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a saved directory (or a reference name) through ``shear.models``:
     a directory with its own modeling file (``auto_map``) needs ``trust_remote_code``."""
-    from shear.models import load_model as load, load_tokenizer
+    from shear.models import load_pretrained
 
-    return load(model_dir, dtype, trust_remote_code=trust_remote_code), load_tokenizer(model_dir)
+    return load_pretrained(model_dir, dtype, trust_remote_code)
 
 
 def config_from_args(args) -> EvalConfig:

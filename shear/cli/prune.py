@@ -49,10 +49,9 @@ def _cmd_prune(args) -> int:
     else:
         if args.overrides:
             raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
-        from shear.models import load_model, load_tokenizer
+        from shear.models import load_pretrained
 
-        model = load_model(args.source, trust_remote_code=args.trust_remote_code)
-        tok = load_tokenizer(args.source)
+        model, tok = load_pretrained(args.source, trust_remote_code=args.trust_remote_code)
         prune, imp = _configs_from_flags(args)
         out = Path(args.output_dir or "shear-prune")
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),

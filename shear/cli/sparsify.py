@@ -25,7 +25,7 @@ def _refuse_unused_calibration(args) -> None:
 
 
 def _cmd_sparsify(args) -> int:
-    from shear.models import load_model, load_tokenizer
+    from shear.models import load_pretrained
     from shear.sparse.config import SparsifyConfig
     from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
 
@@ -40,8 +40,7 @@ def _cmd_sparsify(args) -> int:
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    tok = load_tokenizer(args.model)
+    model, tok = load_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model, report = run_sparsify(model, tok, cfg)
     recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,

@@ -1,0 +1,68 @@
+"""Inputs that gave silent wrong results or tracebacks now give one line naming the file and the fix:
+shipped code needs the flag (tokenizers too, never a y/N prompt), non-finite weights, configs that
+disagree with their weights, unreadable tokenizers and JSON, vocabularies that do not match."""
+import io
+import json
+import shutil
+
+import pytest
+
+from shear.cli import main
+from test_probes import EVAL_FAST, one_line_error, per_layer_dir  # noqa: F401 - a fixture
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# 4. consent covers config, model and tokenizer; transformers never asks on stdin --------------
+
+@pytest.fixture
+def custom_tokenizer_dir(tiny_lm_dir, tmp_path):
+    """A model directory whose tokenizer is custom code (auto_map in tokenizer_config.json) that
+    leaves a marker file when it runs."""
+    d = _copy(tiny_lm_dir, tmp_path / "custom_tok")
+    marker = tmp_path / "MARKER"
+    (d / "tok_custom.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "tok_custom.CustomTokenizer"]})
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d, marker
+
+
+def test_custom_tokenizer_needs_the_flag_not_a_prompt(custom_tokenizer_dir, monkeypatch, capsys):
+    d, marker = custom_tokenizer_dir
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))  # `echo y | shear eval DIR`
+    assert main(["eval", str(d), *EVAL_FAST]) == 2
+    assert not marker.exists()
+    err = one_line_error(capsys)
+    assert f"{d} carries its own tokenizer code (auto_map in tokenizer_config.json); pass --trust-remote-code" in err
+    assert main(["eval", str(d), *EVAL_FAST, "--trust-remote-code"]) == 0  # consent reaches the tokenizer
+    assert marker.exists()
+
+
+def test_per_layer_export_loads_without_a_prompt(per_layer_dir, monkeypatch):
+    from shear.models import load_pretrained, load_tokenizer
+
+    def no_prompt(*a, **k):
+        raise AssertionError("transformers asked on stdin")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    model, tok = load_pretrained(str(per_layer_dir), trust_remote_code=True)
+    assert type(model).__name__.startswith("Shear") and len(tok) > 0
+    assert len(load_tokenizer(str(per_layer_dir))) == len(tok)  # the tokenizer alone runs no code
+
+
+def test_hub_refusal_of_custom_code_is_one_line():
+    from shear.models import _load_error
+
+    e = ValueError("The repository org/m contains custom code which must be executed to correctly load the model.\n"
+                   "Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
+    assert str(_load_error("org/m", e)) == ("org/m carries its own code (auto_map); pass --trust-remote-code "
+                                            "(or model.trust_remote_code: true) to run it")
