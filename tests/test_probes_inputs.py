@@ -66,3 +66,30 @@ def test_hub_refusal_of_custom_code_is_one_line():
                    "Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
     assert str(_load_error("org/m", e)) == ("org/m carries its own code (auto_map); pass --trust-remote-code "
                                             "(or model.trust_remote_code: true) to run it")
+
+
+# 10. export refuses a tokenizer it cannot read instead of exporting without one -----------------
+
+@pytest.mark.parametrize("case", ["corrupt_json", "bad_tokenizer", "custom_code"])
+def test_export_refuses_an_unreadable_tokenizer(case, tiny_lm_dir, custom_tokenizer_dir, tmp_path, capsys):
+    d = custom_tokenizer_dir[0] if case == "custom_code" else _copy(tiny_lm_dir, tmp_path / "m")
+    if case == "corrupt_json":
+        (d / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    elif case == "bad_tokenizer":
+        (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+    named = {"corrupt_json": f"{d / 'tokenizer.json'}: not valid JSON (line 1 column 29)",
+             "bad_tokenizer": f"{d}: its tokenizer files could not be read",
+             "custom_code": "tokenizer_config.json); pass --trust-remote-code"}[case]
+    assert main(["export", str(d), str(tmp_path / "out")]) == 2
+    assert named in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_without_tokenizer_files_says_so(tiny_lm_dir, tmp_path, capsys):
+    d = _copy(tiny_lm_dir, tmp_path / "m")
+    for f in d.glob("*"):
+        if "token" in f.name:
+            f.unlink()
+    assert main(["export", str(d), str(tmp_path / "out")]) == 0
+    assert "has no tokenizer files: the export has none either" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "tokenizer.json").exists()

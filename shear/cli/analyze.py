@@ -117,18 +117,16 @@ def load_plan(path: str | Path):
 
 def run_export(args) -> int:
     from shear.analyze import analyze
-    from shear.models import load_model, resolve_model_path
+    from shear.models import has_tokenizer, load_model, load_tokenizer, resolve_model_path
     from shear.prune import export, prune_
 
     src = resolve_model_path(args.model)
     model = load_model(src, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError, TypeError):
-        pass  # a directory without a tokenizer exports without one
+    if has_tokenizer(src) or not Path(src).expanduser().exists():  # unreadable tokenizer files: an error
+        tokenizer = load_tokenizer(src, args.trust_remote_code)
+    else:
+        print(f"{src} has no tokenizer files: the export has none either")
     recipe = {"source": str(args.model), "command": "shear export"}
     if args.plan:
         plan = load_plan(args.plan)
