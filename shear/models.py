@@ -273,9 +273,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
                          "export the model again)") from e
 
 
+def check_finite(named, what: str, fix: str) -> None:
+    """Refuse the first of ``named`` (``(name, tensor)`` pairs; meta tensors skipped) holding nan or inf:
+    one pruned or sparsified from it would be garbage that still exits 0."""
+    for name, t in named:
+        if t.device.type != "meta":
+            bad = ~torch.isfinite(t.detach())
+            if bad.any():
+                raise FloatingPointError(f"{what} {name}: {int(bad.sum()):,} of {t.numel():,} values are not "
+                                         f"finite (nan/inf); {fix}")
+
+
+def check_weights_finite(model, path: str) -> None:
+    """Every parameter of a loaded model is finite (once, after loading, before pruning or training)."""
+    check_finite(model.named_parameters(), f"{path}: weight", "the checkpoint is damaged; restore it "
+                 "(download or export it again) or fix that tensor")
+
+
 def load_pretrained(path: str, dtype: str = "fp32", trust_remote_code: bool = False, tokenizer: str | None = None,
-                    device_map: str | dict | None = None):
+                    device_map: str | dict | None = None, finite: bool = False):
     """``(model, tokenizer)`` of a model directory, hub name or reference name: :func:`load_model` and
-    :func:`load_tokenizer` (from ``tokenizer`` when given) under one consent to run shipped code."""
+    :func:`load_tokenizer` (from ``tokenizer`` when given) under one consent to run shipped code.
+    ``finite``: refuse a weight holding nan/inf (prune, sparsify and run; eval reports the perplexity)."""
     model = load_model(path, dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+    if finite:
+        check_weights_finite(model, path)
     return model, load_tokenizer(tokenizer or path, trust_remote_code)

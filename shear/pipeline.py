@@ -36,7 +36,8 @@ def build_model(recipe: Recipe, train_texts=None):
 
     m = recipe.model
     if m.init == "pretrained":
-        return load_pretrained(m.path, m.dtype, m.trust_remote_code, tokenizer=m.tokenizer, device_map=m.device_map)
+        return load_pretrained(m.path, m.dtype, m.trust_remote_code, tokenizer=m.tokenizer, device_map=m.device_map,
+                               finite=True)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if m.tokenizer:
@@ -79,9 +80,11 @@ def resolve_teacher(recipe: Recipe, model):
     if d is None:
         return None
     if d.teacher is not None:
-        from shear.models import load_model
+        from shear.models import check_weights_finite, load_model
 
-        return load_model(d.teacher, d.teacher_dtype, trust_remote_code=recipe.model.trust_remote_code)
+        teacher = load_model(d.teacher, d.teacher_dtype, trust_remote_code=recipe.model.trust_remote_code)
+        check_weights_finite(teacher, d.teacher)
+        return teacher
     return copy.deepcopy(model).eval()
 
 

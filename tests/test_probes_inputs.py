@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from shear.cli import main
 from test_probes import EVAL_FAST, one_line_error, per_layer_dir  # noqa: F401 - a fixture
@@ -93,3 +94,58 @@ def test_export_without_tokenizer_files_says_so(tiny_lm_dir, tmp_path, capsys):
     assert main(["export", str(d), str(tmp_path / "out")]) == 0
     assert "has no tokenizer files: the export has none either" in capsys.readouterr().out
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# 8. one nan weight: refused after loading, and non-finite calibration statistics name the module ---
+
+@pytest.fixture
+def nan_dir(tiny_lm_dir, tmp_path):
+    """The tiny model with one nan in layer 0's up_proj."""
+    from shear.models import load_pretrained
+
+    model, tok = load_pretrained(str(tiny_lm_dir))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    tok.save_pretrained(tmp_path / "nan")
+    return tmp_path / "nan"
+
+
+NAN_WEIGHT = "weight model.layers.0.mlp.up_proj.weight: 1 of 6,144 values are not finite (nan/inf)"
+
+
+@pytest.mark.parametrize("argv", [["prune", "--estimator", "flap"], ["prune", "--estimator", "wanda_sp"],
+                                  ["sparsify", "--method", "magnitude", "--sparsity", "0.5"],
+                                  ["sparsify", "--method", "sparsegpt", "--sparsity", "0.5"]])
+def test_nan_weight_is_refused(argv, nan_dir, tmp_path, capsys):
+    cmd = [argv[0], str(nan_dir), *argv[1:], "-o", str(tmp_path / "out")]
+    assert main(cmd) == 2
+    assert f"{nan_dir}: {NAN_WEIGHT}; the checkpoint is damaged" in one_line_error(capsys)
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_nan_weight_is_refused_by_run(nan_dir, tmp_path, capsys):
+    from test_probes import write_recipe
+
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(nan_dir)}, train={"steps": 1})
+    assert main(["run", r, "-o", str(tmp_path / "o")]) == 2
+    assert NAN_WEIGHT in one_line_error(capsys)
+
+
+def test_non_finite_calibration_statistics_name_the_module(nan_dir):
+    """Weights loaded past the check (the library API): the statistics they poison are refused, not
+    blamed on too few samples (SparseGPT) or turned into a plan (FLAP)."""
+    from shear.importance.calibrate import collect_activation_stats
+    from shear.models import load_model
+    from shear.sparse.config import SparsifyConfig
+    from shear.sparse.sequential import sparsify_
+
+    model = load_model(str(nan_dir))
+    ids = torch.randint(0, 256, (2, 16))
+    with pytest.raises(FloatingPointError, match=r"importance: calibration statistics of the input of "
+                                                 r"model.layers.0.mlp.down_proj: .* not finite \(nan/inf\); "
+                                                 r"the activations reaching it overflow or are nan"):
+        collect_activation_stats(model, ids, 2)
+    with pytest.raises(FloatingPointError, match=r"sparsify: calibration statistics of the input of "
+                                                 r"model.layers.0.mlp.down_proj: "):
+        sparsify_(model, SparsifyConfig(method="sparsegpt", sparsity=0.5, n_samples=2, seq_len=16), ids)

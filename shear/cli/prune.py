@@ -51,7 +51,7 @@ def _cmd_prune(args) -> int:
             raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
         from shear.models import load_pretrained
 
-        model, tok = load_pretrained(args.source, trust_remote_code=args.trust_remote_code)
+        model, tok = load_pretrained(args.source, trust_remote_code=args.trust_remote_code, finite=True)
         prune, imp = _configs_from_flags(args)
         out = Path(args.output_dir or "shear-prune")
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),

@@ -40,7 +40,7 @@ def _cmd_sparsify(args) -> int:
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
-    model, tok = load_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model, tok = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, finite=True)
     model, report = run_sparsify(model, tok, cfg)
     recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
