@@ -149,3 +149,32 @@ def test_non_finite_calibration_statistics_name_the_module(nan_dir):
     with pytest.raises(FloatingPointError, match=r"sparsify: calibration statistics of the input of "
                                                  r"model.layers.0.mlp.down_proj: "):
         sparsify_(model, SparsifyConfig(method="sparsegpt", sparsity=0.5, n_samples=2, seq_len=16), ids)
+
+
+# 9. analyze: transformers' defaults for absent size keys are said, and checked against the weights ---
+
+def test_analyze_warns_when_size_keys_are_defaults(tmp_path, capsys, caplog):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                               "hidden_size": 64, "num_attention_heads": 4}))
+    assert main(["analyze", str(d)]) == 0
+    assert (f"{d / 'config.json'} has no num_hidden_layers, intermediate_size, vocab_size: transformers' defaults "
+            "are assumed (num_hidden_layers=32, intermediate_size=11008, vocab_size=32000)") in caplog.text
+
+
+def test_analyze_refuses_a_config_that_disagrees_with_the_weights(tiny_lm_dir, tmp_path, capsys, caplog):
+    d = _copy(tiny_lm_dir, tmp_path / "m")
+    assert main(["analyze", str(d)]) == 0 and "defaults" not in caplog.text  # a full config: no warning
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"], cfg["num_hidden_layers"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["analyze", str(d)]) == 2
+    err = one_line_error(capsys)
+    assert (f"{d / 'config.json'} disagrees with model.safetensors: lm_head.weight is [300, 64] there but "
+            "[300, 4096] by the config") in err
+    assert "config.json has no hidden_size, num_hidden_layers, so transformers' defaults were assumed; set them" in err
+    cfg["hidden_size"] = 64  # only the layer count left to the default
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["analyze", str(d)]) == 2
+    assert "gives 32 layers but the weights hold 2; config.json has no num_hidden_layers" in one_line_error(capsys)
