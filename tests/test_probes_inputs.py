@@ -178,3 +178,24 @@ def test_analyze_refuses_a_config_that_disagrees_with_the_weights(tiny_lm_dir, t
     (d / "config.json").write_text(json.dumps(cfg))
     assert main(["analyze", str(d)]) == 2
     assert "gives 32 layers but the weights hold 2; config.json has no num_hidden_layers" in one_line_error(capsys)
+
+
+# unclear list: one line naming the file and the fix --------------------------------------------
+
+@pytest.fixture
+def mamba_dir(tmp_path):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    d = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(vocab_size=128, hidden_size=32, state_size=4, num_hidden_layers=2)).save_pretrained(d)
+    return d
+
+
+def test_model_without_attention_blocks_is_refused(mamba_dir, tmp_path, capsys):
+    for argv in (["analyze", str(mamba_dir)], ["prune", str(mamba_dir), "--estimator", "flap", "-o", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        assert "mamba: no attention/MLP blocks to prune (state-space or other mixers)" in one_line_error(capsys)
+    (mamba_dir / "model.safetensors").unlink()  # config only: the fallback needs weights, said as such
+    assert main(["analyze", str(mamba_dir)]) == 2
+    assert (f"{mamba_dir}: model_type 'mamba' is not one of the families analyzed from config.json alone"
+            in one_line_error(capsys))

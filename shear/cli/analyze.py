@@ -52,8 +52,11 @@ def _analyze_target(target: str, heads: str, trust_remote_code: bool = False):
     model_type = stock_model_type(json.loads((path / "config.json").read_text()).get("model_type"))
     if model_type in FAMILIES:  # per-layer exports (shear_<type>) too: their modeling file needs consent
         return analyze_path(path, heads, trust_remote_code)
-    from shear.models import load_model
+    from shear.models import WEIGHT_FILES, load_model
 
+    if not any(next(path.glob(pat), None) for pat in WEIGHT_FILES):
+        raise ValueError(f"{path}: model_type {model_type!r} is not one of the families analyzed from config.json "
+                         f"alone ({sorted(FAMILIES)}); give the directory with its weights (torch-pruning fallback)")
     return analyze(load_model(str(path), trust_remote_code=trust_remote_code), heads)
 
 
