@@ -298,4 +298,36 @@ def load_pretrained(path: str, dtype: str = "fp32", trust_remote_code: bool = Fa
     model = load_model(path, dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     if finite:
         check_weights_finite(model, path)
-    return model, load_tokenizer(tokenizer or path, trust_remote_code)
+    tok = load_tokenizer(tokenizer or path, trust_remote_code)
+    check_vocab(model, tok, path, tokenizer)
+    return model, tok
+
+
+def check_vocab(model, tokenizer, path: str, tokenizer_path: str | None = None) -> None:
+    """The tokenizer's ids must index the model's embedding (more tokens than rows: an IndexError mid-run).
+    Fewer is fine: embeddings are often padded to a multiple of 64."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    if tokenizer_path:
+        raise ValueError(f"{tokenizer_path}: the tokenizer has {len(tokenizer):,} tokens but the model {path} embeds "
+                         f"{rows:,}; give the model's own tokenizer (model.tokenizer)")
+    raise ValueError(f"{path}: its tokenizer has {len(tokenizer):,} tokens but its model embeds {rows:,}; the "
+                     "tokenizer files are not this model's: put the model's own tokenizer beside it")
+
+
+def _vocab_rows(model) -> int | None:
+    head = model.get_output_embeddings()
+    return None if head is None else head.weight.shape[0]
+
+
+def load_teacher(path: str, dtype: str, trust_remote_code: bool, student):
+    """The KD teacher at ``path``: finite weights, and the student's vocabulary (KD compares the two
+    next-token distributions id by id; a teacher of another tokenizer would be an error mid-run)."""
+    teacher = load_model(path, dtype, trust_remote_code=trust_remote_code)
+    check_weights_finite(teacher, path)
+    t, s = _vocab_rows(teacher), _vocab_rows(student)
+    if t is not None and s is not None and t != s:
+        raise ValueError(f"distill.teacher {path}: its vocabulary has {t:,} entries but the model's has {s:,}; "
+                         "KD needs a teacher with the model's tokenizer")
+    return teacher

@@ -80,11 +80,9 @@ def resolve_teacher(recipe: Recipe, model):
     if d is None:
         return None
     if d.teacher is not None:
-        from shear.models import check_weights_finite, load_model
+        from shear.models import load_teacher
 
-        teacher = load_model(d.teacher, d.teacher_dtype, trust_remote_code=recipe.model.trust_remote_code)
-        check_weights_finite(teacher, d.teacher)
-        return teacher
+        return load_teacher(d.teacher, d.teacher_dtype, recipe.model.trust_remote_code, model)
     return copy.deepcopy(model).eval()
 
 

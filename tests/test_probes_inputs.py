@@ -199,3 +199,35 @@ def test_model_without_attention_blocks_is_refused(mamba_dir, tmp_path, capsys):
     assert main(["analyze", str(mamba_dir)]) == 2
     assert (f"{mamba_dir}: model_type 'mamba' is not one of the families analyzed from config.json alone"
             in one_line_error(capsys))
+
+
+@pytest.fixture
+def small_vocab_dir(tiny_lm_dir, tmp_path):
+    """The tiny model's tokenizer (300 tokens) beside a model that embeds 100."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    d = tmp_path / "small"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=100)).save_pretrained(d)
+    for f in tiny_lm_dir.glob("*token*"):
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def test_vocabulary_mismatch_is_named(small_vocab_dir, tiny_lm_dir, tmp_path, capsys):
+    from test_probes import write_recipe
+
+    assert main(["eval", str(small_vocab_dir), *EVAL_FAST]) == 2
+    assert (f"{small_vocab_dir}: its tokenizer has 300 tokens but its model embeds 100; the tokenizer files are "
+            "not this model's") in one_line_error(capsys)
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, data={"seq_len": 16},
+                     train={"steps": 1, "batch_size": 2}, distill={"teacher": str(small_vocab_dir)})
+    assert main(["run", r, "-o", str(tmp_path / "o")]) == 2
+    assert (f"distill.teacher {small_vocab_dir}: its vocabulary has 100 entries but the model's has 300; KD needs "
+            "a teacher with the model's tokenizer") in one_line_error(capsys)
+    r = write_recipe(tmp_path / "r2.yaml", model={"path": str(small_vocab_dir), "tokenizer": str(tiny_lm_dir)},
+                     train={"steps": 1})
+    assert main(["run", r, "-o", str(tmp_path / "o2")]) == 2
+    assert (f"{tiny_lm_dir}: the tokenizer has 300 tokens but the model {small_vocab_dir} embeds 100; give the "
+            "model's own tokenizer (model.tokenizer)") in one_line_error(capsys)
