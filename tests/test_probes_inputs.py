@@ -231,3 +231,15 @@ def test_vocabulary_mismatch_is_named(small_vocab_dir, tiny_lm_dir, tmp_path, ca
     assert main(["run", r, "-o", str(tmp_path / "o2")]) == 2
     assert (f"{tiny_lm_dir}: the tokenizer has 300 tokens but the model {small_vocab_dir} embeds 100; give the "
             "model's own tokenizer (model.tokenizer)") in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+def test_invalid_json_names_the_file(file, tiny_lm_dir, tmp_path, capsys):
+    d = _copy(tiny_lm_dir, tmp_path / "m")
+    (d / file).write_text('{"model_type": "llama",\n oops}')
+    for argv in (["eval", str(d), *EVAL_FAST], ["analyze", str(d)]):
+        if file != "config.json" and argv[0] == "analyze":
+            continue  # analyze reads no tokenizer
+        assert main(argv) == 2
+        assert (f"{d / file}: not valid JSON (line 2 column 2); restore the file (download or export the model "
+                "again)") in one_line_error(capsys)

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -48,8 +47,9 @@ def _analyze_target(target: str, heads: str, trust_remote_code: bool = False):
             raise FileNotFoundError(f"{target}: not a local model directory and its config could not be "
                                     f"fetched ({type(e).__name__})") from None
     from shear.analyze.families import stock_model_type
+    from shear.models import read_json
 
-    model_type = stock_model_type(json.loads((path / "config.json").read_text()).get("model_type"))
+    model_type = stock_model_type(read_json(path / "config.json").get("model_type"))
     if model_type in FAMILIES:  # per-layer exports (shear_<type>) too: their modeling file needs consent
         return analyze_path(path, heads, trust_remote_code)
     from shear.models import WEIGHT_FILES, load_model
