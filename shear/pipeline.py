@@ -61,8 +61,9 @@ def build_model(recipe: Recipe, train_texts=None):
 
 
 def check_lengths(recipe: Recipe, model) -> None:
-    """Every window the recipe will run through the model fits its positions (before any work)."""
-    from shear.eval.report import check_context
+    """Every window the recipe will run through the model fits its positions, and an eval section has a
+    causal LM to measure (before any work)."""
+    from shear.eval.report import check_causal, check_context
 
     if recipe.train is not None:
         check_context(model, recipe.data.seq_len, "data.seq_len")
@@ -72,6 +73,8 @@ def check_lengths(recipe: Recipe, model) -> None:
         check_context(model, recipe.sparsify.seq_len, "sparsify.seq_len")
     if recipe.eval is not None and recipe.eval.perplexity:
         check_context(model, recipe.eval.seq_len, "eval.seq_len")
+    if recipe.eval is not None:  # before the work, not at its end
+        check_causal(model, recipe.eval, str(recipe.model.path))
 
 
 def resolve_teacher(recipe: Recipe, model):

@@ -243,3 +243,20 @@ def test_invalid_json_names_the_file(file, tiny_lm_dir, tmp_path, capsys):
         assert main(argv) == 2
         assert (f"{d / file}: not valid JSON (line 2 column 2); restore the file (download or export the model "
                 "again)") in one_line_error(capsys)
+
+
+def test_eval_of_an_encoder_is_refused(tmp_path, capsys):
+    from transformers import BertTokenizerFast
+
+    from families import family_model
+
+    d = tmp_path / "enc"
+    family_model("bert").save_pretrained(d)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(d)
+    assert main(["eval", str(d), *EVAL_FAST]) == 2
+    assert (f"{d}: BertModel is an encoder, not a causal LM; perplexity, decode latency and lm-eval tasks need "
+            "next-token logits") in one_line_error(capsys)
+    assert main(["eval", str(d), "--no-ppl", "--no-speed"]) == 0  # parameters and MACs
+    assert "params" in capsys.readouterr().out
