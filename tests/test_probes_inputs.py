@@ -260,3 +260,17 @@ def test_eval_of_an_encoder_is_refused(tmp_path, capsys):
             "next-token logits") in one_line_error(capsys)
     assert main(["eval", str(d), "--no-ppl", "--no-speed"]) == 0  # parameters and MACs
     assert "params" in capsys.readouterr().out
+
+
+def test_empty_text_file_is_named(tiny_lm_dir, tmp_path, capsys):
+    from test_probes import write_recipe
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["prune", str(tiny_lm_dir), "--estimator", "flap", "--calib", str(empty), "-o", str(tmp_path / "p")]) == 2
+    assert f"{empty}: no text (empty); give a file with text" in one_line_error(capsys)
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, data={"source": str(empty), "seq_len": 16},
+                     train={"steps": 1})
+    assert main(["run", r, "-o", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys)
+    assert f"{empty}: no text (empty)" in err and "validation_fraction" not in err
