@@ -274,3 +274,16 @@ def test_empty_text_file_is_named(tiny_lm_dir, tmp_path, capsys):
     assert main(["run", r, "-o", str(tmp_path / "o")]) == 2
     err = one_line_error(capsys)
     assert f"{empty}: no text (empty)" in err and "validation_fraction" not in err
+
+
+def test_eval_dataset_directory(tiny_lm_dir, tiny_text, tmp_path, capsys):
+    from shear.eval.perplexity import load_eval_text
+
+    d = tmp_path / "texts"
+    d.mkdir()
+    assert main(["eval", str(tiny_lm_dir), *EVAL_FAST, "--dataset", str(d)]) == 2
+    assert f"eval.dataset: {d} is a directory without .txt/.jsonl/.json files" in one_line_error(capsys)
+    (d / "a.txt").write_text(tiny_text[:5000])
+    (d / "b.txt").write_text(tiny_text[5000:10000])
+    assert load_eval_text(str(d)) == tiny_text[:5000] + "\n\n" + tiny_text[5000:10000]  # every document, as data.source
+    assert main(["eval", str(tiny_lm_dir), *EVAL_FAST, "--dataset", str(d)]) == 0
