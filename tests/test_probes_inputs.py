@@ -287,3 +287,20 @@ def test_eval_dataset_directory(tiny_lm_dir, tiny_text, tmp_path, capsys):
     (d / "b.txt").write_text(tiny_text[5000:10000])
     assert load_eval_text(str(d)) == tiny_text[:5000] + "\n\n" + tiny_text[5000:10000]  # every document, as data.source
     assert main(["eval", str(tiny_lm_dir), *EVAL_FAST, "--dataset", str(d)]) == 0
+
+
+def test_output_path_that_is_a_file(tiny_lm_dir, tmp_path, capsys):
+    from test_probes import write_recipe
+
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, train={"steps": 1}, output_dir=str(f))
+    for argv, flag in ((["prune", str(tiny_lm_dir), "--estimator", "flap", "-o", str(f)], "-o"),
+                       (["sparsify", str(tiny_lm_dir), "--method", "magnitude", "--sparsity", "0.5", "-o", str(f)], "-o"),
+                       (["export", str(tiny_lm_dir), str(f / "sub")], "OUT"),
+                       (["run", r, "-o", str(f)], "-o"), (["run", r], "output_dir")):
+        assert main(argv) == 2
+        target = f / "sub" if flag == "OUT" else f
+        assert (f"{flag} {target}: {f} is a file, not a directory; give a directory path"
+                in one_line_error(capsys)), argv
+    assert f.read_text() == "mine"
