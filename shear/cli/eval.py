@@ -76,7 +76,8 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, zero-shot (needs: pip install 'shear[eval]')")
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=int, help="at most N examples per lm-eval task (testing only)")
-    p.add_argument("--dataset", help=f"perplexity text: 'shakespeare', a .txt/.jsonl file, a directory of them or HF dataset (default {d.dataset})")
+    p.add_argument("--dataset", help=f"perplexity text: 'shakespeare', a .txt/.jsonl file, a directory of them or "
+                                     f"HF dataset (default {d.dataset})")
     p.add_argument("--split", help=f"split to score (default {d.split})")
     p.add_argument("--seq-len", type=int, help=f"tokens per window (default {d.seq_len})")
     p.add_argument("--stride", type=int, help="step between windows (default: seq-len, non-overlapping)")
