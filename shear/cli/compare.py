@@ -29,7 +29,7 @@ def _cmd_compare(args) -> int:
     out = Path(args.output_dir)
     if (out / "report.json").exists() and not args.overwrite:  # before any work
         raise FileExistsError(f"{out} already holds a comparison (report.json); --overwrite replaces it")
-    model, tok = load_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model, tok = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, finite=True)
     report = run_compare(model, tok, cfg, out)
     print((out / "table.md").read_text())
     print(f"table: {out / 'table.md'}; plot: {report['plot']}; report: {out / 'report.json'} ({report['wall_s']:.0f} s)")
