@@ -123,6 +123,17 @@ def check_remote_code(path: str, trust_remote_code: bool, files: tuple[str, ...]
             raise ValueError(f"{path} carries its own {CODE_FILES[f]}; {CONSENT}")
 
 
+# Sizes transformers fills with its defaults (a 7B model's) when config.json lacks them.
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+
+
+def missing_size_keys(path: str | Path, config) -> list[str]:
+    """The :data:`SIZE_KEYS` of ``config``'s class that ``path/config.json`` does not set (under their
+    name or the family's alias, e.g. GPT-2's ``n_embd``)."""
+    raw, alias = read_json(Path(path) / "config.json"), getattr(config, "attribute_map", None) or {}
+    return [k for k in SIZE_KEYS if hasattr(config, k) and k not in raw and alias.get(k) not in raw]
+
+
 def check_local(path: str) -> None:
     """Fail clearly on a local path that is missing or not a model directory (hub ids pass through:
     ``org/name`` has one slash and no leading ``/``, ``.`` or ``~``)."""
@@ -185,9 +196,18 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
     extra = {} if device_map is None else {"device_map": device_map}
     with _clear_errors(path):
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if Path(path).is_dir() and missing_size_keys(path, config):  # defaults assumed: do they fit the weights?
+            from shear.analyze.api import check_config_sizes, meta_model
+
+            check_config_sizes(Path(path), meta_model(path, trust_remote_code))
         auto = getattr(transformers, auto_class_for(config))
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                     **extra)
+        try:
+            model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            raise ValueError(f"{path}: config.json does not describe the weights (tensor shapes differ); fix its "
+                             "sizes (`shear analyze DIR` names the first tensor that differs)") from None
     if device:
         model.to(device)
     return model.eval()

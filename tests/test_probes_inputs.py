@@ -304,3 +304,18 @@ def test_output_path_that_is_a_file(tiny_lm_dir, tmp_path, capsys):
         assert (f"{flag} {target}: {f} is a file, not a directory; give a directory path"
                 in one_line_error(capsys)), argv
     assert f.read_text() == "mine"
+
+
+def test_load_names_the_size_keys_a_config_lacks(tiny_lm_dir, tmp_path, capsys):
+    d = _copy(tiny_lm_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(d), *EVAL_FAST]) == 2
+    assert (f"{d / 'config.json'} disagrees with model.safetensors: lm_head.weight is [300, 64] there but "
+            "[300, 4096] by the config; config.json has no hidden_size, so transformers' defaults were assumed; "
+            "set them") in one_line_error(capsys)
+    cfg.update(hidden_size=64, intermediate_size=128)  # present but wrong: transformers' refusal, in one line
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(d), *EVAL_FAST]) == 2
+    assert f"{d}: config.json does not describe the weights (tensor shapes differ)" in capsys.readouterr().err

@@ -12,8 +12,6 @@ from shear.analyze.families import FAMILIES, family_of
 from shear.analyze.graph import StructureGraph
 
 log = logging.getLogger("shear")
-# Sizes transformers fills with its defaults (a 7B model's) when config.json lacks them.
-SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
 
 
 def analyze(model: nn.Module, heads: str = "kv_group") -> StructureGraph:
@@ -59,15 +57,6 @@ def meta_model(path: str | Path, trust_remote_code: bool = False):
             return AutoModel.from_config(cfg, trust_remote_code=remote)
 
 
-def missing_size_keys(path: Path, config) -> list[str]:
-    """The :data:`SIZE_KEYS` of ``config``'s class that ``path/config.json`` does not set (under their
-    name or the family's alias, e.g. GPT-2's ``n_embd``)."""
-    from shear.models import read_json
-
-    raw, alias = read_json(path / "config.json"), getattr(config, "attribute_map", None) or {}
-    return [k for k in SIZE_KEYS if hasattr(config, k) and k not in raw and alias.get(k) not in raw]
-
-
 def weight_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, file) from the headers of ``path``'s safetensors files (8 bytes of header
     length + the JSON header; no tensor data read). Unreadable headers are skipped (analyze needs no weights)."""
@@ -90,6 +79,8 @@ def _layer_count(names) -> int:
 def check_config_sizes(path: Path, model) -> None:
     """Warn when config.json lacks size keys (transformers' defaults are assumed); refuse a config whose
     shapes disagree with the safetensors beside it, naming the tensor and the keys to set."""
+    from shear.models import missing_size_keys
+
     missing = missing_size_keys(path, model.config)
     fix = (f"config.json has no {', '.join(missing)}, so transformers' defaults were assumed; set them"
            if missing else "config.json does not describe these weights; fix it")
