@@ -35,16 +35,16 @@ def seed_everything(seed: int) -> None:
 
 def build_model(recipe: Recipe, train_texts=None):
     """(model, tokenizer) for the recipe's model section: loaded, or built new for pretraining."""
-    from shear.models import load_model, load_tokenizer, reference_config
+    from shear.models import load_pretrained, load_tokenizer, reference_config
 
     m = recipe.model
     if m.init == "pretrained":
-        model = load_model(m.path, m.dtype, trust_remote_code=m.trust_remote_code, device_map=m.device_map)
-        return model, load_tokenizer(m.tokenizer or m.path)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        return load_pretrained(m.path, m.dtype, m.trust_remote_code, tokenizer=m.tokenizer, device_map=m.device_map,
+                               finite=True)
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if m.tokenizer:
-        tok = AutoTokenizer.from_pretrained(m.tokenizer)
+        tok = load_tokenizer(m.tokenizer, m.trust_remote_code)
     else:
         from shear.data.text import load_text_splits
         from shear.data.tokenizer import train_bpe
@@ -64,8 +64,9 @@ def build_model(recipe: Recipe, train_texts=None):
 
 
 def check_lengths(recipe: Recipe, model) -> None:
-    """Every window the recipe will run through the model fits its positions (before any work)."""
-    from shear.eval.report import check_context
+    """Every window the recipe will run through the model fits its positions, and an eval section has a
+    causal LM to measure (before any work)."""
+    from shear.eval.report import check_causal, check_context
 
     if recipe.train is not None:
         check_context(model, recipe.data.seq_len, "data.seq_len")
@@ -75,6 +76,8 @@ def check_lengths(recipe: Recipe, model) -> None:
         check_context(model, recipe.sparsify.seq_len, "sparsify.seq_len")
     if recipe.eval is not None and recipe.eval.perplexity:
         check_context(model, recipe.eval.seq_len, "eval.seq_len")
+    if recipe.eval is not None:  # before the work, not at its end
+        check_causal(model, recipe.eval, str(recipe.model.path))
 
 
 def resolve_teacher(recipe: Recipe, model):
@@ -83,9 +86,9 @@ def resolve_teacher(recipe: Recipe, model):
     if d is None:
         return None
     if d.teacher is not None:
-        from shear.models import load_model
+        from shear.models import load_teacher
 
-        return load_model(d.teacher, d.teacher_dtype, trust_remote_code=recipe.model.trust_remote_code)
+        return load_teacher(d.teacher, d.teacher_dtype, recipe.model.trust_remote_code, model)
     return copy.deepcopy(model).eval()
 
 

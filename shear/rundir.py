@@ -105,6 +105,17 @@ def _short(v) -> str:
     return s if len(s) <= 30 else s[:27] + "..."
 
 
+def check_output_dir(path: str | Path, what: str) -> None:
+    """An output directory must not be, or lie under, a regular file (``mkdir`` would say only "File exists")."""
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise NotADirectoryError(f"{what} {path}: {q} is a file, not a directory; give a directory path "
+                                         "(a new one, or one shear wrote)")
+            return
+
+
 def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", write: bool = True) -> dict:
     """Check ``out`` against ``recipe`` (see the module docstring), then write recipe.yaml and run.json.
 
@@ -114,6 +125,7 @@ def open_run_dir(recipe: Recipe, out: Path, on_change: OnChange = "refuse", writ
     0) checks only.
     """
     out = Path(out)
+    check_output_dir(out, "output_dir")
     new = recipe.model_dump(mode="json")
     old = _saved_recipe(out / "recipe.yaml")
     changes = recipe_changes(old, new) if old is not None else {}
@@ -253,6 +265,7 @@ def locked(out: Path):
         yield
         return
     out = Path(out)
+    check_output_dir(out, "output_dir")  # a file there: say so, not mkdir's "File exists"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / LOCK, "a") as f:  # the lock goes with the file descriptor: released on exit or a crash
         try:

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if getattr(args, "debug", False):
-        return int(args.func(args) or 0)
+        return _run(args)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except KeyboardInterrupt:
         print("shear: interrupted", file=sys.stderr)
         return 130
@@ -67,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shear: unexpected error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _run(args) -> int:
+    """The command, after its output directory (``-o`` / ``OUT``) is checked not to be a file."""
+    from shear.rundir import check_output_dir
+
+    for attr, flag in (("output_dir", "-o"), ("out", "OUT")):
+        if getattr(args, attr, None):
+            check_output_dir(getattr(args, attr), flag)
+    return int(args.func(args) or 0)
 
 
 def _take_late_overrides(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:

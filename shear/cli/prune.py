@@ -113,13 +113,12 @@ def _prune_into(args, recipe, out: Path) -> dict:
         prune, imp = recipe.prune, recipe.importance
         recipe_dict = recipe.model_dump(mode="json")
     else:
-        from shear.models import load_model, load_tokenizer
+        from shear.models import load_pretrained
 
         source = args.source
         written = export_dtype(args.dtype, source)
-        model = load_model(source, dtype=load_dtype(written, checkpoint_dtype(source)),
-                           trust_remote_code=args.trust_remote_code)
-        tok = load_tokenizer(args.source)
+        model, tok = load_pretrained(source, dtype=load_dtype(written, checkpoint_dtype(source)),
+                                     trust_remote_code=args.trust_remote_code, finite=True)
         prune, imp = _configs_from_flags(args)
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
                        "prune": prune.model_dump(mode="json")}

@@ -56,8 +56,7 @@ def _cmd_sparsify(args) -> int:
 def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     """Sparsify and publish both forms and the report into ``out``: (report, export record)."""
     from shear.memory import trim
-    from shear.models import (SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer,
-                              source_weight_bytes)
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, load_pretrained, source_weight_bytes
     from shear.prune.export import remove_stale_staging
     from shear.sparse.pipeline import export_sparse, run_sparsify
 
@@ -67,8 +66,8 @@ def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     remove_stale_staging(out)
     ckpt = checkpoint_dtype(args.model)
     written = export_dtype(args.dtype, args.model)
-    model = load_model(args.model, dtype=load_dtype(written, ckpt, args.device), trust_remote_code=args.trust_remote_code)
-    tok = load_tokenizer(args.model)
+    model, tok = load_pretrained(args.model, dtype=load_dtype(written, ckpt, args.device),
+                                 trust_remote_code=args.trust_remote_code, finite=True)
     loaded = SHORT.get(next(model.parameters()).dtype)
     model, report = run_sparsify(model, tok, cfg)
     report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}

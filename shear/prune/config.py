@@ -113,14 +113,15 @@ class TargetConfig(BaseModel):
 
 def _shape_of_config(path: str) -> TargetShape:
     """The :class:`TargetShape` keys found in a ``config.json`` (a file or the directory holding it)."""
-    import json
     from pathlib import Path
+
+    from shear.models import read_json
 
     p = Path(path).expanduser()
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise ValueError(f"target.shape_from: {p} does not exist")
-    cfg = json.loads(p.read_text())
+    cfg = read_json(p)
     keys = {k: cfg[k] for k in TargetShape.model_fields if cfg.get(k) is not None}
     if not keys:
         raise ValueError(f"target.shape_from: {p} has none of {list(TargetShape.model_fields)}")

@@ -114,8 +114,8 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     from compressed_tensors import ModelCompressor
 
     path = str(Path(path).expanduser())
-    config = transformers.AutoConfig.from_pretrained(path)
-    compressor = ModelCompressor.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)  # a stock class is rebuilt
+    compressor = ModelCompressor.from_pretrained(path, trust_remote_code=False)
     if compressor is None or compressor.sparsity_compressor is None:
         raise ValueError(f"{path}: config.json has no compressed-tensors sparsity_config")
     if hasattr(config, "quantization_config"):
