@@ -1,0 +1,261 @@
+"""``dry_run(recipe, DryRunConfig(...))``: what a recipe run would hold per rank, built on the meta device.
+
+Nothing is trained, loaded or written: the models are built from their config on the meta device
+(shear.dryrun.model), the launch is read from the environment or the recipe's launch line
+(shear.dryrun.launch) and the bytes follow shear.dryrun.memory. The result is a dict (the ``--json``
+payload); shear.dryrun.report prints it. A figure that cannot be computed is None ("unknown").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from shear.dryrun import memory as mem
+from shear.dryrun.launch import Launch, rank_device, resolve
+from shear.dryrun.model import lora_params, meta_model, param_count, pruned_meta, recipe_config, shape_of, weight_bytes
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class DryRunConfig:
+    """Options of ``shear run RECIPE --dry-run``."""
+
+    gpus: int | None = None  # plan for this many GPUs (one process each) instead of the ones seen
+    gpu_mem: int | None = None  # bytes per GPU (--gpu-mem 80GB); None = the memory of the GPUs seen
+    config_json: str | None = None  # the model's config.json when the recipe names a hub id not present locally
+    accelerate_config: str | None = None  # plan for this accelerate config instead of the recipe's launch line
+    recipe_path: str | None = None
+
+
+def _item(name: str, n: int | None, formula: str = "") -> dict:
+    return {"name": name, "bytes": None if n is None else int(n), "formula": formula}
+
+
+def _gpus(opts: DryRunConfig, launch: Launch) -> dict:
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = opts.gpus if opts.gpus is not None else seen
+    if opts.gpu_mem is not None:
+        memory, src = opts.gpu_mem, "--gpu-mem"
+    elif seen:
+        memory, src = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    else:
+        memory, src = None, "no GPU seen (give --gpus N --gpu-mem SIZE)"
+    return {"count": count, "seen": seen, "memory_bytes": memory, "memory_source": src,
+            "usable_fraction": mem.USABLE_FRACTION}
+
+
+def _ranks(opts: DryRunConfig, launch: Launch, gpus: dict) -> list[dict]:
+    cuda = gpus["count"] > 0
+    if launch.launched:  # this process is one rank: it reports itself
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return [{"rank": int(os.environ.get("RANK", local)), "device": rank_device(local, cuda)}]
+    n = opts.gpus or launch.processes or max(1, gpus["count"])
+    return [{"rank": r, "device": rank_device(r, cuda)} for r in range(n)]
+
+
+def _phase(name: str, device: str, items: list[dict], transient: list[dict], gpus: dict, note: str = "") -> dict:
+    """A stage's per-rank memory: persistent items plus the largest transient one."""
+    known = [i for i in items if i["bytes"] is not None]
+    peak_t = max((i["bytes"] for i in transient if i["bytes"] is not None), default=0)
+    unknown = [i["name"] for i in items + transient if i["bytes"] is None]
+    peak = sum(i["bytes"] for i in known) + peak_t
+    fits = None
+    if device.startswith("cuda") and gpus["memory_bytes"] and not unknown:
+        fits = peak <= gpus["memory_bytes"] * mem.USABLE_FRACTION
+    return {"name": name, "device": device, "items": items, "transient": transient, "peak_bytes": None if unknown else peak,
+            "unknown": unknown, "fits": fits, "note": note}
+
+
+def _prune_device(recipe, section_device: str | None, cuda: bool) -> tuple[str, str | None]:
+    if section_device == "auto" and not cuda:
+        section_device = None
+    if section_device:
+        bare = section_device in ("cuda", "auto")
+        return ("cuda:<LOCAL_RANK>" if bare else section_device), None
+    if recipe.model.device_map:
+        return f"spread (model.device_map={recipe.model.device_map})", None
+    return "cpu", "the calibration runs on the CPU of every rank (importance/sparsify device unset)" if cuda else None
+
+
+def _calibration(recipe, base, shape, dtype_b, gpus, ranks) -> tuple[dict, list[str]]:
+    """The prune (or sparsify) stage: calibration FLOPs and the scoring device's memory."""
+    warn = []
+    if recipe.prune is not None:
+        if recipe.prune.learn is not None and recipe.prune.learn.init != "scores":
+            return None, warn
+        from shear.data.calibration import resolve_calibration
+
+        ic = recipe.importance
+        c = resolve_calibration(base, ic.source if ic else None, recipe.data, ic.n_samples if ic else None,
+                                ic.seq_len if ic else None)
+        n, seq = c.n_samples, c.seq_len
+        batch, device, est = (ic.batch_size if ic else 8), (ic.device if ic else None), (ic.estimator if ic else "obs")
+        name = f"prune ({est})"
+    elif recipe.sparsify is not None:
+        from shear.sparse.pipeline import calibration_length
+
+        sc = recipe.sparsify
+        n, seq, batch, device, est = sc.n_samples, calibration_length(base, sc), 8, sc.device, sc.method
+        name = f"sparsify ({est})"
+        if est == "magnitude":
+            return None, warn
+    else:
+        return None, warn
+    dev, w = _prune_device(recipe, device, gpus["count"] > 0)
+    if w:
+        warn.append(w)
+    flops, f = mem.calibration_flops(n * seq, param_count(base))
+    items = [_item("weights", weight_bytes(base), "params x dtype bytes (the whole model on the scoring device)")]
+    transient = [_item("calibration activations", *mem.calibration_bytes(shape, n, seq, batch, dtype_b))]
+    if est not in ("flap", "wanda_sp", "magnitude_l1", "magnitude_l2", "random", "wanda", "minitron"):
+        transient.append(_item(f"{est} working memory", None, "not estimated (Hessians / gradients of the estimator)"))
+    if dev.endswith("<LOCAL_RANK>"):
+        dev = ranks[0]["device"] if ranks[0]["device"].startswith("cuda") else "cuda (no GPU seen or planned)"
+    ph = _phase(name, dev, items, transient, gpus, note=f"{n} x {seq} tokens; every rank repeats it")
+    ph["flops"], ph["flops_formula"] = flops, f
+    return ph, warn
+
+
+def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable, adapters_per_layer, lora: bool,
+                 teacher_bytes_each: int | None, masks: bool = False) -> dict:
+    """Per-rank memory of a training stage on ``student`` (meta) with ``trainable`` parameters."""
+    t, d = recipe.train, recipe.distill
+    ranks = launch.processes or 1
+    ds = launch.engine == "deepspeed"
+    sh = mem.shards(launch.engine, launch.zero_stage)
+    bf16_ds = ds and t.precision == "bf16"  # DeepSpeed casts the whole module to bf16
+    model_b = BYTES[recipe.model.dtype]
+    base_b = 2 if bf16_ds else model_b
+    # peft keeps adapters in fp32 (autocast_adapter_dtype); learned masks are fp32 parameters of their own
+    train_b = 2 if bf16_ds else (4 if (lora or masks) and model_b < 4 else model_b)
+    frozen = max(0, param_count(student) - (0 if lora or masks else trainable))
+    w = frozen * base_b + trainable * train_b
+    items = [_item("student weights", mem.divided(w, sh["params"], ranks),
+                   f"{frozen:,} frozen x {base_b} B + {trainable:,} trainable x {train_b} B"
+                   + (f", / {ranks} ranks" if sh["params"] else ""))]
+    g = trainable * train_b
+    items.append(_item("gradients", mem.divided(g, sh["grads"], ranks),
+                       f"trainable x {train_b} B" + (f", / {ranks} ranks" if sh["grads"] else "")))
+    if launch.engine == "ddp" and ranks > 1 and trainable:
+        items.append(_item("DDP reducer buckets", g, "= gradient bytes (gradient_as_bucket_view off)"))
+    o, of = mem.optimizer_bytes(trainable, train_b, ds)
+    items.append(_item("optimizer state (AdamW)", mem.divided(o, sh["optim"], ranks),
+                       of + (f", / {ranks} ranks" if sh["optim"] else "")))
+    if sh["params"] and ds:
+        live = min(10**9, param_count(student)) * base_b
+        items.append(_item("ZeRO-3 gathered parameters", live, "<= stage3_max_live_parameters (1e9, DeepSpeed's default) x bytes"))
+    if t.precision == "bf16" and not ds and model_b == 4:
+        items.append(_item("bf16 autocast weight cache", param_count(student) * 2, "params x 2 B (fp32 weights under bf16 autocast)"))
+    if teacher is not None:
+        items.append(_item("KD teacher (full replica)", teacher_bytes_each,
+                           "teacher params x its dtype; not sharded: shear keeps it outside the prepared module"))
+    act_b = 2 if t.precision == "bf16" or base_b == 2 else 4
+    s_shape = shape_of(student.config)
+    extra = (recipe.train.lora.r * adapters_per_layer) if lora else adapters_per_layer
+    b, s = t.batch_size, recipe.data.seq_len
+    step = [_item("activations", *mem.activation_bytes(s_shape, b, s, act_b, t.gradient_checkpointing, extra))]
+    if d is not None and teacher is not None:
+        step.append(_item("teacher forward (hidden states)", *mem.teacher_forward_bytes(shape_of(teacher.config), b, s, act_b)))
+        step.append(_item("KD/CE logits", *mem.kd_logit_bytes(b, s, s_shape.vocab, d.chunk_size)))
+    step_total = sum(i["bytes"] for i in step if i["bytes"] is not None)
+    val = _item("validation CE (no grad)", *mem.validation_bytes(b, s, s_shape.vocab))
+    transient = [_item("training step: " + " + ".join(i["name"] for i in step), step_total,
+                       "; ".join(f"{i['name']}: {i['formula']}" for i in step)), val]
+    note = ("shear's trainer refuses FSDP (shear/train/accel.py refuse_fsdp): this launch would stop"
+            if launch.engine == "fsdp" else "")
+    ph = _phase(name, device, items, transient, gpus, note)
+    ph["step_items"] = step
+    ph["trainable_params"] = trainable
+    return ph
+
+
+def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
+    """The per-rank plan of ``recipe`` (see the module docstring); never trains, loads weights or writes."""
+    from shear.models import DTYPES
+
+    opts = opts or DryRunConfig()
+    launch = resolve(opts.recipe_path, opts.accelerate_config)
+    gpus = _gpus(opts, launch)
+    ranks = _ranks(opts, launch, gpus)
+    if not launch.launched:
+        launch.processes = len(ranks)
+    else:
+        launch.processes = launch.processes or 1
+    config, config_src = recipe_config(recipe, opts.config_json)
+    dtype = DTYPES[recipe.model.dtype]
+    trust = recipe.model.trust_remote_code
+    base = meta_model(config, dtype, trust)
+    shape = shape_of(config)
+    out = {"model": {"config": config_src, "model_type": getattr(config, "model_type", None), "dtype": recipe.model.dtype,
+                     "params": param_count(base), "weights_bytes": weight_bytes(base),
+                     "layers": shape.layers, "hidden": shape.hidden, "vocab": shape.vocab},
+           "launch": {"engine": launch.engine, "zero_stage": launch.zero_stage, "processes": launch.processes,
+                      "source": launch.source, "line": launch.line},
+           "gpus": gpus, "ranks": ranks, "phases": [], "warnings": [], "pruned": None}
+    cuda = gpus["count"] > 0
+    train_dev = ranks[0]["device"] if cuda else "cpu"
+    host = weight_bytes(base)
+    teacher, t_bytes = None, None
+    if recipe.distill is not None:
+        if recipe.distill.teacher is None:
+            teacher = meta_model(config, dtype, trust)
+            t_b = 2 if recipe.distill.teacher_dtype == "bf16" else BYTES[recipe.model.dtype]
+            t_bytes = param_count(teacher) * t_b
+            host += weight_bytes(teacher)
+        else:
+            try:
+                tcfg, _ = recipe_config(recipe.model_copy(update={"model": recipe.model.model_copy(
+                    update={"path": recipe.distill.teacher, "init": "pretrained"})}))
+                teacher = meta_model(tcfg, dtype, trust)
+                t_b = 2 if recipe.distill.teacher_dtype == "bf16" else 4
+                t_bytes = param_count(teacher) * t_b
+            except FileNotFoundError as e:
+                out["warnings"].append(f"distill.teacher: {e}; its figures are unknown")
+    out["host_ram_per_rank_bytes"] = host
+    cal, warn = _calibration(recipe, base, shape, BYTES[recipe.model.dtype], gpus, ranks)
+    out["warnings"] += warn
+    if cal is not None:
+        out["phases"].append(cal)
+    student = base
+    if recipe.prune is not None and recipe.prune.vocab is None:
+        if recipe.prune.learn is not None and recipe.train is not None:
+            ln = recipe.prune.learn
+            frozen = ln.weight_lr == 0
+            _, info0 = pruned_meta(meta_model(config, dtype, trust), recipe.prune)
+            trainable = info0["mask_units"] + (0 if frozen else param_count(base))
+            ph = _train_phase("learn masks", recipe, base, teacher, launch, gpus, train_dev, trainable,
+                              adapters_per_layer=shape.q + shape.mlp + shape.hidden, lora=False,
+                              teacher_bytes_each=t_bytes, masks=frozen)
+            ph["note"] = ("weights frozen (weight_lr 0): trainable = mask log-alphas; activations count the masked "
+                          "products (q + i + h per layer) on top") + (f"; {ph['note']}" if ph["note"] else "")
+            out["phases"].append(ph)
+        student, info = pruned_meta(meta_model(config, dtype, trust), recipe.prune)
+        sc = student.config
+        out["pruned"] = {"params": param_count(student), "weights_bytes": weight_bytes(student), **info,
+                         "shape": {k: getattr(sc, k, None) for k in ("num_hidden_layers", "hidden_size",
+                                                                      "num_attention_heads", "num_key_value_heads",
+                                                                      "intermediate_size")}}
+    elif recipe.prune is not None:
+        out["warnings"].append("prune.vocab: the kept vocabulary depends on the text; the pruned size is unknown")
+        out["pruned"] = {"params": None, "weights_bytes": None, "exact": False, "how": "unknown (vocabulary trim)"}
+    if recipe.train is not None and (recipe.prune is None or recipe.prune.vocab is None):
+        lora = recipe.train.lora is not None
+        if lora:
+            trainable, per_layer = lora_params(student, recipe.train.lora)
+        else:
+            trainable, per_layer = param_count(student), 0
+        out["phases"].append(_train_phase("train", recipe, student, teacher, launch, gpus, train_dev, trainable,
+                                          per_layer, lora, t_bytes))
+        if recipe.prune is not None and recipe.prune.tune_rounds > 1:
+            out["warnings"].append("prune.tune_rounds: rounds train ever smaller models; the first rounds hold more "
+                                   "than the final model these train figures use")
+    gpu_phases = [p for p in out["phases"] if p["device"].startswith("cuda")]
+    out["fits"] = (None if not gpu_phases or any(p["fits"] is None for p in gpu_phases)
+                   else all(p["fits"] for p in gpu_phases))
+    for p in out["phases"]:
+        if p["device"] == "cpu" and cuda and p["name"].startswith(("prune", "sparsify")):
+            p["note"] += "; on the CPU: set importance.device (sparsify.device) to cuda"
+    return out
