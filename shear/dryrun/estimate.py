@@ -156,7 +156,10 @@ def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable
     s_shape = shape_of(student.config)
     extra = (recipe.train.lora.r * adapters_per_layer) if lora else adapters_per_layer
     b, s = t.batch_size, recipe.data.seq_len
-    step = [_item("activations", *mem.activation_bytes(s_shape, b, s, act_b, t.gradient_checkpointing, extra))]
+    act, act_f = mem.activation_bytes(s_shape, b, s, act_b, t.gradient_checkpointing, extra)
+    other, _ = mem.activation_bytes(s_shape, b, s, act_b, not t.gradient_checkpointing, extra)
+    act_f += f" ({'without' if t.gradient_checkpointing else 'with'} gradient checkpointing: {mem.human(other)})"
+    step = [_item("activations", act, act_f)]
     if d is not None and teacher is not None:
         step.append(_item("teacher forward (hidden states)", *mem.teacher_forward_bytes(shape_of(teacher.config), b, s, act_b)))
         step.append(_item("KD/CE logits", *mem.kd_logit_bytes(b, s, s_shape.vocab, d.chunk_size)))
