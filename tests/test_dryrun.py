@@ -196,3 +196,18 @@ def test_llama3_8b_recipes_fit_8x80gb(name):
     assert all(p["device"] == "cuda:0" for p in r["phases"]), [(p["name"], p["device"]) for p in r["phases"]]
     assert r["fits"] is True and not r["warnings"]
     assert r["launch"]["processes"] == 8
+
+
+def test_scoring_device_is_the_ranks_gpu(monkeypatch):
+    """importance.device 'cuda' under a launch moves the model to cuda:<LOCAL_RANK>, not GPU 0 for every rank."""
+    from transformers import LlamaForCausalLM
+
+    from shear.prune.pipeline import _move_for_scoring
+
+    m = LlamaForCausalLM(tiny_llama_config())
+    moves = []
+    monkeypatch.setattr(m, "to", lambda d, *a, **k: moves.append(str(d)))
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert _move_for_scoring(m, "cuda") == torch.device("cpu") and moves == ["cuda:2"]
+    if not torch.cuda.is_available():
+        assert _move_for_scoring(m, "auto") is None and moves == ["cuda:2"]  # no GPU: scored where it is

@@ -110,14 +110,13 @@ def dry_run_main(args) -> int:
     """``--dry-run``: print this rank's (or every planned rank's) figures; write nothing but ``--json``."""
     import json
 
-    from shear.config import load_recipe
     from shear.dryrun import DryRunConfig, dry_run, format_report
     from shear.dryrun.memory import parse_size
     from shear.pipeline import is_main_process
 
     if args.gpus is not None and args.gpus < 0:
         raise ValueError("--gpus: must be >= 0")
-    recipe = load_recipe(args.recipe, recipe_overrides(args))
+    recipe = load_run_recipe(args)  # --smoke: plan the shrunk run
     opts = DryRunConfig(gpus=args.gpus, gpu_mem=parse_size(args.gpu_mem) if args.gpu_mem else None,
                         config_json=args.config_json, accelerate_config=args.accelerate_config,
                         recipe_path=args.recipe)

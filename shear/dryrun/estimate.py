@@ -40,7 +40,8 @@ def _gpus(opts: DryRunConfig, launch: Launch) -> dict:
     if opts.gpu_mem is not None:
         memory, src = opts.gpu_mem, "--gpu-mem"
     elif seen:
-        memory, src = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+        local = int(os.environ.get("LOCAL_RANK", "0")) if launch.launched else 0
+        memory, src = torch.cuda.get_device_properties(local).total_memory, torch.cuda.get_device_name(local)
     else:
         memory, src = None, "no GPU seen (give --gpus N --gpu-mem SIZE)"
     return {"count": count, "seen": seen, "memory_bytes": memory, "memory_source": src,
@@ -77,7 +78,8 @@ def _prune_device(recipe, section_device: str | None, cuda: bool) -> tuple[str, 
         return ("cuda:<LOCAL_RANK>" if bare else section_device), None
     if recipe.model.device_map:
         return f"spread (model.device_map={recipe.model.device_map})", None
-    return "cpu", "the calibration runs on the CPU of every rank (importance/sparsify device unset)" if cuda else None
+    return "cpu", ("the calibration runs on the CPU of every rank (importance.device / sparsify.device unset; "
+                   "'auto' puts it on each rank's GPU)") if cuda else None
 
 
 def _calibration(recipe, base, shape, dtype_b, gpus, ranks) -> tuple[dict, list[str]]:
@@ -110,13 +112,30 @@ def _calibration(recipe, base, shape, dtype_b, gpus, ranks) -> tuple[dict, list[
     flops, f = mem.calibration_flops(n * seq, param_count(base))
     items = [_item("weights", weight_bytes(base), "params x dtype bytes (the whole model on the scoring device)")]
     transient = [_item("calibration activations", *mem.calibration_bytes(shape, n, seq, batch, dtype_b))]
-    if est not in ("flap", "wanda_sp", "magnitude_l1", "magnitude_l2", "random", "wanda", "minitron"):
+    if est in ("sparsegpt", "wanda"):
+        items.append(_item(f"{est} statistics (one block)", *_block_stats_bytes(base, recipe.sparsify)))
+    elif est not in ("flap", "wanda_sp", "magnitude_l1", "magnitude_l2", "random", "minitron"):
         transient.append(_item(f"{est} working memory", None, "not estimated (Hessians / gradients of the estimator)"))
     if dev.endswith("<LOCAL_RANK>"):
         dev = ranks[0]["device"] if ranks[0]["device"].startswith("cuda") else "cuda (no GPU seen or planned)"
     ph = _phase(name, dev, items, transient, gpus, note=f"{n} x {seq} tokens; every rank repeats it")
     ph["flops"], ph["flops_formula"] = flops, f
     return ph, warn
+
+
+def _block_stats_bytes(model, cfg) -> tuple[int, str]:
+    """What shear.sparse.sequential keeps per block: one [in, in] fp32 Hessian (sparsegpt) or one [in] fp64
+    norm (wanda) per selected linear, for the largest block."""
+    from shear.sparse.sequential import select_linears
+
+    per_block = select_linears(model, cfg.targets)
+    mods = dict(model.named_modules())
+    d_in = lambda n: mods[n].weight.shape[0 if type(mods[n]).__name__ == "Conv1D" else 1]  # noqa: E731
+    if cfg.method == "sparsegpt":
+        n = max(sum(d_in(x) ** 2 * 4 for x in names) for names in per_block.values())
+        return n, "sum over a block's linears of in^2 x 4 B (fp32 Hessians)"
+    n = max(sum(d_in(x) * 8 for x in names) for names in per_block.values())
+    return n, "sum over a block's linears of in x 8 B (fp64 input norms)"
 
 
 def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable, adapters_per_layer, lora: bool,
@@ -232,8 +251,9 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
             ph = _train_phase("learn masks", recipe, base, teacher, launch, gpus, train_dev, trainable,
                               adapters_per_layer=shape.q + shape.mlp + shape.hidden, lora=False,
                               teacher_bytes_each=t_bytes, masks=frozen)
-            ph["note"] = ("weights frozen (weight_lr 0): trainable = mask log-alphas; activations count the masked "
-                          "products (q + i + h per layer) on top") + (f"; {ph['note']}" if ph["note"] else "")
+            ph["note"] = (("weights frozen (weight_lr 0): trainable = mask log-alphas" if frozen else
+                           "weights and masks train") + "; activations count the masked products (q + i + h per "
+                          "layer) on top" + (f"; {ph['note']}" if ph["note"] else ""))
             out["phases"].append(ph)
         student, info = pruned_meta(meta_model(config, dtype, trust), recipe.prune)
         sc = student.config
@@ -260,5 +280,5 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
                    else all(p["fits"] for p in gpu_phases))
     for p in out["phases"]:
         if p["device"] == "cpu" and cuda and p["name"].startswith(("prune", "sparsify")):
-            p["note"] += "; on the CPU: set importance.device (sparsify.device) to cuda"
+            p["note"] += "; on the CPU: set importance.device (sparsify.device) to auto"
     return out
