@@ -82,45 +82,47 @@ def _prune_device(recipe, section_device: str | None, cuda: bool) -> tuple[str, 
                    "'auto' puts it on each rank's GPU)") if cuda else None
 
 
-def _calibration(recipe, base, shape, dtype_b, gpus, ranks) -> tuple[dict, list[str]]:
+def _calibration(recipe, base, shape, dtype_b, gpus, ranks) -> tuple[dict | None, list[str]]:
     """The prune (or sparsify) stage: calibration FLOPs and the scoring device's memory."""
-    warn = []
     if recipe.prune is not None:
-        if recipe.prune.learn is not None and recipe.prune.learn.init != "scores":
-            return None, warn
         from shear.data.calibration import resolve_calibration
+        from shear.importance import ESTIMATORS
+        from shear.prune.config import ImportanceConfig
 
-        ic = recipe.importance
-        c = resolve_calibration(base, ic.source if ic else None, recipe.data, ic.n_samples if ic else None,
-                                ic.seq_len if ic else None)
-        n, seq = c.n_samples, c.seq_len
-        batch, device, est = (ic.batch_size if ic else 8), (ic.device if ic else None), (ic.estimator if ic else "obs")
-        name = f"prune ({est})"
-    elif recipe.sparsify is not None:
+        if recipe.prune.learn is not None and recipe.prune.learn.init != "scores":
+            return None, []  # learned masks start uniform: no calibration
+        ic = recipe.importance or ImportanceConfig()
+        c = resolve_calibration(base, ic.source, recipe.data, ic.n_samples, ic.seq_len)
+        n, seq, batch, device, est = c.n_samples, c.seq_len, ic.batch_size, ic.device, ic.estimator
+        needs, name = ESTIMATORS[est].needs, f"prune ({est})"
+        steps = recipe.prune.iterative_steps if recipe.prune.target.shape is None else 1
+    elif recipe.sparsify is not None and recipe.sparsify.method != "magnitude":
         from shear.sparse.pipeline import calibration_length
 
         sc = recipe.sparsify
         n, seq, batch, device, est = sc.n_samples, calibration_length(base, sc), 8, sc.device, sc.method
-        name = f"sparsify ({est})"
-        if est == "magnitude":
-            return None, warn
+        needs, name, steps = "activations", f"sparsify ({est})", 1
     else:
-        return None, warn
+        return None, []
     dev, w = _prune_device(recipe, device, gpus["count"] > 0)
-    if w:
-        warn.append(w)
-    flops, f = mem.calibration_flops(n * seq, param_count(base))
-    items = [_item("weights", weight_bytes(base), "params x dtype bytes (the whole model on the scoring device)")]
-    transient = [_item("calibration activations", *mem.calibration_bytes(shape, n, seq, batch, dtype_b))]
-    if est in ("sparsegpt", "wanda"):
-        items.append(_item(f"{est} statistics (one block)", *_block_stats_bytes(base, recipe.sparsify)))
-    elif est not in ("flap", "wanda_sp", "magnitude_l1", "magnitude_l2", "random", "minitron"):
-        transient.append(_item(f"{est} working memory", None, "not estimated (Hessians / gradients of the estimator)"))
     if dev.endswith("<LOCAL_RANK>"):
         dev = ranks[0]["device"] if ranks[0]["device"].startswith("cuda") else "cuda (no GPU seen or planned)"
-    ph = _phase(name, dev, items, transient, gpus, note=f"{n} x {seq} tokens; every rank repeats it")
+    items = [_item("weights", weight_bytes(base), "params x dtype bytes (the whole model on the scoring device)")]
+    transient, flops, f = [], 0, "none: the estimator reads the weights only"
+    if needs == "activations":
+        flops, f = mem.calibration_flops(n * seq * steps, param_count(base))
+        stat_b = 4 if est == "sparsegpt" else 8  # each hook's copy of its input: fp32 (Hessian) or fp64 (norms)
+        transient.append(_item("calibration activations", *mem.calibration_bytes(shape, n, seq, batch, dtype_b, stat_b)))
+    elif needs in ("gradients", "lora"):
+        flops, f = 3 * mem.calibration_flops(n * seq * steps, param_count(base))[0], "6 x tokens x params (forward + backward)"
+    if est in ("sparsegpt", "wanda"):
+        items.append(_item(f"{est} statistics (one block)", *_block_stats_bytes(base, recipe.sparsify)))
+    elif needs != "none" and needs != "weights" and est not in ("flap", "flap_original", "wanda_sp", "minitron"):
+        transient.append(_item(f"{est} working memory", None, "not estimated (Hessians / gradients of the estimator)"))
+    note = f"{n} x {seq} tokens" + (f", {steps} scoring steps" if steps > 1 else "") + "; every rank repeats it"
+    ph = _phase(name, dev, items, transient, gpus, note=note if flops else "no calibration")
     ph["flops"], ph["flops_formula"] = flops, f
-    return ph, warn
+    return ph, [w] if w and flops else []
 
 
 def _block_stats_bytes(model, cfg) -> tuple[int, str]:

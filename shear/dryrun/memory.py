@@ -105,11 +105,17 @@ def validation_bytes(batch: int, seq: int, vocab: int) -> tuple[int, str]:
     return batch * seq * vocab * VAL_LOGIT_BYTES, f"b*s*V*{VAL_LOGIT_BYTES} B (whole logits: bf16, fp32 copy, log-softmax)"
 
 
-def calibration_bytes(sh: Shape, n_samples: int, seq: int, batch: int, act_bytes: int) -> tuple[int, str]:
-    """Streaming block-by-block calibration (shear.importance.calibrate): one block's inputs and outputs for
-    the whole calibration set + one batch's intermediates."""
+def calibration_bytes(sh: Shape, n_samples: int, seq: int, batch: int, act_bytes: int,
+                      stat_bytes: int = 8) -> tuple[int, str]:
+    """Streaming block-by-block calibration (shear.importance.calibrate, shear.sparse.sequential): one block's
+    inputs and outputs for the whole calibration set, one batch's intermediates, and a statistics hook's copy of
+    its widest input (x and its square, in fp64 for channel norms or fp32 for a Hessian)."""
     n = 2 * n_samples * seq * sh.hidden + batch * seq * layer_elements(sh)
-    return n * act_bytes, f"(2*n*s*h + batch*s*E)*{act_bytes} B: block inputs + outputs of the set, one batch's block"
+    widest = max(sh.hidden, sh.q, sh.mlp)
+    stats = 2 * batch * seq * widest * stat_bytes
+    return (n * act_bytes + stats,
+            f"(2*n*s*h + batch*s*E)*{act_bytes} B + 2*batch*s*max(h,q,i)*{stat_bytes} B: block inputs + outputs of "
+            f"the set, one batch's block, a hook's copies of its widest input")
 
 
 def calibration_flops(tokens: int, params: int) -> tuple[int, str]:
