@@ -196,6 +196,43 @@ def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable
     return ph
 
 
+def _teacher(recipe, config, dtype, trust) -> tuple[object, int | None, int, list[str]]:
+    """(meta teacher or None, its bytes on a GPU, its bytes in host RAM while loading, warnings)."""
+    d = recipe.distill
+    if d is None:
+        return None, None, 0, []
+    if d.teacher is None:  # a copy of the unpruned model, cast to bf16 when asked (else its own dtype)
+        teacher = meta_model(config, dtype, trust)
+        t_b = 2 if d.teacher_dtype == "bf16" else BYTES[recipe.model.dtype]
+        return teacher, param_count(teacher) * t_b, weight_bytes(teacher), []
+    try:  # a named teacher is loaded in teacher_dtype
+        named = recipe.model.model_copy(update={"path": d.teacher, "init": "pretrained"})
+        tcfg, _ = recipe_config(recipe.model_copy(update={"model": named}))
+    except FileNotFoundError as e:
+        return None, None, 0, [f"distill.teacher: {e}; its figures are unknown"]
+    teacher = meta_model(tcfg, dtype, trust)
+    n = param_count(teacher) * (2 if d.teacher_dtype == "bf16" else 4)
+    return teacher, n, n, []
+
+
+def _pruned(recipe, config, dtype, trust, out: dict):
+    """The student after the prune stage (meta), recorded in ``out['pruned']``; the unpruned model when the
+    size cannot be known (vocabulary trim) or there is no prune section."""
+    base = meta_model(config, dtype, trust)
+    if recipe.prune is None:
+        return base, None
+    if recipe.prune.vocab is not None:
+        out["warnings"].append("prune.vocab: the kept vocabulary depends on the text; the pruned size is unknown")
+        out["pruned"] = {"params": None, "weights_bytes": None, "exact": False, "how": "unknown (vocabulary trim)"}
+        return None, None
+    student, info = pruned_meta(base, recipe.prune)
+    sc = student.config
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    out["pruned"] = {"params": param_count(student), "weights_bytes": weight_bytes(student), **info,
+                     "shape": {k: getattr(sc, k, None) for k in keys}}
+    return student, info
+
+
 def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
     """The per-rank plan of ``recipe`` (see the module docstring); never trains, loads weights or writes."""
     from shear.models import DTYPES
@@ -204,74 +241,37 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
     launch = resolve(opts.recipe_path, opts.accelerate_config)
     gpus = _gpus(opts, launch)
     ranks = _ranks(opts, launch, gpus)
-    if not launch.launched:
-        launch.processes = len(ranks)
-    else:
-        launch.processes = launch.processes or 1
+    launch.processes = (launch.processes or 1) if launch.launched else len(ranks)
     config, config_src = recipe_config(recipe, opts.config_json)
-    dtype = DTYPES[recipe.model.dtype]
-    trust = recipe.model.trust_remote_code
-    base = meta_model(config, dtype, trust)
-    shape = shape_of(config)
+    dtype, trust = DTYPES[recipe.model.dtype], recipe.model.trust_remote_code
+    base, shape = meta_model(config, dtype, trust), shape_of(config)
     out = {"model": {"config": config_src, "model_type": getattr(config, "model_type", None), "dtype": recipe.model.dtype,
                      "params": param_count(base), "weights_bytes": weight_bytes(base),
                      "layers": shape.layers, "hidden": shape.hidden, "vocab": shape.vocab},
            "launch": {"engine": launch.engine, "zero_stage": launch.zero_stage, "processes": launch.processes,
                       "source": launch.source, "line": launch.line},
            "gpus": gpus, "ranks": ranks, "phases": [], "warnings": [], "pruned": None}
-    cuda = gpus["count"] > 0
-    train_dev = ranks[0]["device"] if cuda else "cpu"
-    host = weight_bytes(base)
-    teacher, t_bytes = None, None
-    if recipe.distill is not None:
-        if recipe.distill.teacher is None:
-            teacher = meta_model(config, dtype, trust)
-            t_b = 2 if recipe.distill.teacher_dtype == "bf16" else BYTES[recipe.model.dtype]
-            t_bytes = param_count(teacher) * t_b
-            host += weight_bytes(teacher)
-        else:
-            try:
-                tcfg, _ = recipe_config(recipe.model_copy(update={"model": recipe.model.model_copy(
-                    update={"path": recipe.distill.teacher, "init": "pretrained"})}))
-                teacher = meta_model(tcfg, dtype, trust)
-                t_b = 2 if recipe.distill.teacher_dtype == "bf16" else 4
-                t_bytes = param_count(teacher) * t_b
-            except FileNotFoundError as e:
-                out["warnings"].append(f"distill.teacher: {e}; its figures are unknown")
-    out["host_ram_per_rank_bytes"] = host
+    train_dev = ranks[0]["device"] if gpus["count"] > 0 else "cpu"
+    teacher, t_bytes, t_host, warn = _teacher(recipe, config, dtype, trust)
+    out["warnings"] += warn
+    out["host_ram_per_rank_bytes"] = weight_bytes(base) + t_host
     cal, warn = _calibration(recipe, base, shape, BYTES[recipe.model.dtype], gpus, ranks)
     out["warnings"] += warn
-    if cal is not None:
-        out["phases"].append(cal)
-    student = base
-    if recipe.prune is not None and recipe.prune.vocab is None:
-        if recipe.prune.learn is not None and recipe.train is not None:
-            ln = recipe.prune.learn
-            frozen = ln.weight_lr == 0
-            _, info0 = pruned_meta(meta_model(config, dtype, trust), recipe.prune)
-            trainable = info0["mask_units"] + (0 if frozen else param_count(base))
-            ph = _train_phase("learn masks", recipe, base, teacher, launch, gpus, train_dev, trainable,
-                              adapters_per_layer=shape.q + shape.mlp + shape.hidden, lora=False,
-                              teacher_bytes_each=t_bytes, masks=frozen)
-            ph["note"] = (("weights frozen (weight_lr 0): trainable = mask log-alphas" if frozen else
-                           "weights and masks train") + "; activations count the masked products (q + i + h per "
-                          "layer) on top" + (f"; {ph['note']}" if ph["note"] else ""))
-            out["phases"].append(ph)
-        student, info = pruned_meta(meta_model(config, dtype, trust), recipe.prune)
-        sc = student.config
-        out["pruned"] = {"params": param_count(student), "weights_bytes": weight_bytes(student), **info,
-                         "shape": {k: getattr(sc, k, None) for k in ("num_hidden_layers", "hidden_size",
-                                                                      "num_attention_heads", "num_key_value_heads",
-                                                                      "intermediate_size")}}
-    elif recipe.prune is not None:
-        out["warnings"].append("prune.vocab: the kept vocabulary depends on the text; the pruned size is unknown")
-        out["pruned"] = {"params": None, "weights_bytes": None, "exact": False, "how": "unknown (vocabulary trim)"}
-    if recipe.train is not None and (recipe.prune is None or recipe.prune.vocab is None):
+    out["phases"] += [cal] if cal is not None else []
+    student, info = _pruned(recipe, config, dtype, trust, out)
+    if recipe.prune is not None and recipe.prune.learn is not None:  # the mask stage trains the unpruned model
+        frozen = recipe.prune.learn.weight_lr == 0
+        trainable = info["mask_units"] + (0 if frozen else param_count(base))
+        ph = _train_phase("learn masks", recipe, base, teacher, launch, gpus, train_dev, trainable,
+                          adapters_per_layer=shape.q + shape.mlp + shape.hidden, lora=False,
+                          teacher_bytes_each=t_bytes, masks=frozen)
+        ph["note"] = (("weights frozen (weight_lr 0): trainable = mask log-alphas" if frozen else "weights and masks "
+                       "train") + "; activations count the masked products (q + i + h per layer) on top"
+                      + (f"; {ph['note']}" if ph["note"] else ""))
+        out["phases"].append(ph)
+    if recipe.train is not None and student is not None:
         lora = recipe.train.lora is not None
-        if lora:
-            trainable, per_layer = lora_params(student, recipe.train.lora)
-        else:
-            trainable, per_layer = param_count(student), 0
+        trainable, per_layer = lora_params(student, recipe.train.lora) if lora else (param_count(student), 0)
         out["phases"].append(_train_phase("train", recipe, student, teacher, launch, gpus, train_dev, trainable,
                                           per_layer, lora, t_bytes))
         if recipe.prune is not None and recipe.prune.tune_rounds > 1:
@@ -280,7 +280,4 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
     gpu_phases = [p for p in out["phases"] if p["device"].startswith("cuda")]
     out["fits"] = (None if not gpu_phases or any(p["fits"] is None for p in gpu_phases)
                    else all(p["fits"] for p in gpu_phases))
-    for p in out["phases"]:
-        if p["device"] == "cpu" and cuda and p["name"].startswith(("prune", "sparsify")):
-            p["note"] += "; on the CPU: set importance.device (sparsify.device) to auto"
     return out
