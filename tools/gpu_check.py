@@ -36,7 +36,9 @@ JSON (``--out``)::
                 "error": null | "ValueError: ... (the exception's first line) ",
                 "traceback": null | "the last lines of the traceback",
                 "time_s": 12.3,               # wall time of the step
-                "peak_gpu_bytes": 8123456789, # torch.cuda.max_memory_allocated during the step (null on CPU)
+                "peak_gpu_bytes": 8123456789, # torch.cuda.max_memory_allocated during the step (null on CPU;
+                                              # run_prune / run_sparsify reset the counter when they start, so a
+                                              # transient peak of the step before that is not seen)
                 "details": {...}},            # step-specific figures, e.g. params_before / params_after,
                ...]}                          # pruned_sparsity, losses, kernel rows (us, speedup, error)
 
