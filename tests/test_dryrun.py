@@ -211,3 +211,31 @@ def test_scoring_device_is_the_ranks_gpu(monkeypatch):
     assert _move_for_scoring(m, "cuda") == torch.device("cpu") and moves == ["cuda:2"]
     if not torch.cuda.is_available():
         assert _move_for_scoring(m, "auto") is None and moves == ["cuda:2"]  # no GPU: scored where it is
+
+
+def test_activation_estimate_matches_autograd():
+    """The activation formula against what autograd really keeps: the saved tensors of a bf16 Llama forward
+    (SDPA attention), counted once per storage, parameters excluded."""
+    from transformers import LlamaForCausalLM
+
+    from shear.dryrun.memory import activation_bytes
+    from shear.dryrun.model import shape_of
+
+    cfg = tiny_llama_config(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=512,
+                            attn_implementation="sdpa")
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16).train()
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    b, s = 2, 256
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m.model(input_ids=torch.randint(512, (b, s)))
+    estimate, _ = activation_bytes(shape_of(cfg), b, s, 2, checkpointing=False)
+    assert 0.9 < sum(saved.values()) / estimate < 1.15

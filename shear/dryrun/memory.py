@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 #: fp32 [chunk, V] buffers alive at the peak of one chunk of the KD loss (shear.train.losses.chunked_logit_losses):
 #: student logits (bf16 out + fp32 copy), teacher logits (same), two log-softmaxes, p = exp(log p), log p - log q,
-#: and their product; two bf16 tensors count as one fp32.
+#: and their product; two bf16 tensors count as one fp32. tools/bench_kd_memory.py measured 368 / 587 MiB of peak
+#: growth for chunks of 256 / 512 at V = 32,000 (docs/BENCHMARKS.md), against 262 / 524 MB for 8 buffers.
 KD_CHUNK_BUFFERS = 8
 #: [b, s, V] buffers of a validation CE forward (shear.train.student.LossModule._ce, no grad): bf16 logits,
 #: their fp32 copy and cross_entropy's fp32 log-softmax = 2 + 4 + 4 bytes per element.
@@ -67,20 +68,28 @@ def layer_elements(sh: Shape) -> int:
     return 4 * sh.hidden + 3 * sh.q + 3 * sh.kv + 4 * sh.mlp
 
 
+def layer_bytes(sh: Shape, act_bytes: int, extra: int = 0) -> int:
+    """Bytes autograd keeps per token for one block: :func:`layer_elements` (+ ``extra``) at ``act_bytes``, plus the
+    fp32 copies of the two RMSNorm inputs under 16-bit activations (the norm computes in fp32). Checked against
+    autograd's saved tensors of a bf16 Llama in tests/test_dryrun.py."""
+    return (layer_elements(sh) + extra) * act_bytes + (2 * sh.hidden * 4 if act_bytes < 4 else 0)
+
+
 def activation_bytes(sh: Shape, batch: int, seq: int, act_bytes: int, checkpointing: bool,
                      extra_per_layer: int = 0) -> tuple[int, str]:
     """Training activations of one micro-batch. ``extra_per_layer``: elements per token per layer on top of
     :func:`layer_elements` (LoRA's rank-r outputs, learned masks' products)."""
-    per_layer = layer_elements(sh) + extra_per_layer
+    per_layer = layer_bytes(sh, act_bytes, extra_per_layer)
+    e = layer_elements(sh) + extra_per_layer
+    norms = " + 2h*4" if act_bytes < 4 else ""
+    what = (f"E = 4h+3q+3kv+4i{'+extra' if extra_per_layer else ''} = {e} elements per token"
+            + ("; 2h*4: the two RMSNorms' fp32 inputs" if norms else ""))
     tokens = batch * seq
     if checkpointing:
-        n = tokens * (sh.layers * sh.hidden + per_layer)
-        f = (f"b*s*(L*h + E)*{act_bytes} B: each layer's input kept, one layer recomputed in backward; "
-             f"E = 4h+3q+3kv+4i{'+extra' if extra_per_layer else ''} = {per_layer} elements per token")
-    else:
-        n = tokens * sh.layers * per_layer
-        f = f"b*s*L*E*{act_bytes} B, E = 4h+3q+3kv+4i{'+extra' if extra_per_layer else ''} = {per_layer} elements per token per layer"
-    return n * act_bytes, f
+        return (tokens * (sh.layers * sh.hidden * act_bytes + per_layer),
+                f"b*s*(L*h*{act_bytes} + E*{act_bytes}{norms}) B: each layer's input kept, one layer recomputed in "
+                f"backward; {what}")
+    return tokens * sh.layers * per_layer, f"b*s*L*(E*{act_bytes}{norms}) B, {what} per layer"
 
 
 def teacher_forward_bytes(sh: Shape, batch: int, seq: int, act_bytes: int) -> tuple[int, str]:
