@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shear.data.text import DataConfig
 from shear.eval.config import EvalConfig
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.sparse.config import SparsifyConfig
+from shear.storage import MAX_SHARD_SIZE, shard_size
 from shear.train.config import DistillConfig, TrainConfig
 
 
@@ -53,8 +54,17 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dir: str | None = Field(None, description="output directory of the exported model (default: OUTPUT_DIR/model); {cache} is the shear cache (~/.cache/shear)")
-    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="cast weights before saving (default: keep)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
+        None, description="cast weights before saving (the model evaluated after export is the cast one); auto: the "
+                          "dtype model.path is stored in (shear prune/sparsify's default); null: keep the model's")
+    max_shard_size: int | str = Field(MAX_SHARD_SIZE, description="largest weights file: bytes or '5GB', '500MB'; bigger "
+                                                                  "models are split with model.safetensors.index.json")
     overwrite: bool = Field(False, description="replace a model already in dir (otherwise that is an error)")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, v):
+        return shard_size(v)
 
 
 class Recipe(BaseModel):

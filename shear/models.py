@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from shear.storage import EXPORT_DTYPES
+
 REFERENCE_ARCHS = {
     # 5.0M parameters: hidden 256, 6 layers, 8 query heads / 2 KV heads of 32, MLP 640.
     "reference": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
@@ -31,6 +33,9 @@ SHIPPED_MODELS = {"reference-teacher": Path(__file__).parent / "teachers" / "ref
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+#: safetensors header dtypes -> shear's names (other dtypes: not weights we cast)
+_ST_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 
 
 def cache_dir() -> Path:
@@ -187,7 +192,121 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
                                      **extra)
     if device:
         model.to(device)
+    from shear.memory import trim
+
+    trim()  # the loader's temporaries (shards read, dtype conversions) back to the OS
     return model.eval()
+
+
+def checkpoint_dtype(path: str) -> str | None:
+    """The dtype a checkpoint is stored in (``fp32``/``bf16``/``fp16``), None when unknown.
+
+    A local directory: the floating dtype holding most bytes in its ``*.safetensors`` headers (what is on
+    disk), else ``dtype``/``torch_dtype`` in its ``config.json``; a hub name: its config's dtype.
+    """
+    import json
+
+    path = resolve_model_path(path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        by = {}
+        for f in local.glob("*.safetensors"):
+            for name, n in _safetensors_bytes(f).items():
+                by[name] = by.get(name, 0) + n
+        if by:
+            return max(by, key=by.get)
+        cfg = local / "config.json"
+        d = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        found = d.get("dtype") or d.get("torch_dtype")
+    else:
+        try:
+            import transformers
+
+            found = getattr(transformers.AutoConfig.from_pretrained(path), "dtype", None)
+        except Exception:  # noqa: BLE001 - unknown stays unknown; load_model reports the real error
+            return None
+    found = DTYPES.get(found.removeprefix("torch.")) if isinstance(found, str) else found
+    return SHORT.get(found)
+
+
+def _safetensors_bytes(f: Path) -> dict:
+    """``{dtype: bytes}`` of the floating tensors in a safetensors file, read from its header only."""
+    import json
+    import struct
+
+    try:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error):
+        return {}
+    out: dict = {}
+    for name, t in header.items():
+        if name != "__metadata__" and isinstance(t, dict) and t.get("dtype") in _ST_DTYPES:
+            start, end = t["data_offsets"]
+            out[_ST_DTYPES[t["dtype"]]] = out.get(_ST_DTYPES[t["dtype"]], 0) + end - start
+    return out
+
+
+def source_weight_bytes(path: str) -> int | None:
+    """Bytes of a local checkpoint's ``*.safetensors`` files on disk (None: not a local directory, or none)."""
+    local = Path(resolve_model_path(path)).expanduser()
+    files = list(local.glob("*.safetensors")) if local.is_dir() else []
+    return sum(f.stat().st_size for f in files) or None
+
+
+def export_dtype(choice: str, source: str | None, model=None) -> str:
+    """The dtype written weights get: ``choice``, or for ``auto`` the checkpoint's (:func:`checkpoint_dtype` of
+    ``source``), else the model's parameters' (a model built from scratch), else fp32."""
+    if choice not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {choice!r}: expected one of {list(EXPORT_DTYPES)}")
+    if choice != "auto":
+        return choice
+    found = checkpoint_dtype(source) if source is not None else None
+    if found is None and model is not None:
+        found = SHORT.get(next((p.dtype for p in model.parameters() if p.is_floating_point()), None))
+    return found or "fp32"
+
+
+def load_dtype(written: str, checkpoint: str | None, device: str | None = None) -> str:
+    """The dtype to load a checkpoint in, given the dtype its result is ``written`` in.
+
+    The checkpoint's own dtype (half the memory of fp32 for bf16/fp16) when the result is written in it and
+    the work runs on a GPU; otherwise fp32, as always: on CPUs fp16 matmuls are ~100x slower than fp32 and
+    bf16 ones are fast only with AVX-512 bf16 units, and a result written wider than its checkpoint keeps
+    the precision of fp32 updates (SparseGPT, OBS, compensation). Statistics are fp32 either way.
+    """
+    if checkpoint == written and (written == "fp32" or str(device or "").startswith("cuda")):
+        return written
+    return "fp32"
+
+
+def cast_weights_(model, dtype: str | None) -> None:
+    """Cast ``model``'s floating parameters to ``dtype`` in place (None: keep); the config's dtype follows.
+
+    Buffers (RoPE's ``inv_freq``) and modules the class keeps in fp32 (``_keep_in_fp32_modules``) stay as
+    they are, as ``from_pretrained(dtype=...)`` leaves them, so the model in memory is the model that reloads.
+    Tied weights stay tied (one Parameter). Freed memory is returned to the OS.
+    """
+    if dtype is None:
+        return
+    target = DTYPES[dtype]
+    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
+    changed = False
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or p.dtype == target:
+            continue
+        if target != torch.float32 and any(k in name for k in keep):  # transformers matches substrings
+            continue
+        p.data = p.data.to(target)
+        changed = True
+    if hasattr(getattr(model, "config", None), "dtype"):
+        model.config.dtype = target
+    if changed:
+        from shear.memory import trim
+
+        trim()
 
 
 def check_weights(path: str) -> None:

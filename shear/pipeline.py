@@ -220,15 +220,17 @@ class _Run:
         return result.model
 
     def export(self, model) -> None:
-        from shear.models import DTYPES, cache_dir
+        from shear.models import cache_dir, cast_weights_, export_dtype
         from shear.prune.export import export
 
         recipe, summary = self.recipe, self.summary
-        if recipe.export.dtype:
-            # weights only: buffers such as RoPE's inv_freq stay fp32, as from_pretrained(dtype=...) leaves them,
-            # so the model evaluated here is the model that reloads
-            for p in model.parameters():
-                p.data = p.data.to(DTYPES[recipe.export.dtype])
+        dtype = recipe.export.dtype
+        if dtype == "auto":
+            dtype = export_dtype("auto", recipe.model.path if recipe.model.init == "pretrained" else None, model)
+        # weights only: buffers such as RoPE's inv_freq stay fp32, as from_pretrained(dtype=...) leaves them,
+        # so the model evaluated here is the model that reloads
+        cast_weights_(model, dtype)
+        shards = recipe.export.max_shard_size
         target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
                   if recipe.export.dir else self.out / "model")
         as_json = recipe.model_dump(mode="json")
@@ -237,9 +239,10 @@ class _Run:
 
             export_sparse(model, summary["sparsify"], recipe.sparsify, target,
                           self.out / "compressed" if recipe.sparsify.compressed else None, tokenizer=self.tok,
-                          recipe=as_json, overwrite=recipe.export.overwrite)
+                          recipe=as_json, overwrite=recipe.export.overwrite, max_shard_size=shards)
             write_report(summary["sparsify"], self.out / "sparsify")
         else:
-            export(model, target, tokenizer=self.tok, recipe=as_json, overwrite=recipe.export.overwrite)
+            export(model, target, tokenizer=self.tok, recipe=as_json, overwrite=recipe.export.overwrite,
+                   max_shard_size=shards)
         summary["model_dir"] = str(target)
         summary["stages"].append("export")

@@ -15,6 +15,9 @@ FAMILY_CONFIGS = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(COMMON, hidden_act="gelu_pytorch_tanh")),  # tied
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, query_pre_attn_scalar=16, sliding_window=4,
                                                          layer_types=["sliding_attention", "full_attention"])),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, sandwich norms, sliding layers
+                    dict(COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict({k: v for k, v in COMMON.items() if k != "head_dim"},
                                                    pad_token_id=0, bos_token_id=0, eos_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=96,
@@ -27,7 +30,7 @@ FAMILY_CONFIGS = {
                                              max_position_embeddings=128)),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
-GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 PRENORM = tuple(f for f in FAMILIES if f != "bert")
 
 

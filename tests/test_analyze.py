@@ -1,6 +1,7 @@
 """The structure graph: hand-checked groups, meta == real, config-only directories, fallback, CLI."""
 import copy
 import json
+import re
 import time
 
 import pytest
@@ -149,11 +150,41 @@ def test_torch_pruning_fallback_mlp_and_hidden(tmp_path):
     torch.testing.assert_close(outputs(AutoModelForCausalLM.from_pretrained(out), ids), outputs(model, ids))
 
 
-def test_torch_pruning_fallback_refuses_gqa_without_hanging():
+def test_torch_pruning_fallback_analyzes_gqa_without_hanging(tmp_path):
+    """GQA (4 query / 2 KV heads): attention is found by structure and never handed to torch-pruning
+    (its q/k/v groups loop forever, Torch-Pruning#527); MLP channels, hidden and layers still come from
+    the graph, and slicing them equals masking them and exports a model that reloads identically."""
+    from transformers import AutoModelForCausalLM
+
+    model = _olmo(kv=2)
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match=r"self_attn.*grouped-query.*Torch-Pruning#527"):
-        analyze(_olmo(kv=2))
+    g = analyze(model)
     assert time.perf_counter() - t0 < 5
+    assert g.family == "torch_pruning:olmo" and {x.kind for x in g.groups} == {"mlp_channel", "hidden", "layer"}
+    assert sorted(g.meta["skipped_attention"]) == sorted(f"model.layers.{i}.self_attn.{p}_proj"
+                                                         for i in range(2) for p in "qkv")
+    hidden = {(m.param, m.dim) for m in g["hidden"].members}
+    assert {(f"model.layers.1.self_attn.{p}_proj.weight", 1) for p in "qkv"} <= hidden
+    plan = PrunePlan({"layers.0.mlp_channel": [1, 2], "layers.1.layer": [0]})
+    masked = mask_(copy.deepcopy(model), plan, g)
+    prune_(model, plan, g)
+    ids = torch.randint(2, 128, (2, 7))
+    torch.testing.assert_close(outputs(model, ids), outputs(masked, ids), atol=2e-5, rtol=1e-4)
+    out = export(model, tmp_path / "o")
+    assert torch.equal(outputs(AutoModelForCausalLM.from_pretrained(out), ids), outputs(model, ids))
+
+
+def test_fallback_finds_gqa_attention_whatever_it_is_called(monkeypatch):
+    """Under GQA every Linear of a block child holding a K/V-wide projection is attention, even when no
+    name says so (the name regex disabled here): none of them may become a torch-pruning root."""
+    from shear.analyze import fallback
+
+    monkeypatch.setattr(fallback, "_ATTN", re.compile(r"(?!)"))
+    model = _olmo(kv=2)
+    got = fallback.attention_linears(model, model.model.layers, "model.layers")
+    assert got == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
+    mha = _olmo(kv=4)
+    assert fallback.attention_linears(mha, mha.model.layers, "model.layers") == set()
 
 
 def test_cli_analyze_and_export(tmp_path, capsys, monkeypatch):
@@ -196,3 +227,21 @@ def test_analyze_path_of_a_per_layer_export_needs_consent(tmp_path):
         analyze_path(out)
     g = analyze_path(out, trust_remote_code=True)
     assert g["layers.0.mlp_channel"].num_units == 93 and g["layers.1.mlp_channel"].num_units == 96
+
+
+def test_plan_warns_when_asked_structures_have_no_groups(caplog):
+    """The generic analyzer has no head groups: asking for heads + MLP prunes MLP only, and says so."""
+    import logging
+
+    from shear.prune.config import PruneConfig
+    from shear.prune.plan import build_plan
+
+    model = _olmo(kv=2)
+    g = analyze(model)
+    scores = {x.name: torch.rand(x.num_units) for x in g.groups}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    cfg = PruneConfig(target={"ratio": 0.1}, structures=["heads", "mlp"], allocation="uniform")
+    with caplog.at_level(logging.WARNING, logger="shear"):
+        plan = build_plan(g, scores, cfg, shapes)
+    assert "no heads groups" in caplog.text and "generic analyzer" in caplog.text
+    assert plan.meta["structures_not_found"] == ["heads"]

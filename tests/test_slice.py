@@ -98,6 +98,37 @@ def test_config_follows_slicing():
     assert attn.layer_idx == 0 and attn.num_key_value_groups == 2 and attn.sliding_window is None
 
 
+def test_gemma3_per_head_norms_scaling_and_layer_types_follow_slicing(tmp_path):
+    """Gemma 3: q_norm/k_norm (head_dim, shared by every head) keep their weights under head and hidden
+    slicing; the sandwich norms lose the hidden channels; the query_pre_attn_scalar scaling and the final
+    soft-cap stay; removing the only full-attention layer leaves one rotary table, as the stock class
+    builds it from the new layer_types, so the export is stock and reloads with the same logits."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from shear.prune import export
+
+    model = family_model("gemma3_text", query_pre_attn_scalar=24)
+    q_norm = model.model.layers[0].self_attn.q_norm.weight.clone()
+    k_norm = model.model.layers[0].self_attn.k_norm.weight.clone()
+    masked = mask_(copy.deepcopy(model), PrunePlan({"layers.0.kv_group": [1], "hidden": [1, 2, 3, 4]}))
+    prune_(model, PrunePlan({"layers.0.kv_group": [1], "hidden": [1, 2, 3, 4]}))
+    torch.testing.assert_close(outputs(model, IDS), outputs(masked, IDS), atol=2e-5, rtol=1e-4)
+    layer = model.model.layers[0]
+    assert torch.equal(layer.self_attn.q_norm.weight, q_norm) and torch.equal(layer.self_attn.k_norm.weight, k_norm)
+    assert [layer.get_submodule(n).weight.shape[0] for n in ("input_layernorm", "post_attention_layernorm",
+                                                             "pre_feedforward_layernorm", "post_feedforward_layernorm")] == [60] * 4
+    assert layer.self_attn.scaling == 24 ** -0.5 and model.config.final_logit_softcapping == 30.0
+    before = outputs(model, IDS)
+    prune_(model, PrunePlan({"layers.1.layer": [0]}))
+    assert model.config.layer_types == ["sliding_attention"] and model.model.rotary_emb.layer_types == ["sliding_attention"]
+    out = export(model, tmp_path / "o")
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(outputs(again, IDS), outputs(model, IDS)) and not torch.equal(outputs(model, IDS), before)
+
+
 def test_rmsnorm_correction_is_exact_and_needed():
     """Hidden slicing under RMSNorm: the sqrt(d/d') weight and d/d' eps rescale make it exact."""
     model = family_model("llama")

@@ -134,6 +134,22 @@ evaluation texts are disjoint from it), via ``shear.data.text.calibration_ids``.
    None``, the CUDA version of the torch build). The mode also converts only Megatron-Core ``GPTModel`` /
    ``HybridModel`` instances (an HF model must first be converted to Megatron), so Minitron does not run
    on CPU for an HF Llama here.
+5. Wanda and SparseGPT, unstructured 50% and 2:4 (``--peers wanda,sparsegpt`` beside ``shear-wanda,
+   shear-sparsegpt``; ``--sparse-patterns``): a git checkout of locuslab/wanda at commit
+   8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6 (``git clone https://github.com/locuslab/wanda``), whose
+   ``lib/prune.py`` holds ``prune_wanda`` and ``prune_sparsegpt`` (the latter with ``lib/sparsegpt.py``,
+   IST-DASLab/sparsegpt at f5c2500 as its comment says). Called as its ``main.py`` does with
+   ``--sparsity_type unstructured`` (``sparsity_ratio`` 0.5) or ``2:4`` (``prune_n=2, prune_m=4``),
+   ``use_variant`` off, ``percdamp`` 0.01 and ``blocksize`` 128 (its fixed values; shear's defaults are
+   the same). Calibration: 128 x 256 tokens of shear's ``english`` text (its ``get_loaders("c4", ...)`` is
+   replaced by the same tensor the shear rows get). No file of the checkout is edited; adaptations in the
+   row: ``model.hf_device_map = {}`` (its ``main.py`` loads with ``device_map="auto"``); the forward
+   pre-hook that fills ``position_embeddings`` (as for FLAP); ``torch.cuda.synchronize`` made a no-op
+   (``fasterprune`` times itself with it; a CPU-only torch raises); layers return a tensor, so its
+   ``layer(...)[0]`` takes batch row 0 - the same values at its batch size 1. The shear rows call
+   ``shear.sparse.sparsify_`` on a fresh copy with the same calibration tensor; every row is scored
+   in-process with the same windows (the exports of ``shear sparsify`` are reloaded in a fresh process by
+   tools/bench_real.py).
 """
 from __future__ import annotations
 
@@ -156,13 +172,22 @@ PEERS = {
     "slicegpt": {"dir": "TransformerCompression", "url": "https://github.com/microsoft/TransformerCompression",
                  "sha": "6b12cdee6ad51791d7c776b3a046bc408b9e77e9"},
     "minitron": {"pip": "nvidia-modelopt==0.47.0"},
+    "wanda": {"dir": "wanda", "url": "https://github.com/locuslab/wanda",
+              "sha": "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6"},
+    "sparsegpt": {"dir": "wanda", "url": "https://github.com/locuslab/wanda",
+                  "sha": "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6"},
 }
+UNSTRUCTURED = ("wanda", "sparsegpt", "shear-wanda", "shear-sparsegpt")
 METHODS = {
     "dense": "dense reference",
     "llm-pruner": "Taylor param_first (element1), block-wise heads+MLP, layers 4-27",
     "flap": "WIFV, AL-AM, bias compensation",
     "slicegpt": "PCA rotation + slicing of the hidden dim",
     "minitron": "ModelOpt mcore_minitron width pruning",
+    "wanda": "Wanda (locuslab/wanda lib.prune.prune_wanda), |W| x ||X||, per output row",
+    "sparsegpt": "SparseGPT (locuslab/wanda lib.prune.prune_sparsegpt = IST-DASLab f5c2500)",
+    "shear-wanda": "shear.sparse.sparsify_ method=wanda, the same calibration tensor",
+    "shear-sparsegpt": "shear.sparse.sparsify_ method=sparsegpt, the same calibration tensor",
 }
 
 _GROUPS = 'getattr(layer.self_attn, "num_key_value_groups", 1)'
@@ -475,12 +500,102 @@ def row_minitron(a) -> dict:
     raise RuntimeError(f"nvidia-modelopt {modelopt.__version__}: " + " | ".join(errors))
 
 
+def _sparsity(model) -> float:
+    import torch
+
+    zeros = total = 0
+    for layer in model.model.layers:
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                zeros += int((mod.weight == 0).sum())
+                total += mod.weight.numel()
+    return zeros / total
+
+
+def _unstructured_result(model, tok, a, prune_s: float, note: str) -> dict:
+    ev = _eval_inprocess(model, tok, a.windows)
+    return {"params": _nparams(model), **ev, "prune_s": round(prune_s, 1),
+            "notes": f"{note}; block linears {_sparsity(model):.2%} zeros; {a.sparse_nsamples} x "
+                     f"{a.sparse_seqlen} calibration; evaluated in-process"}
+
+
+def _nm(a) -> tuple[int, int]:
+    return tuple(int(x) for x in a.pattern.split(":")) if a.pattern else (0, 0)
+
+
+def row_original_unstructured(a) -> dict:
+    """Wanda or SparseGPT through the Wanda repository's own ``prune_wanda`` / ``prune_sparsegpt``."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    root = a.peers_dir / PEERS[a.peer]["dir"]
+    sys.path.insert(0, str(root))
+    import lib.prune as wp
+
+    np.random.seed(0), torch.random.manual_seed(0)  # main.py's seeds (--seed 0)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model.seqlen = a.sparse_seqlen
+    model.hf_device_map = {}  # main.py loads with device_map="auto"; the functions look blocks up in it
+    model.eval()
+    ids = _calibration(tok, a.sparse_nsamples, model.seqlen)
+
+    def get_loaders(name, nsamples=128, seed=0, seqlen=128, tokenizer=None):
+        return [(row.unsqueeze(0), None) for row in ids[:nsamples]], None
+
+    wp.get_loaders = get_loaders
+    rotary = model.model.rotary_emb
+
+    def add_rope(mod, args, kwargs):
+        if kwargs.get("position_embeddings") is None and kwargs.get("position_ids") is not None:
+            kwargs["position_embeddings"] = rotary(args[0], kwargs["position_ids"])
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(add_rope, with_kwargs=True) for layer in model.model.layers]
+    torch.cuda.synchronize = lambda *args, **kw: None  # fasterprune's timing call; CPU-only torch raises
+    n, m = _nm(a)
+    args = types.SimpleNamespace(nsamples=a.sparse_nsamples, seed=0, sparsity_ratio=0.5 if n == 0 else 0.0,
+                                 use_variant=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if a.peer == "wanda":
+            wp.prune_wanda(args, model, tok, torch.device("cpu"), prune_n=n, prune_m=m)
+        else:
+            wp.prune_sparsegpt(args, model, tok, torch.device("cpu"), prune_n=n, prune_m=m)
+    prune_s = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    return _unstructured_result(model, tok, a, prune_s, f"{a.pattern or '50%'}, original code")
+
+
+def row_shear_unstructured(a) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from shear.sparse import SparsifyConfig, sparsify_
+
+    np.random.seed(0), torch.random.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model.eval()
+    ids = _calibration(tok, a.sparse_nsamples, a.sparse_seqlen)
+    cfg = SparsifyConfig(method=a.peer.removeprefix("shear-"), sparsity=None if a.pattern else 0.5,
+                         pattern=a.pattern, n_samples=a.sparse_nsamples, seq_len=a.sparse_seqlen)
+    t0 = time.perf_counter()
+    sparsify_(model, cfg, ids)
+    prune_s = time.perf_counter() - t0
+    return _unstructured_result(model, tok, a, prune_s, f"{a.pattern or '50%'}, shear")
+
+
 ROWS = {"dense": row_dense, "llm-pruner": row_llm_pruner, "flap": row_flap, "slicegpt": row_slicegpt,
-        "minitron": row_minitron}
+        "minitron": row_minitron, "wanda": row_original_unstructured, "sparsegpt": row_original_unstructured,
+        "shear-wanda": row_shear_unstructured, "shear-sparsegpt": row_shear_unstructured}
 
 
 def run_row(a) -> int:
-    out = {"peer": a.peer, "method": METHODS[a.peer], "target": a.ratio}
+    out = {"peer": a.peer, "method": METHODS[a.peer], "target": a.pattern or a.ratio}
     try:
         out.update(ROWS[a.peer](a))
         rc = 0
@@ -520,11 +635,16 @@ def main(argv=None) -> int:
     ap.add_argument("--llmp-end", type=int, default=28, help="block_*_layer_end (README 30 of 32 -> 28 of 30)")
     ap.add_argument("--llmp-examples", type=int, default=10)
     ap.add_argument("--flap-nsamples", type=int, default=64, help="FLAP calibration samples of 128 tokens")
+    ap.add_argument("--sparse-patterns", default="0.5,2:4",
+                    help="unstructured peers (wanda, sparsegpt, shear-wanda, shear-sparsegpt): 0.5 or N:M")
+    ap.add_argument("--sparse-nsamples", type=int, default=128, help="unstructured calibration samples")
+    ap.add_argument("--sparse-seqlen", type=int, default=256, help="unstructured calibration tokens per sample")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--apply-patches", action="store_true", help="apply the documented edits to the checkouts, exit")
     # one row (internal: run by benchlib.measure in a fresh process)
     ap.add_argument("--peer")
     ap.add_argument("--ratio", type=float)
+    ap.add_argument("--pattern", default=None, help="N:M for an unstructured row (else 50%% unstructured)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     a.peers_dir = a.peers_dir.resolve()
@@ -540,38 +660,43 @@ def main(argv=None) -> int:
     plan = []
     for peer in a.peers.split(","):
         if peer == "dense":
-            plan.append((peer, 0.0))
+            plan.append((peer, 0.0, None))
         elif peer in ("slicegpt",):
-            plan.append((peer, a.slicegpt_ratio))
+            plan.append((peer, a.slicegpt_ratio, None))
+        elif peer in UNSTRUCTURED:
+            plan += [(peer, 0.5, None if ":" not in x else x) for x in a.sparse_patterns.split(",")]
         else:
-            plan += [(peer, float(r)) for r in a.ratios.split(",")]
+            plan += [(peer, float(r), None) for r in a.ratios.split(",")]
     rows, dense, failed = [], None, {}
-    for peer, ratio in plan:
-        name = f"{peer}-{ratio:g}"
+    for peer, ratio, pattern in plan:
+        name = f"{peer}-{pattern.replace(':', '_') if pattern else f'{ratio:g}'}"
         if peer in failed:  # the same code path fails again: one row says why
-            print(f"    {name}: skipped, {peer} failed at {failed[peer]:g}", flush=True)
+            print(f"    {name}: skipped, {peer} failed at {failed[peer]}", flush=True)
             continue
         js, log = a.out / "logs" / f"{name}.json", a.out / "logs" / name
         js.unlink(missing_ok=True)
         argv_row = [str(Path(__file__).resolve()), "row", "--peer", peer, "--ratio", str(ratio), "--json", str(js),
                     "--peers-dir", str(a.peers_dir), "--model", str(a.model), "--windows", str(a.windows),
                     "--llmp-start", str(a.llmp_start), "--llmp-end", str(a.llmp_end),
-                    "--llmp-examples", str(a.llmp_examples), "--flap-nsamples", str(a.flap_nsamples)]
+                    "--llmp-examples", str(a.llmp_examples), "--flap-nsamples", str(a.flap_nsamples),
+                    "--sparse-nsamples", str(a.sparse_nsamples), "--sparse-seqlen", str(a.sparse_seqlen),
+                    *(["--pattern", pattern] if pattern else [])]
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         m = benchlib.measure(argv_row, log=log, threads=a.threads)
-        r = json.loads(js.read_text()) if js.exists() else {"peer": peer, "method": METHODS[peer], "target": ratio,
+        r = json.loads(js.read_text()) if js.exists() else {"peer": peer, "method": METHODS[peer],
+                                                             "target": pattern or ratio,
                                                              "error": f"no result (rc {m['rc']}), see {log}"}
         r.update(m)
         if peer == "dense" and "docs" in r:
             dense = r
         if "error" in r:
-            failed[peer] = ratio
+            failed[peer] = pattern or ratio
         rows.append(r)
         print(f"    {json.dumps({k: v for k, v in r.items() if k not in ('traceback', 'detail')})}", flush=True)
     for r in rows:
         if "error" in r:
             r["notes"] = "FAILED: " + r["error"].splitlines()[0][:500].replace("|", ";")
-            if sum(p == r["peer"] for p, _ in plan) > 1:
+            if sum(p == r["peer"] for p, _, _ in plan) > 1:
                 r["notes"] += " (its other ratios skipped)"
             continue
         if dense:

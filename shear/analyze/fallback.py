@@ -5,8 +5,10 @@ in the output otherwise breaks tracing) and couples channels through Linear/Embe
 layers. Attention heads are not taken from it: it does not know head structure from a traced
 matmul, and with GQA (``num_key_value_heads < num_attention_heads``) asking for the group of a
 q/k/v projection loops forever in ``_fix_dependency_graph_non_recursive`` (upstream issue
-VainF/Torch-Pruning#527). So GQA models are refused *before* the graph is built, attention
-modules are skipped, and any index mapping that loses its root (``root_idx is None``) is an error.
+VainF/Torch-Pruning#527). So attention is found by structure before any group is asked for
+(:func:`attention_linears`: by name, and for GQA also by the K/V width) and its projections are
+never roots; building the graph and the hidden / MLP groups does not loop. Any index mapping that
+loses its root (``root_idx is None``) is an error.
 """
 from __future__ import annotations
 
@@ -20,21 +22,35 @@ from shear.analyze.graph import Group, Member, StructureGraph
 _ATTN = re.compile(r"attn|attention|self_attn|q_proj|k_proj|v_proj|query|key|value", re.I)
 
 
-def _first_attention(model: nn.Module) -> str:
-    return next((n for n, _ in model.named_modules() if _ATTN.search(n.rsplit(".", 1)[-1])), "<attention>")
-
-
 def _guard(model: nn.Module) -> None:
-    cfg = model.config
-    kind = getattr(cfg, "model_type", type(model).__name__)
+    kind = getattr(model.config, "model_type", type(model).__name__)
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError(f"{kind}: not a family shear analyzes from shapes; torch-pruning needs real weights "
                          "(meta-device analysis covers the families in shear.analyze.families)")
-    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
-    if heads and kv and kv < heads:
-        raise ValueError(f"{kind}: module {_first_attention(model)!r} could not be analyzed: grouped-query "
-                         f"attention ({heads} query / {kv} KV heads) makes torch-pruning 1.6.1's DependencyGraph "
-                         "loop forever (VainF/Torch-Pruning#527); this architecture is not supported")
+
+
+def _attention_widths(config) -> set[int]:
+    """Output widths only a GQA attention projection has: K/V (``kv * head_dim``) and fused QKV."""
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if not (isinstance(heads, int) and isinstance(kv, int) and 0 < kv < heads):
+        return set()
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {kv * hd, (heads + 2 * kv) * hd}
+
+
+def attention_linears(model: nn.Module, blocks: nn.ModuleList, prefix: str) -> set[str]:
+    """Names of the Linears of the attention sublayers, found by structure: those whose name says so
+    (``_ATTN``) and, under GQA, every Linear of a block's child module holding a K/V- or fused-QKV-wide
+    Linear (whatever it is called). Never a root of a torch-pruning group (the GQA loop above)."""
+    widths = _attention_widths(model.config)
+    out = set()
+    for i, block in enumerate(blocks):
+        for child_name, child in block.named_children():
+            lins = {f"{prefix}.{i}.{child_name}.{n}".rstrip("."): m for n, m in child.named_modules()
+                    if isinstance(m, nn.Linear)}
+            if any(m.out_features in widths for m in lins.values()):
+                out.update(lins)
+    return out | {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _ATTN.search(n)}
 
 
 def _members(item, names: dict) -> list[Member]:
@@ -74,13 +90,17 @@ def _to_group(group, names: dict, name: str, kind: str, n: int, layer: int | Non
 
 
 def analyze_with_torch_pruning(model: nn.Module, heads: str = "kv_group") -> StructureGraph:
-    """MLP-channel, hidden and layer groups of a non-GQA model through torch-pruning's DependencyGraph."""
+    """MLP-channel, hidden and layer groups of a model outside ``FAMILIES`` (GQA included) through
+    torch-pruning's DependencyGraph; attention projections are skipped (``meta["skipped_attention"]``)."""
     import torch_pruning as tp
 
     from shear.analyze.build import _count, _is_matmul, shapes_of
 
     _guard(model)
     names = {id(m): n for n, m in model.named_modules()}
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+    bname = names[id(blocks)]
+    attention = attention_linears(model, blocks, bname)
     names.update({id(p): n for n, p in model.named_parameters()})
     ids = torch.randint(0, model.config.vocab_size, (1, 8), device=next(model.parameters()).device)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs={"input_ids": ids, "use_cache": False})
@@ -94,7 +114,7 @@ def analyze_with_torch_pruning(model: nn.Module, heads: str = "kv_group") -> Str
         if not isinstance(mod, nn.Linear) or mod is head or (f"{name}.weight", 0) in seen:
             continue
         layer = re.search(r"\.(\d+)\.", name)
-        if layer is None or _ATTN.search(name):
+        if layer is None or name in attention:
             skipped.append(name)
             continue
         g = dg.get_pruning_group(mod, tp.prune_linear_out_channels, list(range(mod.out_features)))
@@ -105,8 +125,6 @@ def analyze_with_torch_pruning(model: nn.Module, heads: str = "kv_group") -> Str
             continue
         seen.update((m.param, m.dim) for m in grp.members)
         groups.append(grp)
-    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
-    bname = names[id(blocks)]
     for i, block in enumerate(blocks):
         ms = [Member(f"{bname}.{i}.{pn}", 0, torch.zeros(1, 0, dtype=torch.long), role="whole")
               for pn, _ in block.named_parameters()]

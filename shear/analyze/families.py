@@ -96,6 +96,13 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("gemma2", **_LLAMA, norm="rms1p", bias_flags=(_ATTN_BIAS,), hidden_per_head=True,
                      attn_norms=("input_layernorm", "post_attention_layernorm"),
                      mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+    # Gemma 3 text: Gemma 2's sandwich norms and 1+w RMSNorm, plus q_norm/k_norm over head_dim (one weight
+    # shared by all heads: head and hidden slicing leave it; only their eps follows rms_norm_eps's d/d'
+    # rescale, as the stock class builds every norm from that one value). Sliding-window layers, the
+    # query_pre_attn_scalar scaling and final logit soft-capping are config values no slicing changes.
+    "gemma3_text": Family("gemma3_text", **_LLAMA, norm="rms1p", bias_flags=(_ATTN_BIAS,), hidden_per_head=True,
+                          attn_norms=("input_layernorm", "post_attention_layernorm"),
+                          mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
     "phi3": Family("phi3", layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
                    qkv="self_attn.qkv_proj", o="self_attn.o_proj", gate_up="mlp.gate_up_proj",
                    down="mlp.down_proj", attn_style="phi3"),

@@ -5,8 +5,9 @@
 
 A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
 directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
-OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model. The calibration text, sample
-count and tokenizer class are printed and kept in the report (``calibration_text``).
+OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model, written in the checkpoint's dtype
+(``--dtype``; scoring and slicing run in fp32) and sharded at ``--max-shard-size``. The calibration text,
+sample count and tokenizer class are printed and kept in the report (``calibration_text``).
 """
 from __future__ import annotations
 
@@ -29,8 +30,14 @@ def _configs_from_flags(args):
 
 
 def _cmd_prune(args) -> int:
+    from shear.memory import peak_rss_mb, trim
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, source_weight_bytes
     from shear.prune.pipeline import prune_with_vocab
+    from shear.sparse.export import bytes_on_disk
+    from shear.storage import MAX_SHARD_SIZE
 
+    if args.no_export and (args.dtype != "auto" or args.max_shard_size != MAX_SHARD_SIZE):
+        raise ValueError("--dtype / --max-shard-size: nothing is written with --no-export; drop them")
     src = Path(args.source)
     if src.suffix in (".yaml", ".yml"):
         from shear.cli.run import recipe_overrides
@@ -43,6 +50,8 @@ def _cmd_prune(args) -> int:
         if recipe.prune.learn is not None or recipe.prune.tune_rounds > 1:
             raise ValueError(f"recipe {src}: prune.learn / prune.tune_rounds prune while training; use `shear run`")
         model, tok = build_model(recipe)
+        source = recipe.model.path if recipe.model.init == "pretrained" else None
+        written = export_dtype(args.dtype, source, model)
         prune, imp = recipe.prune, recipe.importance
         out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
         recipe_dict = recipe.model_dump(mode="json")
@@ -51,15 +60,28 @@ def _cmd_prune(args) -> int:
             raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
         from shear.models import load_model, load_tokenizer
 
-        model = load_model(args.source, trust_remote_code=args.trust_remote_code)
+        source = args.source
+        written = export_dtype(args.dtype, source)
+        model = load_model(source, dtype=load_dtype(written, checkpoint_dtype(source)),
+                           trust_remote_code=args.trust_remote_code)
         tok = load_tokenizer(args.source)
         prune, imp = _configs_from_flags(args)
         out = Path(args.output_dir or "shear-prune")
         recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
                        "prune": prune.model_dump(mode="json")}
+    ckpt, loaded = checkpoint_dtype(source) if source else None, SHORT.get(next(model.parameters()).dtype)
     _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
                                     export_dir=None if args.no_export else out / "model",
-                                    data=recipe.data if src.suffix in (".yaml", ".yml") else None)
+                                    data=recipe.data if src.suffix in (".yaml", ".yml") else None,
+                                    export_dtype=written, max_shard_size=args.max_shard_size)
+    del model
+    trim()
+    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded,
+                       "written": None if args.no_export else written}
+    report["vm_hwm_mb"] = peak_rss_mb()
+    report["source_weight_bytes"] = source_weight_bytes(source) if source else None
+    if not args.no_export:
+        report["model_bytes"] = bytes_on_disk(out / "model")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     if report.get("vocab"):
         v = report["vocab"]
@@ -68,16 +90,28 @@ def _cmd_prune(args) -> int:
         print(f"calibration: {report['calibration_text']}")
     print(f"params {report['params_before']:,} -> {report['params_after']:,} "
           f"({100 * report['removed_ratio']:.1f}% removed); MACs x{report['mac_ratio']:.3f}; "
-          f"{report['time_s']['total']:.1f} s; peak RSS {report['peak_rss_mb']:.0f} MB; report in {out}")
+          f"{report['time_s']['total']:.1f} s; peak RSS {report['vm_hwm_mb']:.0f} MB; report in {out}")
+    if not args.no_export:
+        src_mb = f" (source {report['source_weight_bytes'] / 2**20:.2f} MB)" if report["source_weight_bytes"] else ""
+        print(f"model: {report['model_bytes']['weights'] / 2**20:.2f} MB of {written} weights on disk{src_mb} "
+              f"in {out / 'model'}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from shear.storage import EXPORT_DTYPES, MAX_SHARD_SIZE, shard_size
+
     p = sub.add_parser("prune", help="prune a model (recipe or model directory) and export it with a report")
     p.add_argument("source", help="recipe YAML, model directory, or 'reference' / 'reference-quick'")
     p.add_argument("overrides", nargs="*", help="recipe only: dotted key=value overrides, e.g. prune.target.ratio=0.5")
     p.add_argument("-o", "--output-dir", default=None, help="output directory (default: OUTPUT_DIR/prune or ./shear-prune)")
     p.add_argument("--no-export", action="store_true", help="write the report only")
+    p.add_argument("--dtype", default="auto", choices=EXPORT_DTYPES,
+                   help="dtype of the written weights (default auto: the checkpoint's, from its safetensors "
+                        "headers or config.json); scoring and slicing run in fp32")
+    p.add_argument("--max-shard-size", type=shard_size, default=MAX_SHARD_SIZE,
+                   help=f"largest weights file of the export (default {MAX_SHARD_SIZE}; bigger models are split "
+                        "into shards with model.safetensors.index.json)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     g = p.add_argument_group("model directory flags (ignored with a recipe)")

@@ -5,7 +5,9 @@
 
 Outputs: OUT/model (dense safetensors with the zeros; plain ``from_pretrained`` loads it),
 OUT/compressed (compressed-tensors: sparse-bitmask, or sparse-24-bitmask for 2:4) and OUT/report.json
-(the per-layer plan, bytes on disk of each form, times). In a recipe the same stage is ``sparsify:``.
+(the per-layer plan, bytes on disk of each form, times). Both forms are written in the checkpoint's dtype
+(``--dtype``; SparseGPT's updates and the statistics are fp32) and sharded at ``--max-shard-size``. In a
+recipe the same stage is ``sparsify:``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ def _refuse_unused_calibration(args) -> None:
 
 
 def _cmd_sparsify(args) -> int:
-    from shear.models import load_model, load_tokenizer
+    from shear.memory import peak_rss_mb, trim
+    from shear.models import (SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer,
+                              source_weight_bytes)
     from shear.sparse.config import SparsifyConfig
     from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
 
@@ -40,25 +44,37 @@ def _cmd_sparsify(args) -> int:
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    ckpt = checkpoint_dtype(args.model)
+    written = export_dtype(args.dtype, args.model)
+    model = load_model(args.model, dtype=load_dtype(written, ckpt, args.device), trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model)
+    loaded = SHORT.get(next(model.parameters()).dtype)
     model, report = run_sparsify(model, tok, cfg)
     recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
-                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite)
+                        tokenizer=tok, recipe=recipe, overwrite=args.overwrite, dtype=written,
+                        max_shard_size=args.max_shard_size)
+    del model
+    trim()
+    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
+    report["vm_hwm_mb"] = peak_rss_mb()
+    report["source_weight_bytes"] = source_bytes = source_weight_bytes(args.model)
     write_report(report, out)
     mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
     forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
     if "compressed" in rec:
         forms.append(f"{rec['compressed']['format']} {mb(rec['compressed']['bytes']['weights'])}")
+    original = f"original {mb(source_bytes)}" if source_bytes else f"original in memory {mb(report['dense_weight_bytes'])}"
     print(f"{report['method']} {report['pattern'] or report['sparsity']}: {100 * report['pruned_sparsity']:.1f}% of "
-          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); weights on disk: "
-          f"{', '.join(forms)} (original {mb(report['dense_weight_bytes'])}); {report['time_s']['total']:.1f} s; "
-          f"report in {out / 'report.json'}")
+          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); {written} weights "
+          f"on disk: {', '.join(forms)} ({original}); {report['time_s']['total']:.1f} s; peak RSS "
+          f"{report['vm_hwm_mb']:.0f} MB; report in {out / 'report.json'}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from shear.storage import EXPORT_DTYPES, MAX_SHARD_SIZE, shard_size
+
     p = sub.add_parser("sparsify", help="zero single weights (magnitude / Wanda / SparseGPT, unstructured or N:M) "
                                         "and export dense + compressed-tensors forms with a report")
     p.add_argument("model", help="model directory, hub name, or 'reference' / 'reference-quick'")
@@ -82,6 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dampening", type=float, default=0.01, help="sparsegpt: fraction of mean(diag H) added to the diagonal")
     p.add_argument("--device", default=None, help="calibrate and prune on this device (e.g. cuda)")
     p.add_argument("--no-compressed", action="store_true", help="write OUT/model only")
+    p.add_argument("--dtype", default="auto", choices=EXPORT_DTYPES,
+                   help="dtype of the written weights, both forms (default auto: the checkpoint's, from its "
+                        "safetensors headers or config.json); loaded in it only with --device cuda, else fp32")
+    p.add_argument("--max-shard-size", type=shard_size, default=MAX_SHARD_SIZE,
+                   help=f"largest weights file of each form (default {MAX_SHARD_SIZE}; bigger models are split "
+                        "into shards with model.safetensors.index.json)")
     p.add_argument("--overwrite", action="store_true", help="replace shear's earlier export in OUT")
     p.add_argument("--trust-remote-code", action="store_true", help="run modeling code shipped in the model directory")
     p.set_defaults(func=_cmd_sparsify)

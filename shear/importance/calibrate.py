@@ -1,7 +1,7 @@
 """Streaming block-by-block calibration for activation criteria (glue: hooks and loops).
 
-The model runs up to its first decoder block once per batch (the block's inputs and keyword
-arguments, e.g. rotary embeddings and the causal mask, are caught by a pre-hook). Then each
+The model runs once per batch with its blocks stubbed out: block 0's input and every block's keyword
+arguments (rotary embeddings, the causal or sliding-window mask) are recorded. Then each
 block in turn runs on the stored inputs with hooks that accumulate per-channel statistics of
 every Linear's input; its outputs replace its inputs. Peak memory = the weights + one block's
 inputs/outputs for the calibration set (``n_samples x seq_len x hidden``) + one batch's
@@ -78,19 +78,35 @@ class _Stop(Exception):
 
 
 def _family(model: nn.Module):
+    """The model's :class:`~shear.analyze.families.Family`, or None (blocks are then found by structure)."""
     from shear.analyze.families import family_of
 
-    fam = family_of(model)
-    if fam is None:
-        raise ValueError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}): "
-                         "activation statistics need a supported family (shear.analyze.families)")
-    return fam
+    return family_of(model)
+
+
+def structural_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(name, blocks)``: the longest ``nn.ModuleList`` whose children are all one class (the decoder stack).
+
+    Ties go to the first in module order. A model with no such list is refused with one line naming it.
+    """
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(b) for b in mod}) == 1:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks found (no nn.ModuleList whose children "
+                         "are all the same block class)")
+    return best
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The blocks of a supported model (``model.model.layers`` for Llama, ``transformer.h`` for GPT-2,
-    ``bert.encoder.layer`` for BERT), located through its :class:`~shear.analyze.families.Family`."""
+    """The blocks of a model: a supported family's (``model.model.layers`` for Llama, ``transformer.h`` for
+    GPT-2, ``bert.encoder.layer`` for BERT) through its :class:`~shear.analyze.families.Family`, any other
+    model's by structure (:func:`structural_blocks`)."""
     fam = _family(model)
+    if fam is None:
+        return structural_blocks(model)[1]
     try:
         return model.base_model.get_submodule(fam.layers)
     except AttributeError:
@@ -120,31 +136,71 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if not isinstance(getattr(emb, "weight", None), torch.Tensor):
+        raise ValueError(f"{type(model).__name__}: no input embeddings (get_input_embeddings() gives "
+                         f"{type(emb).__name__}); calibration feeds token ids")
+    return emb
+
+
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int) -> tuple[list, list]:
-    """Run the model up to block 0 for each batch; return (hidden states, (extra args, kwargs)) lists."""
+    """Run the model up to its blocks for each batch; return ``(hidden, kws)``.
+
+    ``hidden[b]``: block 0's input ``[B, L, hidden]`` for batch ``b``; ``kws[i][b]``: ``(extra args,
+    kwargs)`` block ``i`` is called with (attention masks, ``position_embeddings``, ``cache_position``,
+    ...; never the KV cache). Per block, because models pick them per layer: Gemma 2/3 give sliding-window
+    layers their own mask and (Gemma 3) their own rotary embeddings. Every block's ``forward`` is
+    replaced for the pass by a stub that records its inputs and passes the hidden states through (the
+    last one stops the pass), so no block computes anything; the kwargs share the model's tensors.
+    """
     layers = decoder_layers(model)
-    hidden, kwargs_list = [], []
+    emb = _input_embeddings(model)
+    hidden, kws = [], [[] for _ in layers]
 
-    def pre(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        h = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(h.detach())
-        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
-        kwargs_list.append((tuple(args[1:]), kw))  # BERT passes its attention mask positionally
-        raise _Stop
+    def stub(i):
+        def forward(*args, **kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states", None)
+            if not torch.is_tensor(h):
+                raise ValueError(f"{type(layers[i]).__name__}: block {i} is called without a hidden-states "
+                                 f"tensor (first argument or hidden_states=); keywords: {sorted(kwargs)}")
+            if i == 0:
+                hidden.append(h.detach())
+            kw = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS}
+            kws[i].append((tuple(args[1:]), kw))  # BERT passes its attention mask positionally
+            if i == len(layers) - 1:
+                raise _Stop
+            return h
+        return forward
 
-    handle = layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+    saved = [layer.__dict__.get("forward") for layer in layers]  # accelerate's hooks wrap forward there
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
     try:
-        dev = model.get_input_embeddings().weight.device
-        for batch in ids.split(batch_size):
+        for n, batch in enumerate(ids.split(batch_size), 1):
             try:
-                model(input_ids=batch.to(dev), use_cache=False)
+                model(input_ids=batch.to(emb.weight.device), use_cache=False)
             except _Stop:
                 pass
+            missed = [i for i in range(len(layers)) if len(kws[i]) != n]
+            if missed:
+                raise ValueError(f"{type(model).__name__}: the forward pass never called block {missed[0]} "
+                                 f"({type(layers[missed[0]]).__name__}); its inputs cannot be captured")
     finally:
-        handle.remove()
-    return hidden, kwargs_list
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+    return hidden, kws
 
 
 def _add_angles(store_cos: dict, store_ang: dict, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -189,13 +245,13 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
             if is_matmul(mod) and (modules is None or names[mod] in modules):
                 handles.append(mod.register_forward_hook(rec(names[mod])))
         # pre-norm blocks: the MLP's input norm sees the residual stream between the sublayers
-        mid_norm = _submodule(layer, fam.mlp_norms[0]) if fam.prenorm else None
+        mid_norm = _submodule(layer, fam.mlp_norms[0]) if fam is not None and fam.prenorm else None
         if mid_norm is not None:
             handles.append(mid_norm.register_forward_pre_hook(lambda _m, a: mid.__setitem__("x", a[0])))
         try:
             for b in range(len(hidden)):
                 x = hidden[b].to(dev)
-                args, kw = kws[b]
+                args, kw = kws[i][b]
                 out = layer(x, *_to(args, dev), **_to(kw, dev))
                 out = out[0] if isinstance(out, tuple) else out
                 _add_angles(stats.layer_cos, stats.layer_angle, i, x, out)
@@ -220,17 +276,23 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _record_head(model, hidden, stats: ActivationStats, names, modules) -> None:
-    """Stats of the output head's input (the final norm's output), if the model has a head and it is wanted."""
+    """Stats of the output head's input (the final norm's output), if the model has a head and it is wanted.
+
+    Without a family the final norm is unknown: wanting the head's statistics is then an error."""
     fam = _family(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not fam.causal or not is_matmul(head):
+    if head is None or not is_matmul(head) or (modules is not None and names[head] not in modules):
+        return
+    if fam is None:
+        raise ValueError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}): "
+                         f"statistics of {names[head]!r} need the final norm of a supported family "
+                         "(shear.analyze.families)")
+    if not fam.causal:
         return
     norm = _submodule(model.base_model, fam.final_norms[-1])
     if norm is None:
         return
     name = names[head]
-    if modules is not None and name not in modules:
-        return
     st = stats.linears[name] = LinearStats.zeros(hidden[0].shape[-1])
     for h in hidden:
         st.add(norm(h.to(_device(norm))))

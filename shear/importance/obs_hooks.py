@@ -168,7 +168,7 @@ def reconstruct_(model: nn.Module, plan: PrunePlan, graph: StructureGraph, ctx: 
                     continue
                 mod = model.get_submodule(name)
                 add = name in new_biases and not _has_bias(mod)
-                hs, _ = _run_block(layer, hidden, kws, {name: mod}, stop=True, bias_cols={name} if add else set())
+                hs, _ = _run_block(layer, hidden, kws[i], {name: mod}, stop=True, bias_cols={name} if add else set())
                 cols = torch.cat([g.members[j].indices(plan.remove[g.name]) for g, j in members]).unique()
                 w = _weight(mod, _has_bias(mod) or add)
                 w = O.obs_update(w, O.inverse_hessian(hs[name].to(w.device)), cols)
@@ -178,7 +178,7 @@ def reconstruct_(model: nn.Module, plan: PrunePlan, graph: StructureGraph, ctx: 
                     w = w[:, :-1]
                 _set_weight(mod, w)
                 done += 1
-            _, hidden = _run_block(layer, hidden, kws, {}, stop=False)
+            _, hidden = _run_block(layer, hidden, kws[i], {}, stop=False)
     finally:
         for h in handles:
             h.remove()
@@ -207,7 +207,7 @@ def obs_scores(ctx: ScoringContext, groups: list[Group]) -> Scores:
     layers = decoder_layers(model)
     for i, layer in progress(enumerate(layers), "obs: scoring blocks", total=len(layers)):
         mods = {n: model.get_submodule(n) for n in cons.get(i, {})}
-        hs, hidden = _run_block(layer, hidden, kws, mods, stop=False, bias_cols=set(mods) if aug else set())
+        hs, hidden = _run_block(layer, hidden, kws[i], mods, stop=False, bias_cols=set(mods) if aug else set())
         for name, members in cons.get(i, {}).items():
             w = _weight(mods[name], aug or _has_bias(mods[name]))
             hinv = O.inverse_hessian(hs[name].to(w.device))

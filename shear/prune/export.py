@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shear.models import cast_weights_
+from shear.storage import MAX_SHARD_SIZE
 from shear.prune import modeling_pruned
 
 MODELING_FILE = "modeling_shear_pruned.py"
@@ -252,8 +254,14 @@ def publish(tmp: Path, out: Path, tokenizer=None, recipe: dict | None = None) ->
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe: dict | None = None,
-           overwrite: bool = False, protect: tuple = ()) -> Path:
+           overwrite: bool = False, protect: tuple = (), dtype: str | None = None,
+           max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Save ``model`` (pruned by ``prune_``) to ``out_dir``: safetensors + config (+ tokenizer, recipe).
+
+    ``dtype`` (``fp32``/``bf16``/``fp16``; None: as they are) casts the weights first, in place
+    (:func:`shear.models.cast_weights_`: the model in memory is the model written); ``config.json``
+    records it. Weights over ``max_shard_size`` are split into shards with ``model.safetensors.index.json``
+    (``save_pretrained``'s sharding; 5GB by default, as on the hub).
 
     Uniform models get the stock architecture; others get ``shear_layout`` + ``auto_map`` (under the
     Auto class of the model's own class: ``AutoModel`` for ``BertModel``) and the modeling file. A
@@ -269,6 +277,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
     """
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, protect)
+    cast_weights_(model, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     layout = layout_of(model)
@@ -278,7 +287,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
         for k, v in overrides.items():
             setattr(model.config, k, v)
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         finally:
             for k, v in saved.items():
                 setattr(model.config, k, v)

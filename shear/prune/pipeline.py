@@ -1,7 +1,8 @@
 """``run_prune``: calibration text -> the transform (``shear.prune.transform``) -> report, plot, export.
 
 The report holds params and MACs before/after, kept widths per layer (also plotted), the time of
-each phase and the peak memory (process RSS, sampled; CUDA peak when on GPU).
+each phase and the peak memory (process RSS, sampled, and ``vm_hwm_mb``: the process's high-water mark
+(``VmHWM``), loading and export included; CUDA peak when on GPU).
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch
 from shear.analyze import analyze
 from shear.analyze.graph import PrunePlan, StructureGraph
 from shear.importance import needs_data
+from shear.memory import peak_rss_mb
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.transform import check_settings, kinds_needed, prune_to_target_  # noqa: F401 (kinds_needed re-exported)
+from shear.storage import MAX_SHARD_SIZE
 
 log = logging.getLogger("shear")
 
@@ -98,32 +101,37 @@ def plot_widths(before: dict, after: dict, path: Path) -> Path:
 
 def run_prune(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig | None = None,
               out_dir: str | Path | None = None, recipe: dict | None = None, export_dir: str | Path | None = None,
-              ids: torch.Tensor | None = None, data=None) -> tuple[torch.nn.Module, PrunePlan, dict]:
+              ids: torch.Tensor | None = None, data=None, export_dtype: str | None = None,
+              max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[torch.nn.Module, PrunePlan, dict]:
     """Prune ``model`` in place to ``cfg.target``; return ``(model, last plan, report)``.
 
     ``ids`` (LongTensor ``[n, L]``) overrides the calibration sampler; otherwise calibration text comes
     from ``importance.source``, else ``data`` (a recipe's ``DataConfig``), else the shipped corpus.
     With ``importance.device`` the model is scored and sliced there, then moved back. With ``out_dir`` the report
     (``report.json``), the plans (``plans.json``) and the width plot (``kept_widths.png``) are written;
-    with ``export_dir`` the model is exported (``shear.prune.export.export``) with ``recipe``.
+    with ``export_dir`` the model is exported (``shear.prune.export.export``) with ``recipe``, its weights
+    cast in place to ``export_dtype`` (None: as they are) and sharded at ``max_shard_size``.
     """
     icfg = importance or ImportanceConfig()
     home = _move_for_scoring(model, icfg.device)
     try:
-        return _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data)
+        return _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data,
+                          dict(dtype=export_dtype, max_shard_size=max_shard_size))
     finally:
         if home is not None:
             model.to(home)
 
 
 def prune_with_vocab(model, tokenizer, cfg: PruneConfig, importance: ImportanceConfig | None = None,
-                     out_dir=None, recipe: dict | None = None, export_dir=None, data=None, teacher=None):
+                     out_dir=None, recipe: dict | None = None, export_dir=None, data=None, teacher=None,
+                     export_dtype: str | None = None, max_shard_size: int | str = MAX_SHARD_SIZE):
     """:func:`run_prune`, after ``cfg.vocab`` (when set) trims the token table of ``model`` (and of ``teacher``, so
     KD sees the same ids) to the tokens its text uses. Returns ``(model, tokenizer, report)``: the tokenizer is
     the trimmed one when a trim happened. A ratio target counts from the model before the trim (it becomes a
     parameter budget); a budget the trim alone meets is an error (nothing left for the structures)."""
+    written = dict(export_dtype=export_dtype, max_shard_size=max_shard_size)
     if cfg.vocab is None:
-        model, _, report = run_prune(model, tokenizer, cfg, importance, out_dir, recipe, export_dir, data=data)
+        model, _, report = run_prune(model, tokenizer, cfg, importance, out_dir, recipe, export_dir, data=data, **written)
         return model, tokenizer, report
     from shear.data.text import DataConfig, calibration_texts
     from shear.prune.vocab import VocabConfig, select_vocab, token_counts, trim_vocab_
@@ -148,7 +156,7 @@ def prune_with_vocab(model, tokenizer, cfg: PruneConfig, importance: ImportanceC
             raise ValueError(f"prune.vocab: the vocabulary trim alone leaves {p1:,} of {p0:,} parameters, within the "
                              f"target ({budget:,}); nothing is left for prune.structures; lower prune.target or drop it")
         cfg = cfg.model_copy(update={"target": target.model_copy(update={"ratio": None, "params": budget})})
-    model, _, report = run_prune(model, new_tok, cfg, importance, out_dir, recipe, export_dir, data=data)
+    model, _, report = run_prune(model, new_tok, cfg, importance, out_dir, recipe, export_dir, data=data, **written)
     report.update(vocab=info, params_before=p0, removed_ratio=1 - report["params_after"] / p0)
     if out_dir is not None:
         (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -170,7 +178,7 @@ def _move_for_scoring(model, device: str | None):
     return home
 
 
-def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data):
+def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, data, written):
     check_settings(cfg, icfg)
     calib, t_calib = None, 0.0
     t0 = time.time()
@@ -199,7 +207,7 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
                               "zero_bias_params": res.zero_bias_params, "zero_biases": res.zero_biases}
         if res.compensate else None,
         "time_s": {**{k: round(v, 3) for k, v in t.items()}, "total": round(time.time() - t0, 3)},
-        "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1),
+        "peak_rss_mb": round(mem.peak / 2**20, 1), "rss_start_mb": round(mem.start / 2**20, 1), "vm_hwm_mb": peak_rss_mb(),
         "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1), "weights_after_mb": round(weights / 2**20, 1),
         "calibration": None if ids is None else list(ids.shape), "calibration_text": calib,
     }
@@ -212,6 +220,7 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
     if export_dir is not None:
         from shear.prune.export import export
 
-        export(model, export_dir, tokenizer=tokenizer, recipe=recipe)
+        export(model, export_dir, tokenizer=tokenizer, recipe=recipe, **written)
         report["model_dir"] = str(export_dir)
+        report["vm_hwm_mb"] = peak_rss_mb()  # the export included
     return model, plans[-1], report

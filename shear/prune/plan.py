@@ -334,6 +334,16 @@ def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shap
                                  "parameters; nothing would be pruned")
         fixed = dict(cfg.structure_ratios)
         free = [s for s in cfg.structures if s not in fixed and p.groups[s]]
+        missing = [s for s in cfg.structures if s not in fixed and not p.groups[s]]
+        if missing:
+            import logging
+
+            logging.getLogger("shear").warning(
+                "prune.structures: the analysis found no %s groups in this model%s, so they are not pruned; "
+                "the target is met with %s", "/".join(missing),
+                " (no family entry: the generic analyzer does not group attention heads)"
+                if graph.meta.get("skipped_attention") else "", "/".join(free) or "nothing")
+            meta["structures_not_found"] = missing
         pooled = [s for s in free if s in ("heads", "mlp")] if cfg.allocation == "pool" else []
         order = _pool_order(p, pooled)
 

@@ -228,6 +228,23 @@ def _remove_layers(model, layers_path: str, gone: set[int], n_layers_attr: str =
     for key in ("layer_types", "shear_layers"):
         if isinstance(getattr(cfg, key, None), list):
             setattr(cfg, key, [getattr(cfg, key)[i] for i in kept])
+    _rebuild_per_type_rotary(model)
+
+
+def _rebuild_per_type_rotary(model) -> None:
+    """Rebuild rotary embeddings keyed by layer type (Gemma 3: one per ``sliding_attention`` /
+    ``full_attention``) from the updated config once a layer type has no layer left: the stock class
+    builds them from ``config.layer_types`` and cannot load a model holding tables for absent types."""
+    types = sorted(set(getattr(model.config, "layer_types", None) or []))
+    for name, mod in list(model.named_modules()):
+        if (type(mod).__name__.endswith("RotaryEmbedding") and isinstance(getattr(mod, "layer_types", None), list)
+                and sorted(mod.layer_types) != types):
+            old = {n: b for n, b in mod.named_buffers()}
+            new = type(mod)(model.config, device=next(iter(old.values())).device)
+            for n, b in new.named_buffers():
+                if n in old and b.is_floating_point():
+                    b.data = b.data.to(old[n].dtype)
+            _set(model, name, new)
 
 
 def _prune_generic(model, graph, remove) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shear.storage import MAX_SHARD_SIZE
+
 log = logging.getLogger("shear")
 
 
@@ -55,10 +57,13 @@ def _compression_config(model: nn.Module, pruned: list[str], nm: tuple[int, int]
 
 
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[str], nm: tuple[int, int] | None = None,
-                    tokenizer=None, recipe: dict | None = None, overwrite: bool = False) -> dict:
+                    tokenizer=None, recipe: dict | None = None, overwrite: bool = False,
+                    max_shard_size: int | str = MAX_SHARD_SIZE) -> dict:
     """Write ``model`` to ``out_dir`` in the compressed-tensors format; return ``{"dir", "format", "dense"}``
-    (``dense``: pruned modules the format keeps dense). Same directory rules as the dense export: a
-    temporary sibling first, a manifest, and only shear's own earlier export is ever replaced."""
+    (``dense``: pruned modules the format keeps dense). Values are stored in the weights' dtype (cast the
+    model first, :func:`shear.models.cast_weights_`, to choose it), sharded like the dense export. Same
+    directory rules as the dense export: a temporary sibling first, a manifest, and only shear's own
+    earlier export is ever replaced."""
     from compressed_tensors import ModelCompressor
 
     from shear.prune.export import _check_target, publish
@@ -71,7 +76,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         compressor.update_config(str(tmp))
         publish(tmp, out, tokenizer, recipe)
     finally:

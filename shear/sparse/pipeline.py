@@ -2,7 +2,8 @@
 
 The report holds the method, the per-layer plan (target and achieved sparsity of every block and
 linear), OWL's outlier ratios when allocated, the calibration (size and text), the time of each phase,
-peak memory and, once exported, the bytes on disk of each form next to the dense original's weights.
+peak memory (``vm_hwm_mb``: the process's VmHWM, export included) and, once exported, the dtype and
+bytes on disk of each form next to the dense original's weights.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from shear.sparse.config import MAX_DEFAULT_SEQ_LEN, SparsifyConfig
 from shear.sparse.sequential import sparsify_
+from shear.storage import MAX_SHARD_SIZE
 
 log = logging.getLogger("shear")
 
@@ -46,6 +48,7 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     ``calibration_length`` tokens come from ``cfg.source``, else ``data`` (a recipe's DataConfig), else
     the shipped corpus. With ``cfg.device`` the work happens there and the model moves back.
     """
+    from shear.memory import peak_rss_mb
     from shear.models import resolve_device
     from shear.prune.pipeline import PeakMemory
 
@@ -80,7 +83,7 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
         "calibration": None if ids is None else list(ids.shape), "calibration_text": calib,
         "time_s": {"calibration": round(t_calib, 3), **res.time_s, "total": round(time.time() - t0, 3)},
         "peak_rss_mb": round(mem.peak / 2**20, 1), "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1),
-        "dense_weight_bytes": weight_bytes(model),
+        "vm_hwm_mb": peak_rss_mb(), "dense_weight_bytes": weight_bytes(model),
     }
     log.info("sparsify: %s %s, %d linears, %.1f%% of their weights zero (%.1f%% of the model) in %.1f s",
              cfg.method, cfg.pattern or f"{cfg.sparsity:.0%}", len(res.pruned), 100 * report["pruned_sparsity"],
@@ -98,20 +101,27 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
 
 
 def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Path, compressed_dir: str | Path | None,
-                  tokenizer=None, recipe: dict | None = None, overwrite: bool = False) -> dict:
+                  tokenizer=None, recipe: dict | None = None, overwrite: bool = False, dtype: str | None = None,
+                  max_shard_size: int | str = MAX_SHARD_SIZE) -> dict:
     """Write the dense form (``model_dir``) and, unless None, the compressed form; return and record in
-    ``report["export"]`` their directories and bytes on disk (``weights``: safetensors, ``total``: all files)."""
+    ``report["export"]`` their directories, dtype and bytes on disk (``weights``: safetensors, ``total``: all
+    files). ``dtype`` (None: as they are) casts the weights in place first: both forms store it."""
+    from shear.memory import peak_rss_mb
+    from shear.models import SHORT, cast_weights_
     from shear.prune.export import export
     from shear.sparse.export import bytes_on_disk, save_compressed
 
     t0 = time.time()
-    export(model, model_dir, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite)
-    rec = {"model": {"dir": str(model_dir), "bytes": bytes_on_disk(model_dir)}}
+    cast_weights_(model, dtype)
+    export(model, model_dir, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, max_shard_size=max_shard_size)
+    rec = {"model": {"dir": str(model_dir), "bytes": bytes_on_disk(model_dir)},
+           "dtype": SHORT.get(model.dtype, str(model.dtype))}
     if compressed_dir is not None:
         info = save_compressed(model, compressed_dir, report["pruned"], cfg.nm, tokenizer=tokenizer, recipe=recipe,
-                               overwrite=overwrite)
+                               overwrite=overwrite, max_shard_size=max_shard_size)
         rec["compressed"] = {**info, "bytes": bytes_on_disk(compressed_dir)}
     rec["dense_weight_bytes"] = report["dense_weight_bytes"]
     rec["time_s"] = round(time.time() - t0, 3)
     report["export"] = rec
+    report["vm_hwm_mb"] = peak_rss_mb()  # the export included
     return rec

@@ -9,6 +9,10 @@ runs again on the same inputs to produce the next block's inputs. Memory beyond 
 block's inputs/outputs for the calibration set plus the statistics of one block's linears, each
 freed as soon as its linear is pruned. Magnitude needs no data.
 
+No family entry is needed: the blocks are the longest ``nn.ModuleList`` of one block class, block 0's
+inputs and each block's keyword arguments are caught on the way in (``capture_block_inputs``), and every Linear/Conv1D inside a block is a
+target unless ``targets`` narrows it.
+
 Weights are read as ``[out, in]``; GPT-2's Conv1D (``[in, out]``) is transposed for the math and back.
 """
 from __future__ import annotations
@@ -42,14 +46,14 @@ class SparsifyResult:
     time_s: dict = field(default_factory=dict)
 
 
-def _family(model: nn.Module):
+def _has_conv1d(model: nn.Module) -> bool:
+    """GPT-2-style ``Conv1D`` weights (``[in, out]``) inside the blocks: from the family, else by structure."""
     from shear.analyze.families import family_of
 
     fam = family_of(model)
-    if fam is None:
-        raise ValueError(f"sparsify: {type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) "
-                         "is not a supported family (shear.analyze.families)")
-    return fam
+    if fam is not None:
+        return fam.conv1d
+    return any(type(m).__name__ == "Conv1D" for m in decoder_layers(model).modules())
 
 
 def weight_matrix(mod: nn.Module, conv1d: bool) -> torch.Tensor:
@@ -71,6 +75,9 @@ def _matches(name: str, target: str) -> bool:
 def select_linears(model: nn.Module, targets: list[str] | None) -> dict[int, list[str]]:
     """``{block index: [full module names]}`` of the linears to prune; ``targets`` None = all in the blocks.
 
+    The blocks are a family's, else found by structure (``shear.importance.calibrate.decoder_layers``):
+    any causal LM with a stack of identical blocks is sparsified without a family entry.
+
     Every entry of ``targets`` must match at least one linear inside the blocks; one that only matches
     outside them (``lm_head``, embeddings, BERT's pooler) is refused: blocks are what is calibrated.
     """
@@ -82,6 +89,8 @@ def select_linears(model: nn.Module, targets: list[str] | None) -> dict[int, lis
             if is_matmul(mod):
                 inside.add(names[mod])
                 per_block.setdefault(i, []).append(names[mod])
+    if not per_block:
+        raise ValueError(f"sparsify: {type(model).__name__}: no nn.Linear (or Conv1D) inside its blocks")
     if targets is None:
         return per_block
     everything = [n for n, m in model.named_modules() if n]
@@ -194,7 +203,7 @@ def sparsify_(model: nn.Module, cfg: SparsifyConfig, ids: torch.Tensor | None = 
 
     ``ids``: LongTensor ``[n_samples, seq_len]`` of calibration tokens (not needed for uniform magnitude).
     """
-    fam = _family(model)
+    conv1d = _has_conv1d(model)
     t0 = time.time()
     selected = select_linears(model, cfg.targets)
     res = SparsifyResult(pruned=[n for i in sorted(selected) for n in selected[i]])
@@ -206,15 +215,15 @@ def sparsify_(model: nn.Module, cfg: SparsifyConfig, ids: torch.Tensor | None = 
     try:
         sparsity = {i: cfg.sparsity for i in selected}
         if cfg.allocation == "owl":
-            res.owl_ratios, allocated = _owl_plan(model, selected, ids, cfg, fam.conv1d)
+            res.owl_ratios, allocated = _owl_plan(model, selected, ids, cfg, conv1d)
             sparsity = dict(zip(sorted(selected), allocated))
         t_plan = time.time()
         res.time_s["allocation"] = round(t_plan - t0, 3)
         if cfg.method == "magnitude":
-            per_linear = {n: _prune_linear(n, model.get_submodule(n), cfg, sparsity[i], None, fam.conv1d)
+            per_linear = {n: _prune_linear(n, model.get_submodule(n), cfg, sparsity[i], None, conv1d)
                           for i in sorted(selected) for n in selected[i]}
         else:
-            per_linear = _sequential(model, selected, sparsity, ids, cfg, fam.conv1d)
+            per_linear = _sequential(model, selected, sparsity, ids, cfg, conv1d)
         res.time_s["prune"] = round(time.time() - t_plan, 3)
     finally:
         model.train(was_training)
@@ -236,7 +245,7 @@ def _sequential(model, selected, sparsity, ids, cfg: SparsifyConfig, conv1d: boo
         if mods:
             col = _Collector(mods, cfg.method, conv1d)
             try:
-                _run_block(block, hidden, kws, col.set_batch)
+                _run_block(block, hidden, kws[i], col.set_batch)
             finally:
                 col.remove()
             for name, mod in mods.items():
@@ -244,5 +253,5 @@ def _sequential(model, selected, sparsity, ids, cfg: SparsifyConfig, conv1d: boo
             del col
         if not any(j > i for j in selected):
             break
-        hidden = _run_block(block, hidden, kws)  # the next block sees this block's PRUNED outputs
+        hidden = _run_block(block, hidden, kws[i])  # the next block sees this block's PRUNED outputs
     return out
