@@ -57,6 +57,18 @@ def reference_config(name: str = "reference", vocab_size: int = REFERENCE_VOCAB,
     return LlamaConfig(**kw)
 
 
+def resolve_device(device: str | None) -> str | None:
+    """A device name as this process should read it. ``auto``: this rank's GPU when CUDA is available, else
+    None (stay where the model is), so one recipe runs on a GPU node and on a CPU machine alike. A bare
+    ``cuda`` (or ``auto``) under a multi-process launch (``accelerate launch`` / ``torchrun`` set LOCAL_RANK)
+    is ``cuda:<LOCAL_RANK>``, the GPU accelerate gives that rank; without the index every rank would use GPU 0."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else None
+    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
 def resolve_model_path(path: str) -> str:
     """Map ``reference``/``reference-quick`` to their cache directories and ``reference-teacher`` to the
     package's own copy; other paths pass through."""

@@ -49,6 +49,7 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     the shipped corpus. With ``cfg.device`` the work happens there and the model moves back.
     """
     from shear.memory import peak_rss_mb
+    from shear.models import resolve_device
     from shear.prune.pipeline import PeakMemory
 
     t0 = time.time()
@@ -61,10 +62,10 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
         ids, calib = calibration_for(model, tokenizer, cfg.source, data, cfg.n_samples, calibration_length(model, cfg),
                                      cfg.seed, key="sparsify.source")
         t_calib = time.time() - tc
-    home = None
-    if cfg.device is not None:
+    home, device = None, resolve_device(cfg.device)
+    if device is not None:
         home = next(model.parameters()).device
-        model.to(cfg.device)
+        model.to(device)
     try:
         with PeakMemory() as mem:
             res = sparsify_(model, cfg, ids)
