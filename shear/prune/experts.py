@@ -106,7 +106,8 @@ def prune_experts_(model: nn.Module, tokenizer, cfg: ExpertPruneConfig, ids: tor
 
     ``ids [n, L]`` overrides the calibration sampler (``shear.data.calibration.calibration_for``: the
     command's source, else ``data``, else the text shear trained the model on, else English).
-    Report: ``layers[str(layer)] = {kept, removed, scores}`` with the scores of all E experts before removal.
+    Report: ``layers[str(layer)] = {kept, removed, scores, routed_share}``: indices into the E experts before
+    removal, every expert's score and its share of the calibration tokens' top-k slots.
     """
     t0 = time.perf_counter()
     blocks = find_moe_blocks(model)
