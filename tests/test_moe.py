@@ -121,7 +121,8 @@ def test_statistics_equal_brute_force(name):
 
 def test_criteria_on_hand_statistics():
     t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    s = ExpertStats(count=t(4.0, 0.0, 2.0), weight_sum=t(2.0, 0.0, 1.8), norm_sum=t(8.0, 0.0, 1.0), drop_err=t(3.0, 0.0, 1.0),
+    s = ExpertStats(count=t(4.0, 0.0, 2.0), weight_sum=t(2.0, 0.0, 1.8), norm_sum=t(8.0, 0.0, 1.0),
+                    drop_err=t(3.0, 0.0, 1.0),
                     out_sqsum=10.0, tokens=3, top_k=2)
     sc = expert_scores({0: s}, "frequency")[0]
     torch.testing.assert_close(sc, torch.tensor([4 / 3, 0.0, 2 / 3], dtype=torch.float64))
@@ -137,7 +138,7 @@ def test_criteria_on_hand_statistics():
 
 
 def test_removal_counts_are_refused_when_they_do_nothing_or_too_much():
-    assert experts_to_remove(8, 0.25, 2) == 2 and experts_to_remove(8, 0.5, 2) == 4 and experts_to_remove(8, 0.3, 2) == 2
+    assert [experts_to_remove(8, r, 2) for r in (0.25, 0.3, 0.5)] == [2, 2, 4]
     with pytest.raises(ValueError, match="removes no expert"):
         experts_to_remove(8, 0.1, 2)
     with pytest.raises(ValueError, match="fewer than num_experts_per_tok"):
@@ -179,7 +180,8 @@ for d in sys.argv[1:]:
     ids = torch.load(d + "/ids.pt")
     with torch.no_grad():
         torch.save(m.eval()(input_ids=ids).logits, d + "/logits.pt")
-    out[d] = {"class": type(m).__name__, "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
+    out[d] = {"class": type(m).__name__, "missing": sorted(info["missing_keys"]),
+              "unexpected": sorted(info["unexpected_keys"])}
 print(json.dumps(out))
 """
 

@@ -1,12 +1,12 @@
 """Expert pruning on a tiny Mixtral trained here on the shipped Shakespeare corpus: 25% and 50% of every layer's
 experts removed by each criterion (shear/importance/experts.py) against random, held-out PPL, no recovery.
 
-    OMP_NUM_THREADS=2 python tools/bench_moe.py --out runs/bench-moe              # ~6 min on 2 cores
+    OMP_NUM_THREADS=2 python tools/bench_moe.py --out runs/bench-moe              # ~7 min on 2 busy cores
     OMP_NUM_THREADS=1 python tools/bench_moe.py --out runs/bench-moe-smoke --steps 20 --windows 8 --seeds 1
 
 Model: Mixtral with the toy teacher's tokenizer (shipped reference-teacher, BPE 2048): hidden 128, 4 layers,
 4 query / 2 KV heads, 8 experts of intermediate 128, top-2, trained from scratch for ``--steps`` steps
-(batch 16 x 128 tokens, AdamW 3e-3 cosine, router load-balancing loss 0.01) on the corpus's train split.
+(batch 16 x 128 tokens, AdamW 3e-3 cosine, router load-balancing loss ``--aux``) on the corpus's train split.
 Calibration: 32 x 128 tokens of the train split (what the resolver gives the reference models' corpus).
 Evaluation: the toy protocol of docs/BENCHMARKS.md, held-out Shakespeare (macbeth + tempest) as one stream,
 non-overlapping 128-token windows, the first ``--windows``. Random is the mean over ``--seeds`` seeds
@@ -30,13 +30,13 @@ import benchlib  # noqa: E402
 CRITERIA = ("frequency", "weighted", "reconstruction")
 
 
-def build(tok):
+def build(tok, aux: float):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=128, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8,
                         num_experts_per_tok=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                        router_aux_loss_coef=0.01, output_router_logits=True, use_cache=False,
+                        router_aux_loss_coef=aux, output_router_logits=True, use_cache=False,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     return MixtralForCausalLM(cfg)
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--windows", type=int, default=200)
+    ap.add_argument("--aux", type=float, default=0.05, help="router load-balancing loss coefficient")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the random control")
     args = ap.parse_args(argv)
     from shear.data.calibration import calibration_for
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(resolve_model_path("reference-teacher"))
-    model = build(tok)
+    model = build(tok, args.aux)
     t0 = time.perf_counter()
     losses = train(model, tok, args.steps)
     t_train = time.perf_counter() - t0
@@ -112,8 +113,8 @@ def main(argv=None) -> int:
                      "experts": 8 - math.floor(ratio * 8), "params": rows[-1]["params"], "ppl": sum(rand) / len(rand)})
     md = benchlib.table(rows, [("row", "criterion"), ("experts", "experts / layer"), ("params", "params", ","),
                                ("ppl", "held-out PPL", ".2f")])
-    head = (f"tiny Mixtral (8 experts, top-2), {args.steps} steps ({t_train:.0f} s, final loss {losses[-1]:.3f}); "
-            f"calibration {line}; {args.windows} windows x 128; {benchlib.machine_line()}")
+    head = (f"tiny Mixtral (8 experts, top-2), {args.steps} steps, aux loss {args.aux} ({t_train:.0f} s, final "
+            f"loss {losses[-1]:.3f}); calibration {line}; {args.windows} windows x 128; {benchlib.machine_line()}")
     print(head + "\n\n" + md)
     (out / "table.md").write_text(head + "\n\n" + md + "\n")
     (out / "results.json").write_text(json.dumps({"rows": rows, "losses": losses, "layers": reports,

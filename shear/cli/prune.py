@@ -202,7 +202,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "model on, else general English prose: 'english')")
     e = p.add_argument_group("mixture of experts (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE; instead of width pruning)")
     e.add_argument("--experts", type=float, default=None, metavar="R",
-                   help="remove floor(R * E) experts in every sparse layer (0 < R < 1); the export stays the stock class")
+                   help="remove floor(R * E) experts in every sparse layer (0 < R < 1); the export stays the "
+                        "stock class")
     e.add_argument("--expert-criterion", default="reconstruction",
                    choices=["frequency", "weighted", "reconstruction", "random"],
                    help="expert importance: top-k frequency; x mean routing weight x mean output norm; "
