@@ -95,9 +95,13 @@ def test_dense_layers_and_shared_experts_are_not_experts():
     assert all(b.num_experts == 8 and "shared" not in b.path for b in find_moe_blocks(q2))
 
 
-def test_unsupported_family_is_refused(tiny_llama):
+def test_unsupported_family_and_storage_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="expert pruning supports"):
         find_moe_blocks(tiny_llama)
+    model = moe_model("mixtral")
+    model.model.layers[1].mlp.experts = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(8)])
+    with pytest.raises(ValueError, match="not fused gate_up_proj"):
+        find_moe_blocks(model)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe_norm_dense0"])

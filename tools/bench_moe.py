@@ -1,7 +1,7 @@
 """Expert pruning on a tiny Mixtral trained here on the shipped Shakespeare corpus: 25% and 50% of every layer's
 experts removed by each criterion (shear/importance/experts.py) against random, held-out PPL, no recovery.
 
-    OMP_NUM_THREADS=2 python tools/bench_moe.py --out runs/bench-moe              # ~7 min on 2 busy cores
+    OMP_NUM_THREADS=2 python tools/bench_moe.py --out runs/bench-moe              # ~5 min on 2 busy cores
     OMP_NUM_THREADS=1 python tools/bench_moe.py --out runs/bench-moe-smoke --steps 20 --windows 8 --seeds 1
 
 Model: Mixtral with the toy teacher's tokenizer (shipped reference-teacher, BPE 2048): hidden 128, 4 layers,

@@ -6,8 +6,8 @@ and score whole experts from calibration routing (math; the hooks are in :func:`
     scores = expert_scores(stats, "reconstruction")        # {layer: FloatTensor[E]}, higher = keep
 
 Families (``MOE_FAMILIES``): Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE. transformers 5 stores their experts
-fused, ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``; an ``nn.ModuleList`` of MLPs (older
-checkpoints' code) is read too. The router is ``gate.weight [E, H]`` without bias; routing is
+fused, ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and ``down_proj [E, H, I]``; any other storage
+is refused. The router is ``gate.weight [E, H]`` without bias; routing is
 ``softmax(x W^T)`` in fp32, top-k, and the top-k weights renormalised to sum to 1 when the family always
 does so (Mixtral) or ``config.norm_topk_prob`` is set. Qwen2-MoE's shared expert is a dense MLP beside the
 routed ones: it is never scored nor removed (dropping a routed expert leaves its output unchanged).
@@ -70,13 +70,11 @@ def _family(model: nn.Module) -> tuple[str, tuple[str, str]]:
 
 
 def num_experts_of(experts: nn.Module) -> int:
-    """How many experts ``experts`` holds: fused ``gate_up_proj [E, 2I, H]`` or an ``nn.ModuleList``."""
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
+    """How many experts ``experts`` holds (fused ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)."""
     gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3:
         return gu.shape[0]
-    raise ValueError(f"{type(experts).__name__}: neither fused gate_up_proj/down_proj [E, ., .] nor a ModuleList")
+    raise ValueError(f"{type(experts).__name__}: not fused gate_up_proj [E, 2I, H] / down_proj [E, H, I]")
 
 
 def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
@@ -116,9 +114,7 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tens
 
 
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e`` on tokens ``x [n, H]`` -> ``[n, H]`` (fused SwiGLU as the stock code, or a listed MLP)."""
-    if isinstance(experts, nn.ModuleList):
-        return experts[e](x)
+    """Expert ``e`` on tokens ``x [n, H]`` -> ``[n, H]``: the stock fused SwiGLU."""
     gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 

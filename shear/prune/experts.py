@@ -4,7 +4,7 @@ the stock class with a smaller ``num_local_experts`` / ``num_experts``.
     report = prune_experts_(model, tokenizer, ExpertPruneConfig(ratio=0.25, criterion="reconstruction"))
 
 Scoring is :mod:`shear.importance.experts`; here: which experts stay, and the slicing (router rows and the
-experts' fused ``[E, ., .]`` tensors or list entries), with the config updated by the same code. The sliced
+experts' fused ``[E, ., .]`` tensors), with the config updated by the same code. The sliced
 model equals the unsliced one with the removed experts' router logits at -inf: the stock softmax then
 renormalises over the experts that remain and top-k picks among them (``norm_topk_prob`` applies as before).
 """
@@ -83,12 +83,9 @@ def remove_experts_(model: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
             raise ValueError(f"layer {b.layer}: {new} experts left, fewer than top_k={b.top_k}")
         idx = torch.tensor(ids, dtype=torch.long)
         b.router.weight = _take(b.router.weight, idx)
-        if isinstance(b.experts, nn.ModuleList):
-            b.block.experts = nn.ModuleList([b.experts[i] for i in ids])
-        else:
-            for name, p in list(b.experts.named_parameters(recurse=False)):
-                if p.dim() >= 1 and p.shape[0] == b.num_experts:  # gate_up_proj, down_proj (and biases)
-                    setattr(b.experts, name, _take(p, idx))
+        for name, p in list(b.experts.named_parameters(recurse=False)):
+            if p.dim() >= 1 and p.shape[0] == b.num_experts:  # gate_up_proj, down_proj (and biases)
+                setattr(b.experts, name, _take(p, idx))
         for m in (b.block, b.router, b.experts):
             if getattr(m, "num_experts", None) == b.num_experts:
                 m.num_experts = new
