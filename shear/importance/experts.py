@@ -14,16 +14,17 @@ routed ones: it is never scored nor removed (dropping a routed expert leaves its
 Layers that Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` make dense have no block here.
 
 Criteria, per layer, over the calibration tokens ``n`` (``count_e``: tokens with e in their top-k):
-- ``frequency``: ``count_e / n``;
-- ``weighted``: ``count_e / n * mean routing weight of e * mean ||E_e(x)||`` over those tokens (the
-  frequency-weighted routing score of expert-pruning work such as Lu et al. 2024, "Not All Experts are
-  Equal", with the expert's output norm as the size of what it contributes);
+- ``frequency``: ``count_e / n`` (the hard count of SEER-MoE's heavy hitters, Muzio et al. 2024);
+- ``weighted``: ``count_e / n * mean routing weight of e * mean ||E_e(x)||`` over those tokens (a soft
+  count, with the expert's output norm as the size of what it contributes);
 - ``reconstruction``: the increase of the block's routed output error ``sum_t ||y'_t - y_t||^2 /
   sum_t ||y_t||^2`` when e alone is dropped and the router renormalised over the others (its logit at
-  -inf: the token's next-best expert takes its slot, weights as the stock code computes them). One expert
-  at a time, not greedy (without renormalisation the tokens not routed to e change too: their top-k
-  weights grow by ``1 / (1 - p_e)``, and count). It streams in the single pass (only a token's top-k+1
-  experts run) and stores no activations; interactions between removed experts are not seen;
+  -inf: the token's next-best expert takes its slot, weights as the stock code computes them; without
+  renormalisation the tokens not routed to e change too, their top-k weights grow by ``1 / (1 - p_e)``,
+  and count). One expert at a time: neither greedy nor the search over kept subsets of Lu et al. 2024
+  ("Not All Experts are Equal", which minimises this error for the whole set). It streams in the single
+  pass (only a token's top-k+1 experts run) and stores no activations; interactions between removed
+  experts are not seen;
 - ``random``: a seeded control (no calibration).
 """
 from __future__ import annotations
