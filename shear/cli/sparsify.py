@@ -27,11 +27,10 @@ def _refuse_unused_calibration(args) -> None:
 
 
 def _cmd_sparsify(args) -> int:
-    from shear.memory import peak_rss_mb, trim
-    from shear.models import (SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer,
-                              source_weight_bytes)
+    from shear.memory import trim
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer
     from shear.sparse.config import SparsifyConfig
-    from shear.sparse.pipeline import export_sparse, run_sparsify, write_report
+    from shear.sparse.pipeline import export_sparse, run_sparsify
 
     _refuse_unused_calibration(args)
     n_samples = {} if args.n_samples is None else {"n_samples": args.n_samples}
@@ -46,17 +45,73 @@ def _cmd_sparsify(args) -> int:
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
     ckpt = checkpoint_dtype(args.model)
     written = export_dtype(args.dtype, args.model)
+    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
+    if args.stream:
+        return _streamed(args, cfg, out, ckpt, written, recipe)
+    _warn_if_too_big(args.model)
     model = load_model(args.model, dtype=load_dtype(written, ckpt, args.device), trust_remote_code=args.trust_remote_code)
     tok = load_tokenizer(args.model)
     loaded = SHORT.get(next(model.parameters()).dtype)
     model, report = run_sparsify(model, tok, cfg)
-    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
-    rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
+    export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
                         tokenizer=tok, recipe=recipe, overwrite=args.overwrite, dtype=written,
                         max_shard_size=args.max_shard_size)
     del model
     trim()
     report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
+    return _finish(args, report, out, written)
+
+
+def _streamed(args, cfg, out, ckpt: str | None, written: str, recipe: dict) -> int:
+    """``--stream``: one block at a time from the shards (``shear.sparse.stream``), the dense form only."""
+    from shear.models import load_dtype, load_tokenizer, resolve_model_path
+    from shear.sparse.stream import check_streamable, run_sparsify_streamed
+
+    check_streamable(cfg)
+    path = resolve_model_path(args.model)
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f"sparsify --stream reads a local directory's safetensors shards; {args.model} is not one")
+    loaded = load_dtype(written, ckpt, args.device)
+    report = run_sparsify_streamed(path, load_tokenizer(args.model), cfg, out / "model", written=written,
+                                   compute=loaded, recipe=recipe, overwrite=args.overwrite,
+                                   max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
+    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
+    return _finish(args, report, out, written)
+
+
+def _warn_if_too_big(model: str) -> None:
+    """A checkpoint whose fp32 copy would not fit in the memory available: say so before loading it."""
+    import logging
+
+    from shear.models import checkpoint_dtype, source_weight_bytes
+
+    size = source_weight_bytes(model)
+    avail = _available_bytes()
+    if size and avail:
+        fp32 = size * (2 if checkpoint_dtype(model) in ("bf16", "fp16") else 1)
+        if fp32 > 0.8 * avail:
+            logging.getLogger("shear").warning(
+                "sparsify: %s needs about %.1f GiB in fp32 and %.1f GiB are available; --stream --no-compressed "
+                "holds one block at a time", model, fp32 / 2**30, avail / 2**30)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _finish(args, report: dict, out: Path, written: str) -> int:
+    from shear.memory import peak_rss_mb
+    from shear.models import source_weight_bytes
+    from shear.sparse.pipeline import write_report
+
+    rec = report["export"]
     report["vm_hwm_mb"] = peak_rss_mb()
     report["source_weight_bytes"] = source_bytes = source_weight_bytes(args.model)
     write_report(report, out)
@@ -106,4 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "into shards with model.safetensors.index.json)")
     p.add_argument("--overwrite", action="store_true", help="replace shear's earlier export in OUT")
     p.add_argument("--trust-remote-code", action="store_true", help="run modeling code shipped in the model directory")
+    p.add_argument("--stream", action="store_true",
+                   help="read, prune and write one block at a time from the safetensors shards (peak memory: one "
+                        "block + the calibration activations, whatever the depth); dense form only (with "
+                        "--no-compressed), uniform allocation")
     p.set_defaults(func=_cmd_sparsify)

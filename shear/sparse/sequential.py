@@ -223,13 +223,20 @@ def sparsify_(model: nn.Module, cfg: SparsifyConfig, ids: torch.Tensor | None = 
         res.time_s["prune"] = round(time.time() - t_plan, 3)
     finally:
         model.train(was_training)
+    res.plan = layer_plan(selected, sparsity, per_linear, cfg)
+    res.time_s["total"] = round(time.time() - t0, 3)
+    return res
+
+
+def layer_plan(selected: dict[int, list[str]], sparsity: dict, per_linear: dict[str, dict], cfg: SparsifyConfig) -> list[dict]:
+    """:attr:`SparsifyResult.plan` from the per-linear records (full names) of every block."""
+    plan = []
     for i in sorted(selected):
         lin = {n: per_linear[n] for n in selected[i]}
         z, n = sum(r["zeros"] for r in lin.values()), sum(r["numel"] for r in lin.values())
-        res.plan.append({"layer": i, "sparsity": sparsity[i], "pattern": cfg.pattern,
-                         "achieved": round(z / n, 6), "linears": lin})
-    res.time_s["total"] = round(time.time() - t0, 3)
-    return res
+        plan.append({"layer": i, "sparsity": sparsity[i], "pattern": cfg.pattern, "achieved": round(z / n, 6),
+                     "linears": lin})
+    return plan
 
 
 def blocks_path(model: nn.Module) -> str:
