@@ -183,3 +183,25 @@ def test_streamed_peak_memory_is_a_fraction_of_in_memory(tmp_path):
     fp32 = 24 * (4 * 256 * 256 + 3 * 256 * 1024) * 4
     assert grew["memory"] > 0.9 * fp32, grew  # the in-memory run holds every block in fp32
     assert grew["stream"] < 0.6 * grew["memory"], grew
+
+
+def test_checkpoint_names_without_the_base_prefix_and_missing_tensors(tmp_path, caplog):
+    """GPT-2 checkpoints saved from GPT2Model name ``h.0...`` (no ``transformer.``): read as from_pretrained
+    reads them (an extra tensor is named in a warning and not written); a missing block tensor is refused."""
+    src = _save("gpt2", "fp32", tmp_path / "src", shard="10MB")
+    state = load_file(src / "model.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    save_file(dict(state, **{"extra.weight": torch.zeros(2)}), src / "model.safetensors", metadata={"format": "pt"})
+    cfg = SparsifyConfig(method="wanda", sparsity=0.5, batch_size=2, compressed=False)
+    model, report = run_sparsify(_load(src), None, cfg, ids=CALIB)
+    export_sparse(model, report, cfg, tmp_path / "mem", None, dtype="fp32")
+    caplog.set_level("WARNING", logger="shear")
+    run_sparsify_streamed(str(src), None, cfg, tmp_path / "st", written="fp32", ids=CALIB)
+    assert "extra.weight" in caplog.text
+    want, got = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "st" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    del state["h.1.mlp.c_proj.weight"]
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="transformer.h.1.mlp.c_proj.weight"):
+        run_sparsify_streamed(str(src), None, cfg, tmp_path / "st2", written="fp32", ids=CALIB)
+    assert not (tmp_path / "st2").exists() and not list(tmp_path.glob(".st2*"))

@@ -2,12 +2,14 @@
 
     shear sparsify reference-quick --method sparsegpt --sparsity 0.5 --n-samples 32 --seq-len 128 -o runs/sgpt50
     shear sparsify ~/models/llama --method wanda --pattern 2:4 -o runs/wanda24
+    shear sparsify ~/models/llama-8b --method sparsegpt --sparsity 0.5 --stream --no-compressed -o runs/sgpt50
 
 Outputs: OUT/model (dense safetensors with the zeros; plain ``from_pretrained`` loads it),
 OUT/compressed (compressed-tensors: sparse-bitmask, or sparse-24-bitmask for 2:4) and OUT/report.json
 (the per-layer plan, bytes on disk of each form, times). Both forms are written in the checkpoint's dtype
 (``--dtype``; SparseGPT's updates and the statistics are fp32) and sharded at ``--max-shard-size``. In a
-recipe the same stage is ``sparsify:``.
+recipe the same stage is ``sparsify:``. ``--stream`` holds one block at a time (``shear.sparse.stream``): a
+checkpoint larger than memory, the dense form only.
 """
 from __future__ import annotations
 

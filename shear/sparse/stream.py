@@ -78,6 +78,10 @@ def _tensors(model: nn.Module, ckpt: Checkpoint, written: torch.dtype) -> dict[s
     if missing:
         raise ValueError(f"{ckpt.path}: {len(missing)} of the model's tensors are not in the checkpoint under its "
                          f"names (first {missing[0]!r}); --stream reads checkpoints whose names are the model's")
+    unused = sorted(set(ckpt.files) - {k for k, _, _ in out.values()})
+    if unused:  # what from_pretrained reports as unexpected keys and does not load either
+        log.warning("sparsify --stream: %d tensors of the checkpoint are not the model's and are not written: %s",
+                    len(unused), ", ".join(unused[:4]))
     return out
 
 
@@ -175,10 +179,9 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
             for name in per_block[i]:
                 writer.write(name, state[name[len(prefix):]].detach().to(specs[name][2]))
             del state
-            release_(block)
+            release_(block)  # freed by refcount; glibc reuses the memory for the next block (no trim: no gc pass)
             if data:
                 kws[i] = None
-            trim()
             log.info("sparsify --stream: block %d/%d written", i + 1, len(blocks))
         files = writer.close()
         res.time_s["prune"] = round(time.time() - t_plan, 3)
