@@ -97,28 +97,55 @@ def _group(specs: dict, path: str, n_blocks: int) -> tuple[list[str], list[list[
     return outside, blocks
 
 
-def _read(ckpt: Checkpoint, model: nn.Module, specs: dict, names: list[str], strip: str = "") -> dict:
-    """``{name without strip: tensor}`` for ``names``: from the checkpoint, else (a buffer) the skeleton's own."""
-    keys = {n: specs[n][0] for n in names}
-    got = ckpt.read([k for k in keys.values() if k is not None])
-    state = model.state_dict(keep_vars=True) if None in keys.values() else {}
-    return {n[len(strip):]: (got[k] if k is not None else state[n].detach()) for n, k in keys.items()}
+class _Stream:
+    """The named steps of one streamed run: what it reads (``ckpt``), the skeleton it fills (``model``), what it
+    writes (``specs``: ``{name: (checkpoint key, shape, dtype written)}``, into ``writer``)."""
 
+    def __init__(self, model: nn.Module, ckpt: Checkpoint, specs: dict, writer, cfg: SparsifyConfig, device):
+        self.model, self.ckpt, self.specs, self.writer, self.cfg, self.device = model, ckpt, specs, writer, cfg, device
 
-def _capture(model, ckpt, specs, outside, ids, cfg, device):
-    """Block inputs and kwargs of the calibration ids, with the tensors outside the blocks read in for the
-    pass and freed after it (the LM head is never read: the pass stops at the last block)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = {n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight}
-    emb = model.get_input_embeddings()
-    skip -= {n for n, p in model.named_parameters(remove_duplicate=False) if p is emb.weight}
-    names = [n for n in outside if n not in skip]
-    materialize_(model, _read(ckpt, model, specs, names), device, complete=False)
-    try:
-        return capture_block_inputs(model, ids, cfg.batch_size)
-    finally:
-        release_(model, set(names))
-        trim()
+    def read(self, names: list[str], strip: str = "") -> dict:
+        """``{name without strip: tensor}``: from the checkpoint as stored, else (a buffer) the skeleton's own."""
+        keys = {n: self.specs[n][0] for n in names}
+        got = self.ckpt.read([k for k in keys.values() if k is not None])
+        state = self.model.state_dict(keep_vars=True) if None in keys.values() else {}
+        return {n[len(strip):]: (got[k] if k is not None else state[n].detach()) for n, k in keys.items()}
+
+    def capture(self, outside: list[str], ids: torch.Tensor) -> tuple[list, list]:
+        """Block inputs and kwargs of the calibration ids (``capture_block_inputs``), with the tensors outside
+        the blocks read in for the pass and freed after it (not the LM head: the pass stops at the last block)."""
+        model = self.model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        emb = model.get_input_embeddings()
+        skip = {n for n, p in model.named_parameters(remove_duplicate=False)
+                if head is not None and p is head.weight and p is not emb.weight}
+        names = [n for n in outside if n not in skip]
+        materialize_(model, self.read(names), self.device, complete=False)
+        try:
+            return capture_block_inputs(model, ids, self.cfg.batch_size)
+        finally:
+            release_(model, set(names))
+            trim()
+
+    def copy(self, names: list[str]) -> None:
+        """Write tensors outside the blocks as stored (cast to the written dtype), one at a time."""
+        for name in names:
+            self.writer.write(name, self.read([name])[name].to(self.specs[name][2]))
+
+    def block(self, block: nn.Module, prefix: str, names: list[str], selected: list[str], hidden, kws,
+              run: bool, conv1d: bool) -> tuple[list | None, dict]:
+        """Read one block (``names``: its tensors), prune its ``selected`` linears (:func:`sparsify_block`),
+        write it, put it back on meta; return the pruned block's outputs (when ``run``) and the records."""
+        materialize_(block, self.read(names, prefix), self.device)
+        rel = [n[len(prefix):] for n in selected]
+        hidden, recs = sparsify_block(block, rel, hidden, kws, self.cfg.sparsity, self.cfg, conv1d, run=run,
+                                      prefix=prefix)
+        state = block.state_dict(keep_vars=True)
+        for name in names:
+            self.writer.write(name, state[name[len(prefix):]].detach().to(self.specs[name][2]))
+        del state
+        release_(block)  # freed by refcount; glibc reuses the memory for the next block (no trim: no gc pass)
+        return hidden, {prefix + n: r for n, r in recs.items()}
 
 
 @torch.no_grad()
@@ -134,6 +161,7 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
     of the export, written to a temporary sibling and published like every shear export
     (``shear.prune.export.publish``)."""
     from shear.prune.export import _check_target, publish
+    from shear.shards import ShardWriter
 
     check_streamable(cfg)
     t0 = time.time()
@@ -156,35 +184,24 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     res = SparsifyResult(pruned=[n for i in sorted(selected) for n in selected[i]])
+    res.time_s["allocation"] = round(time.time() - t0, 3)  # uniform: only the selection
+    t_prune = time.time()
     try:
-        from shear.shards import ShardWriter
-
         order = outside + [n for names in per_block for n in names]  # the order they are written in
-        writer = ShardWriter(tmp, {n: tuple(specs[n][1:]) for n in order}, max_shard_size)
-        hidden, kws = _capture(model, ckpt, specs, outside, ids, cfg, device) if data else (None, None)
-        t_plan = time.time()
-        res.time_s["allocation"] = round(t_plan - t0, 3)
-        for name in outside:  # as stored, one tensor at a time
-            writer.write(name, _read(ckpt, model, specs, [name])[name].to(specs[name][2]))
+        run = _Stream(model, ckpt, specs, ShardWriter(tmp, {n: tuple(specs[n][1:]) for n in order}, max_shard_size),
+                      cfg, device)
+        hidden, kws = run.capture(outside, ids) if data else (None, None)
+        run.copy(outside)
         per_linear = {}
         for i, block in enumerate(blocks):
-            prefix = f"{bpath}.{i}."
-            materialize_(block, _read(ckpt, model, specs, per_block[i], prefix), device)
-            later = data and any(j > i for j in selected)
-            names = [n[len(prefix):] for n in selected.get(i, [])]
-            hidden, recs = sparsify_block(block, names, hidden, kws[i] if data else None, cfg.sparsity, cfg,
-                                          conv1d, run=later, prefix=prefix)
-            per_linear.update({prefix + n: r for n, r in recs.items()})
-            state = block.state_dict(keep_vars=True)
-            for name in per_block[i]:
-                writer.write(name, state[name[len(prefix):]].detach().to(specs[name][2]))
-            del state
-            release_(block)  # freed by refcount; glibc reuses the memory for the next block (no trim: no gc pass)
+            hidden, recs = run.block(block, f"{bpath}.{i}.", per_block[i], selected.get(i, []), hidden,
+                                     kws[i] if data else None, data and any(j > i for j in selected), conv1d)
+            per_linear.update(recs)
             if data:
                 kws[i] = None
             log.info("sparsify --stream: block %d/%d written", i + 1, len(blocks))
-        files = writer.close()
-        res.time_s["prune"] = round(time.time() - t_plan, 3)
+        files = run.writer.close()
+        res.time_s["prune"] = round(time.time() - t_prune, 3)
         _write_config(model, Path(path).expanduser(), tmp, DTYPES[written])
         publish(tmp, out, tokenizer, recipe)
     finally:
