@@ -58,8 +58,9 @@ def convert_gguf(src: str | Path, out: str | Path, dtype: str = "fp32", overwrit
         if not (out / "shear_gguf.json").is_file():
             raise FileExistsError(f"{out} exists and was not written by a GGUF conversion; not replacing it")
     torch_dtype = getattr(torch, DTYPES[dtype])
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype,
+                                                  trust_remote_code=False)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

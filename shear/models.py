@@ -8,6 +8,7 @@ trained to convergence) ships inside the package and is the benchmark teacher (d
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from contextlib import contextmanager
@@ -56,6 +57,18 @@ def reference_config(name: str = "reference", vocab_size: int = REFERENCE_VOCAB,
     return LlamaConfig(**kw)
 
 
+def resolve_device(device: str | None) -> str | None:
+    """A device name as this process should read it. ``auto``: this rank's GPU when CUDA is available, else
+    None (stay where the model is), so one recipe runs on a GPU node and on a CPU machine alike. A bare
+    ``cuda`` (or ``auto``) under a multi-process launch (``accelerate launch`` / ``torchrun`` set LOCAL_RANK)
+    is ``cuda:<LOCAL_RANK>``, the GPU accelerate gives that rank; without the index every rank would use GPU 0."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else None
+    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
 def resolve_model_path(path: str) -> str:
     """Map ``reference``/``reference-quick`` to their cache directories and ``reference-teacher`` to the
     package's own copy; other paths pass through."""
@@ -84,33 +97,58 @@ def st_transformer_dir(path: str) -> str:
     """A sentence-transformers directory that keeps its transformer in a subfolder (``modules.json`` naming
     a Transformer module at ``0_Transformer/``, the older layout, no ``config.json`` at the top) -> that
     subfolder; any other path unchanged. The export writes the modern layout (transformer at the top)."""
-    import json
-
     local = Path(path).expanduser()
     if not (local / "modules.json").is_file() or (local / "config.json").exists():
         return path
-    mods = json.loads((local / "modules.json").read_text())
+    mods = read_json(local / "modules.json")
     subs = [str(m.get("path", "")) for m in mods if m.get("type") == ST_TRANSFORMER and m.get("path")]
     if len(subs) == 1 and "/" not in subs[0] and (local / subs[0] / "config.json").is_file():
         return str(local / subs[0])
     return path
 
 
-def needs_remote_code(path: str) -> bool:
-    """True when a local model directory declares its own modeling code (per-layer pruned exports).
+def read_json(path: str | Path) -> dict:
+    """A JSON file of a model directory; a damaged one is an error naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"{path}: not valid JSON ({where}); restore the file (download or export the model "
+                         "again)") from None
 
-    Decided by ``auto_map`` in ``config.json`` only, never by ``model_type``."""
-    import json
 
-    cfg = Path(path) / "config.json"
-    return cfg.exists() and "auto_map" in json.loads(cfg.read_text())
+# Files whose ``auto_map`` names code shipped in the directory, and what that code builds.
+CODE_FILES = {"config.json": "modeling code (auto_map: per-layer pruned export)",
+              "tokenizer_config.json": "tokenizer code (auto_map in tokenizer_config.json)"}
+CONSENT = "pass --trust-remote-code (or model.trust_remote_code: true) to run it"
 
 
-def check_remote_code(path: str, trust_remote_code: bool) -> None:
-    """Refuse a directory that carries its own modeling code unless the user consented to run it."""
-    if not trust_remote_code and needs_remote_code(path):
-        raise ValueError(f"{path} carries its own modeling code (auto_map: per-layer pruned export); "
-                         "pass --trust-remote-code (or model.trust_remote_code: true) to run it")
+def needs_remote_code(path: str, file: str = "config.json") -> bool:
+    """True when ``file`` of a local directory declares code of its own (``auto_map``; per-layer pruned
+    exports in ``config.json``, custom tokenizers in ``tokenizer_config.json``), never by ``model_type``."""
+    f = Path(path).expanduser() / file
+    return f.is_file() and "auto_map" in read_json(f)
+
+
+def check_remote_code(path: str, trust_remote_code: bool, files: tuple[str, ...] = ("config.json",)) -> None:
+    """Refuse a directory whose ``files`` carry their own code unless the user consented to run it.
+
+    Loaders also pass ``trust_remote_code`` to transformers explicitly: ``None`` would make it ask on stdin
+    (y/N, 15 s) instead of refusing, so consent is the flag alone."""
+    for f in files:
+        if not trust_remote_code and needs_remote_code(path, f):
+            raise ValueError(f"{path} carries its own {CODE_FILES[f]}; {CONSENT}")
+
+
+# Sizes transformers fills with its defaults (a 7B model's) when config.json lacks them.
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
+
+
+def missing_size_keys(path: str | Path, config) -> list[str]:
+    """The :data:`SIZE_KEYS` of ``config``'s class that ``path/config.json`` does not set (under their
+    name or the family's alias, e.g. GPT-2's ``n_embd``)."""
+    raw, alias = read_json(Path(path) / "config.json"), getattr(config, "attribute_map", None) or {}
+    return [k for k in SIZE_KEYS if hasattr(config, k) and k not in raw and alias.get(k) not in raw]
 
 
 def check_local(path: str) -> None:
@@ -175,9 +213,18 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
     extra = {} if device_map is None else {"device_map": device_map}
     with _clear_errors(path):
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if Path(path).is_dir() and missing_size_keys(path, config):  # defaults assumed: do they fit the weights?
+            from shear.analyze.api import check_config_sizes, meta_model
+
+            check_config_sizes(Path(path), meta_model(path, trust_remote_code))
         auto = getattr(transformers, auto_class_for(config))
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                     **extra)
+        try:
+            model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **extra)
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            raise ValueError(f"{path}: config.json does not describe the weights (tensor shapes differ); fix its "
+                             "sizes (`shear analyze DIR` names the first tensor that differs)") from None
     if device:
         model.to(device)
     from shear.memory import trim
@@ -326,6 +373,8 @@ def _clear_errors(path: str):
 def _load_error(path: str, e: Exception) -> Exception:
     """The user-facing error for a failed ``from_pretrained`` (``e`` itself when it is not one we know)."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, ValueError) and "trust_remote_code=True" in str(e):
+        return ValueError(f"{path} carries its own code (auto_map); {CONSENT}")
     if type(e).__name__ == "SafetensorError" or isinstance(e, (EOFError, pickle.UnpicklingError)):
         return ValueError(f"{path}: corrupt or truncated weights file ({first})")
     if isinstance(e, OSError) and not Path(path).expanduser().exists():
@@ -337,16 +386,100 @@ def _load_error(path: str, e: Exception) -> Exception:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+# JSON files a tokenizer load reads (config.json: the tokenizer class of some models).
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json", "config.json")
 
 
-def load_tokenizer(path: str):
+def has_tokenizer(path: str) -> bool:
+    """True when a local directory holds tokenizer files."""
+    local = Path(resolve_model_path(path)).expanduser()
+    return local.is_dir() and any((local / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained`` on a model directory, a tokenizer-only directory (tokenizer
-    files, no config.json) or a hub name."""
+    files, no config.json) or a hub name. A tokenizer with code of its own (``auto_map`` in
+    ``tokenizer_config.json``) loads only with ``trust_remote_code`` (the user's consent); a damaged
+    tokenizer file is an error naming it."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(path)
     local = Path(path).expanduser()
-    if not (local.is_dir() and any((local / f).exists() for f in TOKENIZER_FILES)):
+    if not has_tokenizer(path):
         check_local(path)
-    with _clear_errors(path):
-        return AutoTokenizer.from_pretrained(path)
+    if local.is_dir():
+        for f in TOKENIZER_JSON:
+            if (local / f).is_file():
+                read_json(local / f)
+        check_remote_code(path, trust_remote_code, ("tokenizer_config.json",))
+    try:
+        with _clear_errors(path):
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers' parse errors are bare Exceptions
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: its tokenizer files could not be read ({first}); restore them (download or "
+                         "export the model again)") from e
+
+
+def check_finite(named, what: str, fix: str) -> None:
+    """Refuse the first of ``named`` (``(name, tensor)`` pairs; meta tensors skipped) holding nan or inf:
+    one pruned or sparsified from it would be garbage that still exits 0."""
+    for name, t in named:
+        if t.device.type != "meta":
+            bad = ~torch.isfinite(t.detach())
+            if bad.any():
+                raise FloatingPointError(f"{what} {name}: {int(bad.sum()):,} of {t.numel():,} values are not "
+                                         f"finite (nan/inf); {fix}")
+
+
+def check_weights_finite(model, path: str, prefix: str = "") -> None:
+    """Every parameter of a loaded model is finite (once, after loading, before pruning or training).
+    ``prefix``: the module path of ``model`` when it is one block of a streamed model."""
+    check_finite(((prefix + n, p) for n, p in model.named_parameters()), f"{path}: weight", "the checkpoint is "
+                 "damaged; restore it (download or export it again) or fix that tensor")
+
+
+def load_pretrained(path: str, dtype: str = "fp32", trust_remote_code: bool = False, tokenizer: str | None = None,
+                    device_map: str | dict | None = None, finite: bool = False):
+    """``(model, tokenizer)`` of a model directory, hub name or reference name: :func:`load_model` and
+    :func:`load_tokenizer` (from ``tokenizer`` when given) under one consent to run shipped code.
+    ``finite``: refuse a weight holding nan/inf (prune, sparsify and run; eval reports the perplexity)."""
+    model = load_model(path, dtype, trust_remote_code=trust_remote_code, device_map=device_map)
+    if finite:
+        check_weights_finite(model, path)
+    tok = load_tokenizer(tokenizer or path, trust_remote_code)
+    check_vocab(model, tok, path, tokenizer)
+    return model, tok
+
+
+def check_vocab(model, tokenizer, path: str, tokenizer_path: str | None = None) -> None:
+    """The tokenizer's ids must index the model's embedding (more tokens than rows: an IndexError mid-run).
+    Fewer is fine: embeddings are often padded to a multiple of 64."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    if tokenizer_path:
+        raise ValueError(f"{tokenizer_path}: the tokenizer has {len(tokenizer):,} tokens but the model {path} embeds "
+                         f"{rows:,}; give the model's own tokenizer (model.tokenizer)")
+    raise ValueError(f"{path}: its tokenizer has {len(tokenizer):,} tokens but its model embeds {rows:,}; the "
+                     "tokenizer files are not this model's: put the model's own tokenizer beside it")
+
+
+def _vocab_rows(model) -> int | None:
+    head = model.get_output_embeddings()
+    return None if head is None else head.weight.shape[0]
+
+
+def load_teacher(path: str, dtype: str, trust_remote_code: bool, student):
+    """The KD teacher at ``path``: finite weights, and the student's vocabulary (KD compares the two
+    next-token distributions id by id; a teacher of another tokenizer would be an error mid-run)."""
+    teacher = load_model(path, dtype, trust_remote_code=trust_remote_code)
+    check_weights_finite(teacher, path)
+    t, s = _vocab_rows(teacher), _vocab_rows(student)
+    if t is not None and s is not None and t != s:
+        raise ValueError(f"distill.teacher {path}: its vocabulary has {t:,} entries but the model's has {s:,}; "
+                         "KD needs a teacher with the model's tokenizer")
+    return teacher

@@ -3,10 +3,13 @@
 model -> (prune: analyze, score, plan, slice; or learn masks in training, then slice | sparsify: zero single weights) -> (train: recovery, with KD
 when distill is set; sparsify's zeros are kept) -> export (with sparsify: also OUTPUT_DIR/compressed)
 -> eval. The resolved recipe is written first, so a run that fails still says what it was;
-a directory belongs to one recipe (shear/rundir.py).
+a directory belongs to one recipe (shear/rundir.py). A ``--resume`` over a changed recipe writes
+nothing into the directory (recipe, run.json, stage reports) until training has restored its
+checkpoint: a resume that fails leaves the directory describing what is in it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from shear.config import Recipe
-from shear.rundir import OnChange, open_run_dir
+from shear.rundir import OnChange, locked, open_run_dir, record_run
 
 log = logging.getLogger("shear")
 
@@ -32,16 +35,16 @@ def seed_everything(seed: int) -> None:
 
 def build_model(recipe: Recipe, train_texts=None):
     """(model, tokenizer) for the recipe's model section: loaded, or built new for pretraining."""
-    from shear.models import load_model, load_tokenizer, reference_config
+    from shear.models import load_pretrained, load_tokenizer, reference_config
 
     m = recipe.model
     if m.init == "pretrained":
-        model = load_model(m.path, m.dtype, trust_remote_code=m.trust_remote_code, device_map=m.device_map)
-        return model, load_tokenizer(m.tokenizer or m.path)
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        return load_pretrained(m.path, m.dtype, m.trust_remote_code, tokenizer=m.tokenizer, device_map=m.device_map,
+                               finite=True)
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if m.tokenizer:
-        tok = AutoTokenizer.from_pretrained(m.tokenizer)
+        tok = load_tokenizer(m.tokenizer, m.trust_remote_code)
     else:
         from shear.data.text import load_text_splits
         from shear.data.tokenizer import train_bpe
@@ -61,8 +64,9 @@ def build_model(recipe: Recipe, train_texts=None):
 
 
 def check_lengths(recipe: Recipe, model) -> None:
-    """Every window the recipe will run through the model fits its positions (before any work)."""
-    from shear.eval.report import check_context
+    """Every window the recipe will run through the model fits its positions, and an eval section has a
+    causal LM to measure (before any work)."""
+    from shear.eval.report import check_causal, check_context
 
     if recipe.train is not None:
         check_context(model, recipe.data.seq_len, "data.seq_len")
@@ -72,6 +76,8 @@ def check_lengths(recipe: Recipe, model) -> None:
         check_context(model, recipe.sparsify.seq_len, "sparsify.seq_len")
     if recipe.eval is not None and recipe.eval.perplexity:
         check_context(model, recipe.eval.seq_len, "eval.seq_len")
+    if recipe.eval is not None:  # before the work, not at its end
+        check_causal(model, recipe.eval, str(recipe.model.path))
 
 
 def resolve_teacher(recipe: Recipe, model):
@@ -80,9 +86,9 @@ def resolve_teacher(recipe: Recipe, model):
     if d is None:
         return None
     if d.teacher is not None:
-        from shear.models import load_model
+        from shear.models import load_teacher
 
-        return load_model(d.teacher, d.teacher_dtype, trust_remote_code=recipe.model.trust_remote_code)
+        return load_teacher(d.teacher, d.teacher_dtype, recipe.model.trust_remote_code, model)
     return copy.deepcopy(model).eval()
 
 
@@ -100,7 +106,30 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     the export, the evaluation and the summary.
     """
     run = _Run(recipe, Path(out_dir or recipe.output_dir))
-    open_run_dir(recipe, run.out, on_change, write=run.main)
+    with locked(run.out) if run.main else contextlib.nullcontext():  # one command per directory
+        changes = open_run_dir(recipe, run.out, on_change, write=run.main)
+        run.pending = changes if run.main else {}
+        try:
+            return _run_stages(recipe, run)
+        finally:
+            run.discard_staged()
+
+
+def _run_stages(recipe: Recipe, run: _Run) -> dict:
+    if recipe.export is not None and run.main:  # a finished run is not redone only to be refused at the export
+        target = run.export_dir()
+        if (target / "config.json").exists() and not recipe.export.overwrite:
+            raise FileExistsError(f"{target} already holds a model (a finished run?): nothing redone; set "
+                                  "export.overwrite=true to replace it, pass --restart, or write elsewhere (-o)")
+    if run.main:  # what an interrupted export of an earlier run left behind
+        from shear.prune.export import remove_stale_staging
+
+        remove_stale_staging(run.out)
+        remove_stale_staging(run.out / "sparsify")  # the report, staged beside it
+        if recipe.export is not None and recipe.export.dir:
+            remove_stale_staging(run.export_dir())
+    if recipe.train is None or recipe.prune is not None and (recipe.prune.learn or recipe.prune.tune_rounds > 1):
+        run.validated()  # no checkpoint is resumed before the stages write (or they resume it themselves)
     seed_everything(recipe.seed)
     t0 = time.time()
     model, tok = build_model(recipe)
@@ -115,6 +144,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     if recipe.train is not None and "train" not in run.summary:
         model = run.train(model, teacher, masks)
     del teacher
+    run.validated()
     if recipe.export is not None and run.main:
         run.export(model)
     run.evaluate_as(model, "final")
@@ -137,6 +167,46 @@ class _Run:
         self._domains = None
         self.summary: dict = {"output_dir": str(out), "stages": []}
         self.evals: dict = {}
+        self.pending: dict = {}  # the changes a --resume continues over, recorded once the resume is validated
+        self._staged: dict[str, Path] = {}
+
+    def report_dir(self, name: str) -> Path | None:
+        """Where a stage writes its reports: OUT/NAME on rank 0; while a --resume is not validated yet, a staging
+        directory beside it that :meth:`validated` moves in (a resume that fails leaves OUT/NAME as it was)."""
+        if not self.main:
+            return None
+        if not self.pending:
+            return self.out / name
+        from shear.prune.export import staging_dir
+
+        self._staged[name] = staging_dir(self.out / name)
+        return self._staged[name]
+
+    def validated(self) -> None:
+        """The resume fits the changed recipe: record the change (recipe.yaml, run.json), move staged reports in."""
+        if not self.pending:
+            return
+        from shear.prune.export import move_in
+
+        for name, tmp in self._staged.items():
+            if not tmp.is_dir():
+                continue
+            report = self.summary.get(name) or {}
+            if "plot" in report:  # the report names its plot where it will be
+                report["plot"] = str(self.out / name / Path(report["plot"]).name)
+                (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+            staged = sorted(tmp.iterdir(), key=lambda f: f.name == "report.json")  # the report last
+            move_in([], [(f, self.out / name / f.name) for f in staged])
+        self.discard_staged()
+        record_run(self.recipe, self.out, self.pending)
+        self.pending = {}
+
+    def discard_staged(self) -> None:
+        import shutil
+
+        for tmp in self._staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._staged = {}
 
     def evaluate_as(self, model, name: str) -> None:
         """Rank 0 evaluates the model as it is now under ``name`` (when the recipe has an eval section)."""
@@ -161,7 +231,7 @@ class _Run:
         from shear.prune.pipeline import prune_with_vocab
 
         model, self.tok, summary["prune"] = prune_with_vocab(model, self.tok, recipe.prune, recipe.importance,
-                                                             self.out / "prune" if self.main else None,
+                                                             self.report_dir("prune"),
                                                              data=recipe.data, teacher=teacher)
         summary["stages"].append("prune")
         if recipe.train is not None:
@@ -189,7 +259,7 @@ class _Run:
         train_ds, val_ds, domains = self.datasets(teacher)
         model, self.summary["prune"] = learn_masks(
             model, recipe.prune, recipe.train, train_ds, val_ds, self.out / "learn", teacher=teacher,
-            distill=recipe.distill, tokenizer=self.tok, domains=domains, report_dir=self.out / "prune" if self.main else None,
+            distill=recipe.distill, tokenizer=self.tok, domains=domains, report_dir=self.report_dir("prune"),
             importance=recipe.importance, data=recipe.data)
         self.summary["stages"].append("prune")
         self.evaluate_as(model, "pruned")
@@ -201,7 +271,7 @@ class _Run:
 
         self.evaluate_as(model, "original")
         model, self.summary["sparsify"] = run_sparsify(model, self.tok, self.recipe.sparsify,
-                                                       self.out / "sparsify" if self.main else None, data=self.recipe.data)
+                                                       self.report_dir("sparsify"), data=self.recipe.data)
         self.summary["stages"].append("sparsify")
         masks = zero_masks(model, self.summary["sparsify"]["pruned"])  # training keeps these zeros
         if self.recipe.train is not None:
@@ -214,13 +284,20 @@ class _Run:
         recipe = self.recipe
         train_ds, val_ds, domains = self.datasets(teacher)
         result = train(model, train_ds, val_ds, recipe.train, self.out / "train", teacher=teacher,
-                       distill=recipe.distill, tokenizer=self.tok, masks=masks, domains=domains)
+                       distill=recipe.distill, tokenizer=self.tok, masks=masks, domains=domains,
+                       on_start=self.validated)
         self.summary["train"] = result.metrics
         self.summary["stages"].append("train")
         return result.model
 
+    def export_dir(self) -> Path:
+        from shear.models import cache_dir
+
+        d = self.recipe.export.dir
+        return Path(d.replace("{cache}", str(cache_dir()))).expanduser() if d else self.out / "model"
+
     def export(self, model) -> None:
-        from shear.models import cache_dir, cast_weights_, export_dtype
+        from shear.models import cast_weights_, export_dtype
         from shear.prune.export import export
 
         recipe, summary = self.recipe, self.summary
@@ -231,16 +308,15 @@ class _Run:
         # so the model evaluated here is the model that reloads
         cast_weights_(model, dtype)
         shards = recipe.export.max_shard_size
-        target = (Path(recipe.export.dir.replace("{cache}", str(cache_dir()))).expanduser()
-                  if recipe.export.dir else self.out / "model")
+        target = self.export_dir()
         as_json = recipe.model_dump(mode="json")
         if recipe.sparsify is not None:  # the dense form, plus the compressed-tensors form and bytes on disk
-            from shear.sparse.pipeline import export_sparse, write_report
+            from shear.sparse.pipeline import export_sparse
 
             export_sparse(model, summary["sparsify"], recipe.sparsify, target,
                           self.out / "compressed" if recipe.sparsify.compressed else None, tokenizer=self.tok,
-                          recipe=as_json, overwrite=recipe.export.overwrite, max_shard_size=shards)
-            write_report(summary["sparsify"], self.out / "sparsify")
+                          recipe=as_json, overwrite=recipe.export.overwrite, max_shard_size=shards,
+                          report_dir=self.out / "sparsify")
         else:
             export(model, target, tokenizer=self.tok, recipe=as_json, overwrite=recipe.export.overwrite,
                    max_shard_size=shards)

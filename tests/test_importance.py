@@ -186,3 +186,17 @@ def test_analyzer_graph_scores_every_group(tiny_llama, ids):
         scores, _ = score(tiny_llama, g, ImportanceConfig(estimator=est), ids)
         assert set(scores) == {x.name for x in g.groups}
         assert all(s.shape == (g[n].num_units,) and torch.isfinite(s).all() for n, s in scores.items())
+
+
+def test_column_criteria_follow_the_weights_device():
+    """Calibration statistics are CPU fp64; scoring a model on a GPU multiplies them with GPU weights. A meta
+    weight stands in for the GPU here: a CPU tensor times a meta (or CUDA) tensor is a device error."""
+    from shear.importance import criteria as C
+
+    w = torch.randn(3, 4)
+    x_sum, x_sqsum = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 2
+    for fn, args in ((C.flap_columns, (x_sum, x_sqsum, 10)), (C.wanda_columns, (x_sqsum,))):
+        assert fn(w.to("meta"), *args).device.type == "meta"
+        assert fn(w, *args).shape == (4,)
+    expected = ((x_sqsum - 10 * (x_sum / 10) ** 2) / 9).clamp_min(0).float() * (w ** 2).sum(0)
+    assert torch.allclose(C.flap_columns(w, x_sum, x_sqsum, 10), expected)

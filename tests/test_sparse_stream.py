@@ -126,7 +126,7 @@ def test_cli_stream_report_and_refusals(tiny_lm_dir, tiny_text, tmp_path, capsys
     assert "add --no-compressed" in capsys.readouterr().err
     assert main(base + ["--no-compressed", "--allocation", "owl", "-o", str(tmp_path / "a")]) == 2
     assert "OWL" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "a" / "model").exists()  # refused before any work (OUT holds only the lock)
     assert main(base + ["--no-compressed", "-o", str(tmp_path / "a")]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["stream"] and report["calibration"] == [4, 32] and str(text) in report["calibration_text"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,9 @@ from shear.eval.perplexity import eval_text, load_eval_text
 from shear.models import load_model, load_tokenizer
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 ALLOCATIONS = ("uniform", "global", "pool")
 
@@ -39,7 +44,7 @@ def main(argv=None) -> None:
     def ppl(m):
         return eval_text(m, tok, text, seq_len=128, max_windows=args.ppl_windows, batch_size=8).ppl
 
-    rows = [{"ratio": 0.0, "allocation": "dense", "ppl": ppl(dense), "removed": 0.0}]
+    rows = [{"ratio": 0.0, "allocation": "dense", "ppl": ppl(dense), "removed": 0.0, "heads_kept": 1.0, "mlp_kept": 1.0}]
     for r in args.ratios:
         for alloc in ALLOCATIONS:
             m = copy.deepcopy(dense)
@@ -50,14 +55,9 @@ def main(argv=None) -> None:
                          "heads_kept": sum(wa["heads"]) / sum(wb["heads"]),
                          "mlp_kept": sum(wa["intermediate"]) / sum(wb["intermediate"])})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| target | allocation | removed | query heads kept | MLP channels kept | held-out PPL |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for x in rows:
-        if x["allocation"] == "dense":
-            print(f"| 0 | dense | 0 | 1.00 | 1.00 | {x['ppl']:.2f} |")
-            continue
-        print(f"| {x['ratio']:.0%} | {x['allocation']} | {x['removed']:.1%} | {x['heads_kept']:.2f} | "
-              f"{x['mlp_kept']:.2f} | {x['ppl']:.2f} |")
+    print("\n" + benchlib.table(rows, [("ratio", "target", ".0%"), ("allocation", "allocation"), ("removed", "removed", ".1%"),
+                                      ("heads_kept", "query heads kept", ".2f"), ("mlp_kept", "MLP channels kept", ".2f"),
+                                      ("ppl", "held-out PPL", ".2f")], align="rlrrrr"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

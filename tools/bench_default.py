@@ -6,13 +6,12 @@ Shakespeare), beside the real-model rows of tools/bench_real.py. A default must 
 Same protocol as the toy tables in docs/BENCHMARKS.md: held-out Shakespeare (macbeth + tempest) as one
 stream, non-overlapping 128-token windows, the first 200; calibration is what each plan's defaults
 resolve to for this model (the text it was trained on: 32 x 128 Shakespeare tokens). No recovery.
-Every row is exported and reloaded in a fresh process (``benchlib``-style reload) before it is scored.
+Every row is exported and reloaded in a fresh process (``benchlib.load_pretrained``) before it is scored.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,25 +32,19 @@ CANDIDATES = [
 ]
 
 EVAL = """
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from shear.eval.perplexity import eval_text, load_eval_text
+import json, sys
 sys.path.insert(0, sys.argv[2])
 import benchlib
-d = sys.argv[1]
-remote = benchlib.shear_modeling_file(d)  # only shear's own per-layer modeling file, never another auto_map
-m, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote, output_loading_info=True)
-assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-tok = AutoTokenizer.from_pretrained(d, trust_remote_code=remote)
-r = eval_text(m.eval(), tok, load_eval_text("shakespeare", "validation"), seq_len=128, max_windows=200, batch_size=8)
+from shear.eval.perplexity import eval_text, load_eval_text
+m, tok = benchlib.load_pretrained(sys.argv[1])  # shear's own per-layer modeling file only; every key loaded
+r = eval_text(m, tok, load_eval_text("shakespeare", "validation"), seq_len=128, max_windows=200, batch_size=8)
 print(json.dumps({"ppl": r.ppl, "params": sum(p.numel() for p in m.parameters())}))
 """
 
 
 def fresh(model_dir: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", EVAL, model_dir, str(Path(__file__).resolve().parent)], capture_output=True, text=True, check=True,
-                       stdin=subprocess.DEVNULL)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    """The toy protocol on ``model_dir`` reloaded in a fresh process (the directory alone, as a user gets it)."""
+    return benchlib.fresh_json(["-c", EVAL, model_dir, str(Path(__file__).resolve().parent)])
 
 
 def main(argv=None) -> int:

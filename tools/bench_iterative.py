@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,10 +79,12 @@ def main(argv=None) -> int:
     d = rows[0][3]
     lines = [f"reference model, {a.ratio:.0%} params pruned ({a.estimator}, heads+mlp, global), CE+KD (0.5/0.5) from "
              f"dense, {a.steps} steps x {a.batch_size} x {a.seq_len} tokens per variant, lr {a.lr}; held-out PPL "
-             f"= eval_text(validation, seq_len {a.seq_len}, max_windows {a.max_windows})", "",
-             "| run | params | steps | held-out PPL | x dense | wall s | notes |", "|---|---:|---:|---:|---:|---:|---|"]
-    for name, n, steps, p, wall, note in rows:
-        lines.append(f"| {name} | {n:,} | {steps} | {p:.2f} | {p / d:.2f} | {wall or '-'} | {note} |")
+             f"= eval_text(validation, seq_len {a.seq_len}, max_windows {a.max_windows})", ""]
+    cells = [{"run": name, "params": n, "steps": steps, "ppl": p, "x": p / d, "wall": wall or "-", "note": note}
+             for name, n, steps, p, wall, note in rows]
+    lines.append(benchlib.table(cells, [("run", "run"), ("params", "params"), ("steps", "steps", ""),
+                                        ("ppl", "held-out PPL", ".2f"), ("x", "x dense", ".2f"), ("wall", "wall s", ""),
+                                        ("note", "notes")], align="lrrrrrl"))
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

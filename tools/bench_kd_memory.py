@@ -9,10 +9,11 @@ MALLOC_MMAP_THRESHOLD_=131072 so freed large blocks leave RSS at once (glibc wou
 """
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 
 def _peak_mb(device) -> float:
@@ -20,7 +21,7 @@ def _peak_mb(device) -> float:
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return benchlib.proc_mb("VmHWM")
 
 
 def run_one(mode: str, a) -> dict:
@@ -42,7 +43,7 @@ def run_one(mode: str, a) -> dict:
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before = _peak_mb(dev) if dev == "cuda" else _rss_now_mb()
+    before = _peak_mb(dev) if dev == "cuda" else benchlib.proc_mb("VmRSS")
     if mode == "naive":
         s_logits = head_s(h_s)
         with torch.no_grad():
@@ -55,11 +56,6 @@ def run_one(mode: str, a) -> dict:
         torch.cuda.synchronize()
     peak = _peak_mb(dev)
     return {"mode": mode, "device": dev, "loss": float(ce + kd), "peak_mb_over_baseline": round(peak - before, 1)}
-
-
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def main() -> int:
@@ -75,10 +71,9 @@ def main() -> int:
         return 0
     rows = []
     for mode in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(a.tokens), "--hidden", str(a.hidden),
-               "--vocab", str(a.vocab), "--chunk", str(a.chunk)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big blocks mmap'd: RSS drops on free
-        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]))
+        argv = [__file__, "--child", mode, "--tokens", str(a.tokens), "--hidden", str(a.hidden), "--vocab", str(a.vocab),
+                "--chunk", str(a.chunk)]
+        rows.append(benchlib.fresh_json(argv, env={"MALLOC_MMAP_THRESHOLD_": "131072"}))  # big blocks mmap'd: RSS drops on free
     full = a.tokens * a.vocab * 4 / 2**20
     print(f"tokens={a.tokens} hidden={a.hidden} vocab={a.vocab} chunk={a.chunk} device={rows[0]['device']}; "
           f"one fp32 [tokens x vocab] tensor = {full:.0f} MiB")

@@ -6,7 +6,8 @@ llm-compressor pins an older transformers than shear, so it lives in its own vir
 this script (``--venv``, default ``~/.cache/shear/llmc-venv``): ``pip install torch==TORCH`` first (the
 CPU wheel; a plain torch requirement pulls a multi-GB CUDA build), then ``llmcompressor==LLMC``.
 Every run is its own process: shear's in this interpreter, llm-compressor's in that venv's (this same
-file, ``--worker``, which imports neither shear nor anything outside that venv). Both read:
+file, ``--worker``, which imports neither shear nor anything outside that venv but ``tools/benchlib.py``, whose
+import is the standard library's alone). Both read:
 
 - the same model directory (fp32);
 - the same calibration token ids, ``calib.pt`` in the output directory: ``--n-samples`` windows of
@@ -52,11 +53,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 TORCH = "2.13.0"
 LLMC = "0.14.0.1"  # resolves transformers 5.17.0, compressed-tensors 0.19.0 beside torch 2.13.0+cpu
@@ -85,17 +88,10 @@ def ensure_venv(venv: Path) -> Path:
 def venv_versions(py: Path) -> dict:
     code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
             "('torch', 'transformers', 'llmcompressor', 'compressed-tensors', 'accelerate')}))")
-    return json.loads(subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True).stdout)
+    return benchlib.fresh_json(["-c", code], python=str(py))
 
 
 # ---------------------------------------------------------------- workers (one process per run)
-
-def _proc_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
 
 class _PruneMemory:
     """RSS before the prune call and VmHWM after it, the high-water mark reset at the start."""
@@ -104,26 +100,26 @@ class _PruneMemory:
         import gc
 
         gc.collect()
-        self.hwm_before = _proc_kb("VmHWM")  # the load's peak, before the reset
+        self.hwm_before = benchlib.proc_mb("VmHWM")  # the load's peak, before the reset
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
             self.reset = True
         except OSError:
             self.reset = False
-        self.rss0 = _proc_kb("VmRSS")
+        self.rss0 = benchlib.proc_mb("VmRSS")
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-        self.hwm = _proc_kb("VmHWM")
+        self.hwm = benchlib.proc_mb("VmHWM")
 
     def record(self) -> dict:
         """Called after the save: ``peak_mb`` is the whole process's high-water RSS (load, prune, save)."""
-        end = _proc_kb("VmHWM")
-        return {"prune_s": round(self.seconds, 2), "rss_before_mb": round(self.rss0 / 1024, 1),
-                "prune_peak_mb": round((self.hwm - self.rss0) / 1024, 1) if self.reset else None,
-                "peak_mb": round(max(self.hwm_before, end) / 1024, 1)}
+        end = benchlib.proc_mb("VmHWM")
+        return {"prune_s": round(self.seconds, 2), "rss_before_mb": round(self.rss0, 1),
+                "prune_peak_mb": round(self.hwm - self.rss0, 1) if self.reset else None,
+                "peak_mb": round(max(self.hwm_before, end), 1)}
 
 
 def _batches(ids, batch_size: int):
@@ -252,19 +248,15 @@ def worker_main(kind: str, spec_path: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 def run_one(py: str, kind: str, spec: dict, log) -> dict:
-    """One run in its own process and its wall time. Its peak RSS is read by the process itself (VmHWM):
-    ``ru_maxrss`` from wait4 / RUSAGE_CHILDREN starts from the parent's high-water mark at fork (Linux
-    carries it into the child across exec), so it measured this driver, not the run."""
+    """One run in its own process of ``py`` (``benchlib.measure``: wall time, exit code, and the peak RSS the
+    process reads itself, VmHWM, not ``ru_maxrss`` of a child, which starts from this driver's mark), and what
+    the worker recorded (``bench_run.json``); no PYTHONPATH, so llm-compressor's venv sees nothing of shear's."""
     spec_path = Path(spec["out"] + ".json")
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("PYTHONPATH", None)
-    t0 = time.perf_counter()
-    rc = subprocess.run([py, __file__, "--worker", kind, str(spec_path)], stdout=log, stderr=subprocess.STDOUT,
-                        env=env).returncode
-    rec = {"tool": kind, "method": spec["method"], "point": spec["point"],
-           "wall_s": round(time.perf_counter() - t0, 2), "rc": rc}
+    meas = benchlib.measure([__file__, "--worker", kind, str(spec_path)], log=log, threads=spec["threads"], python=py,
+                            env={"MKL_NUM_THREADS": spec["threads"], "PYTHONPATH": None})
+    rc = meas.pop("rc")
+    rec = {"tool": kind, "method": spec["method"], "point": spec["point"], **meas, "rc": rc}
     done = Path(spec["out"], "bench_run.json")
     if rc == 0 and done.exists():
         rec.update(json.loads(done.read_text()))
@@ -301,25 +293,25 @@ def check_and_score(run_dir: str, dense, tok, text: str, windows: int, point: st
 
 
 def table(results: list[dict], dense_ppl: float) -> str:
-    rows = ["| method | point | shear PPL | llm-c PPL | shear/llm-c PPL | shear wall s | llm-c wall s | "
-            "shear prune s | llm-c prune s | shear peak MB | llm-c peak MB | shear prune Δ MB | llm-c prune Δ MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """shear and llm-compressor side by side, one row per (method, point)."""
     by = {(r["tool"], r["method"], r["point"]): r for r in results}
+    rows = []
     for m in METHODS:
         for pt in POINTS:
             s, c = by.get(("shear", m, pt)), by.get(("llmc", m, pt))
             if s is None and c is None:
                 continue
-
-            def f(r, k, fmt="{:.2f}"):
-                return "n/a" if r is None or r.get(k) is None else fmt.format(r[k])
-            ratio = f"{s['ppl'] / c['ppl']:.3f}" if s and c and s.get("ppl") and c.get("ppl") else "n/a"
-            label = pt if ":" in pt else f"{float(pt):.0%}"
-            rows.append(f"| {m} | {label} | {f(s, 'ppl')} | {f(c, 'ppl')} | {ratio} | {f(s, 'wall_s', '{:.1f}')} | "
-                        f"{f(c, 'wall_s', '{:.1f}')} | {f(s, 'prune_s', '{:.1f}')} | {f(c, 'prune_s', '{:.1f}')} | "
-                        f"{f(s, 'peak_mb', '{:.0f}')} | {f(c, 'peak_mb', '{:.0f}')} | "
-                        f"{f(s, 'prune_peak_mb', '{:.1f}')} | {f(c, 'prune_peak_mb', '{:.1f}')} |")
-    return f"dense PPL {dense_ppl:.3f}\n\n" + "\n".join(rows)
+            row = {"method": m, "point": pt if ":" in pt else f"{float(pt):.0%}",
+                   "ratio": s["ppl"] / c["ppl"] if s and c and s.get("ppl") and c.get("ppl") else None}
+            for tool, r in (("shear", s), ("llmc", c)):
+                row.update({f"{tool} {k}": r and r.get(k) for k in ("ppl", "wall_s", "prune_s", "peak_mb", "prune_peak_mb")})
+            rows.append(row)
+    cols = [("method", "method"), ("point", "point"), ("shear ppl", "shear PPL", ".2f"), ("llmc ppl", "llm-c PPL", ".2f"),
+            ("ratio", "shear/llm-c PPL", ".3f")]
+    for k, head, spec in (("wall_s", "wall s", ".1f"), ("prune_s", "prune s", ".1f"), ("peak_mb", "peak MB", ".0f"),
+                          ("prune_peak_mb", "prune Δ MB", ".1f")):
+        cols += [(f"shear {k}", f"shear {head}", spec), (f"llmc {k}", f"llm-c {head}", spec)]
+    return f"dense PPL {dense_ppl:.3f}\n\n" + benchlib.table(rows, cols, missing="n/a")
 
 
 def main(argv=None) -> None:

@@ -26,21 +26,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -104,23 +96,21 @@ def main(argv=None) -> int:
     cmd = " ".join(shlex.quote(x) for x in [f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}",
                                             "python", "tools/bench_loraprune.py", *(argv or sys.argv[1:])])
     lines = [f"    {cmd}", "",
-             f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} torch threads.", "",
+             f"Machine: {benchlib.machine_line()}.", "",
              f"{a.model} ({n_params(dense):,} params, held-out PPL {dense_ppl:.2f}), {a.ratio:.0%} of parameters "
              f"removed (heads + MLP, {a.allocation} allocation), prune-while-tuning in {a.rounds} rounds, {a.steps} LoRA steps in all "
              f"(r {a.lora_r}, alpha {a.lora_alpha:g}, lr {a.lr}) x {a.batch_size} x {a.seq_len} tokens, CE+KD 0.5/0.5 "
              f"from the dense model. Held-out PPL = eval_text(validation, seq_len {a.seq_len}, "
-             f"max_windows {a.max_windows}); per-round PPL = the trainer's validation PPL after each round.", "",
-             "| criterion | seed | params (target) | steps | held-out PPL | x dense | per-round PPL | wall s |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
-    for r in rows:
-        rounds = " / ".join(f"{v:.1f}" for v in r["round_val_ppl"])
-        lines.append(f"| {r['criterion']} | {r['seed']} | {r['params']:,} ({r['target']:,}) | {r['steps']} | "
-                     f"{r['ppl']:.2f} | {r['ppl'] / dense_ppl:.2f} | {rounds} | {r['wall_s']} |")
+             f"max_windows {a.max_windows}); per-round PPL = the trainer's validation PPL after each round.", ""]
+    cells = [{**r, "params": f"{r['params']:,} ({r['target']:,})", "x": r["ppl"] / dense_ppl,
+              "rounds": " / ".join(f"{v:.1f}" for v in r["round_val_ppl"])} for r in rows]
     for crit in a.criteria.split(","):
         ps = [r["ppl"] for r in rows if r["criterion"] == crit]
         mean = sum(ps) / len(ps)
-        lines.append(f"| **{crit} mean** | | | | **{mean:.2f}** | {mean / dense_ppl:.2f} | | |")
+        cells.append({"criterion": f"**{crit} mean**", "ppl": f"**{mean:.2f}**", "x": mean / dense_ppl})
+    lines.append(benchlib.table(cells, [("criterion", "criterion"), ("seed", "seed", ""), ("params", "params (target)"),
+                                        ("steps", "steps", ""), ("ppl", "held-out PPL", ".2f"), ("x", "x dense", ".2f"),
+                                        ("rounds", "per-round PPL"), ("wall_s", "wall s", "")], align="lrrrrrlr"))
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

@@ -36,6 +36,7 @@ import html
 import importlib.util
 import json
 import re
+import sys
 import tempfile
 import time
 import zipfile
@@ -51,6 +52,9 @@ from shear.prune.vocab import VocabConfig, select_vocab, token_counts, trim_voca
 from shear.train.config import DistillConfig, TrainConfig
 from shear.train.losses import mean_pool
 from shear.train.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 TOPICS = {
     "weather": ["It is raining heavily in the city today.", "The forecast says tomorrow will be sunny and warm.",
@@ -323,19 +327,21 @@ def main():
            "dense_shape": shape(dense), "base_shape": shape(base), "teacher_vs_dense": quality(dense_e, base_e),
            "eval_tokens_outside_vocab": sorted({t for s in SENTENCES for t in tok.tokenize(s)} - set(btok.get_vocab()))}
     print(json.dumps(out, indent=1))
-    print("| params removed (of all) | shape after | variant | mean cosine | Spearman | vs vocab-trimmed teacher (cos / Sp.) "
-          "| sent/s b1 (vs dense) | sent/s b32 (vs dense) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| 0% | {shape(dense)} | dense | 1.000 | 1.000 | - | {tp['dense@1']:.1f} | {tp['dense@32']:.1f} |")
+    cells = [{"removed": "0%", "shape": shape(dense), "variant": "dense", "cosine": 1.0, "spearman": 1.0, "teacher": "-",
+              "b1": f"{tp['dense@1']:.1f}", "b32": f"{tp['dense@32']:.1f}"}]
     for r in rows:
         n = f"{r['ratio']}"
         for v in ("pruned", "pruned+kd"):
             if v in r:
                 q, qt = r[v], r[v + "_vs_teacher"]
                 name = v.replace("+kd", " + KD") if r["removed"] > 1 - n_params(base) / n_dense + 1e-6 else "vocabulary only"
-                print(f"| {r['removed']:.1%} | {r['shape']} | {name} | {q['cosine']:.3f} | {q['spearman']:.3f} | "
-                      f"{qt['cosine']:.3f} / {qt['spearman']:.3f} | {tp[n + '@1']:.1f} ({tp[n + '@1'] / tp['dense@1']:.2f}x) | "
-                      f"{tp[n + '@32']:.1f} ({tp[n + '@32'] / tp['dense@32']:.2f}x) |")
+                cells.append({"removed": f"{r['removed']:.1%}", "shape": r["shape"], "variant": name, **q,
+                              "teacher": f"{qt['cosine']:.3f} / {qt['spearman']:.3f}",
+                              **{f"b{b}": f"{tp[f'{n}@{b}']:.1f} ({tp[f'{n}@{b}'] / tp[f'dense@{b}']:.2f}x)" for b in (1, 32)}})
+    print(benchlib.table(cells, [("removed", "params removed (of all)"), ("shape", "shape after"), ("variant", "variant"),
+                                 ("cosine", "mean cosine", ".3f"), ("spearman", "Spearman", ".3f"),
+                                 ("teacher", "vs vocab-trimmed teacher (cos / Sp.)"), ("b1", "sent/s b1 (vs dense)"),
+                                 ("b32", "sent/s b32 (vs dense)")]))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
 

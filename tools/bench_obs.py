@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,9 @@ from shear.importance import ESTIMATORS
 from shear.models import load_model, load_tokenizer
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 #: (label, estimator, allocation, standardize, finish); finish: "own" (FLAP: mean biases; OBS: the refit),
 #: "slice" (OBS plan, the refit replaced by nothing), "flap" (OBS plan, FLAP's mean biases instead of the refit)
@@ -89,12 +94,10 @@ def main(argv=None) -> None:
                          "removed": rep["removed_ratio"], "heads_kept": sum(wa["heads"]) / sum(wb["heads"]),
                          "mlp_kept": sum(wa["intermediate"]) / sum(wb["intermediate"]), "seconds": sec})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| target | method | allocation | removed | query heads kept | MLP channels kept | prune s "
-          "| held-out PPL |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
-    for x in rows:
-        print(f"| {x['ratio']:.0%} | {x['method']} | {x['allocation']} | {x['removed']:.1%} | {x['heads_kept']:.2f} | "
-              f"{x['mlp_kept']:.2f} | {x['seconds']:.1f} | {x['ppl']:.2f} |")
+    print("\n" + benchlib.table(rows, [("ratio", "target", ".0%"), ("method", "method"), ("allocation", "allocation"),
+                                      ("removed", "removed", ".1%"), ("heads_kept", "query heads kept", ".2f"),
+                                      ("mlp_kept", "MLP channels kept", ".2f"), ("seconds", "prune s", ".1f"),
+                                      ("ppl", "held-out PPL", ".2f")], align="rllrrrrr"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 
 def main(path: str) -> None:
@@ -20,22 +24,20 @@ def main(path: str) -> None:
     for section, rs in by_section.items():
         targets = sorted({r["target"] for r in rs})
         print(f"#### {section}\n")
-        print("| method | allocation | " + " | ".join(f"PPL @{t:.0%} (removed)" for t in targets) + " | scoring s |")
-        print("|---|---|" + "---|" * len(targets) + "---|")
-        table = defaultdict(dict)
+        by = defaultdict(dict)
         for r in rs:
-            table[(r["method"], r["allocation"])][r["target"]] = r
-        for (method, alloc), cells in table.items():
-            vals = " | ".join(f"{cells[t]['ppl']:.1f} ({cells[t]['removed']:.1%})" if t in cells else "-" for t in targets)
-            wall = max(c["wall_s"] for c in cells.values())
-            print(f"| {method} | {alloc} | {vals} | {wall:.2f} |")
+            by[(r["method"], r["allocation"])][r["target"]] = r
+        cells = [{"method": method, "allocation": alloc, "wall": max(c["wall_s"] for c in cs.values()),
+                  **{t: f"{cs[t]['ppl']:.1f} ({cs[t]['removed']:.1%})" for t in cs}} for (method, alloc), cs in by.items()]
+        print(benchlib.table(cells, [("method", "method"), ("allocation", "allocation")]
+                             + [(t, f"PPL @{t:.0%} (removed)") for t in targets] + [("wall", "scoring s", ".2f")],
+                             missing="-"))
         speed = [r for r in rs if "prefill_speedup" in r]
         if speed:
-            print("\n| method | allocation | target | removed | MAC ratio (ideal speedup) | prefill speedup | decode speedup |")
-            print("|---|---|---|---|---|---|---|")
-            for r in speed:
-                print(f"| {r['method']} | {r['allocation']} | {r['target']:.0%} | {r['removed']:.1%} | "
-                      f"{r['mac_ratio']:.3f} ({1 / r['mac_ratio']:.2f}x) | {r['prefill_speedup']:.2f}x | {r['decode_speedup']:.2f}x |")
+            print("\n" + benchlib.table(speed, [
+                ("method", "method"), ("allocation", "allocation"), ("target", "target", ".0%"),
+                ("removed", "removed", ".1%"), ("mac_ratio", "MAC ratio (ideal speedup)", lambda m: f"{m:.3f} ({1 / m:.2f}x)"),
+                ("prefill_speedup", "prefill speedup", "{:.2f}x".format), ("decode_speedup", "decode speedup", "{:.2f}x".format)]))
         print()
 
 

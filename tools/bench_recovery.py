@@ -21,18 +21,8 @@ from pathlib import Path
 
 import torch
 
-
-def machine() -> str:
-    """CPU model (/proc/cpuinfo), cores, torch version and threads: the line every table carries."""
-    import os
-    import platform
-
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 
 def hf_trainer_lora(model, train_ds, a, out: Path) -> float:
@@ -121,15 +111,15 @@ def main(argv=None) -> int:
     dense_ppl = rows[0][2]
     control = next((p for n, _, p, _ in rows if n.startswith("control")), None)
     keys = ("seq_len", "stride", "windows", "tokens_scored")
-    lines = [f"machine: {machine()}",
+    lines = [f"machine: {benchlib.machine_line()}",
              f"held-out PPL: {a.data} validation, " + ", ".join(f"{k}={protocol[k]}" for k in keys if k in protocol),
              f"tokens per variant: {a.steps * a.batch_size * a.seq_len:,} ({a.steps} steps x {a.batch_size} x "
-             f"{a.seq_len}); params {report.get('params_before')} -> {report.get('params_after')}", "",
-             "| run | weights | held-out PPL | x dense | x control | tokens/s |", "|---|---|---:|---:|---:|---:|"]
-    for name, mode, p, tps in rows:
-        cells = [name, mode or "-", f"{p:.2f}" if p else "-", f"{p / dense_ppl:.3f}" if p else "-",
-                 f"{p / control:.3f}" if p and control else "-", f"{tps:.0f}" if tps else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+             f"{a.seq_len}); params {report.get('params_before')} -> {report.get('params_after')}", ""]
+    cells = [{"run": name, "mode": mode or "-", "ppl": p, "x": p and p / dense_ppl, "xc": p and control and p / control,
+              "tps": tps} for name, mode, p, tps in rows]
+    lines.append(benchlib.table(cells, [("run", "run"), ("mode", "weights"), ("ppl", "held-out PPL", ".2f"),
+                                        ("x", "x dense", ".3f"), ("xc", "x control", ".3f"), ("tps", "tokens/s", ".0f")],
+                                align="llrrrr", missing="-"))
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recovery import machine  # noqa: E402
+import benchlib  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -153,28 +153,25 @@ def main(argv=None) -> int:
         plot_domains(dom_rows, list(dom_val), out / "domain_ppl.png")
     keys = ("seq_len", "stride", "windows", "tokens_scored")
     control = next((r["ppl"] for r in rows if r["row"].startswith("control")), None)
-    lines = [f"machine: {machine()}; wall {time.time() - t_all:.0f} s",
+    lines = [f"machine: {benchlib.machine_line()}; wall {time.time() - t_all:.0f} s",
              "held-out PPL: shakespeare held-out works, " + ", ".join(f"{k}={protocol[k]}" for k in keys if k in protocol),
              f"tokens per row: {a.steps * a.batch_size * a.seq_len:,} ({a.steps} steps x {a.batch_size} x {a.seq_len}); "
-             f"learned rows: {a.learn_steps} of them mask learning; KD forward KL, lr {a.lr}", "",
-             "| row | params | shape (kept units) | PPL before recovery | PPL after | x dense | x control | s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        p = r["ppl"]
-        lines.append("| " + " | ".join([
-            r["row"], f"{r['params']:,}", json.dumps(r.get("shape", "-")).replace('"', ""),
-            f"{r['pruned_ppl']:.2f}" if r["pruned_ppl"] else "-", f"{p:.2f}", f"{p / dense_ppl:.3f}",
-            f"{p / control:.3f}" if control else "-", f"{r.get('s', 0):.0f}"]) + " |")
+             f"learned rows: {a.learn_steps} of them mask learning; KD forward KL, lr {a.lr}", ""]
+    cells = [{**r, "shape": json.dumps(r.get("shape", "-")).replace('"', ""), "x": r["ppl"] / dense_ppl,
+              "xc": control and r["ppl"] / control, "s": r.get("s", 0)} for r in rows]
+    lines.append(benchlib.table(cells, [("row", "row"), ("params", "params"), ("shape", "shape (kept units)"),
+                                        ("pruned_ppl", "PPL before recovery", ".2f"), ("ppl", "PPL after", ".2f"),
+                                        ("x", "x dense", ".3f"), ("xc", "x control", ".3f"), ("s", "s", ".0f")],
+                                align="lrlrrrrr", missing="-"))
     if dom_rows:
         names = list(dom_val)
-        lines += ["", f"domains (pruned by {a.domain_row}, then {a.steps} KD steps): held-out PPL per genre", "",
-                  "| sampler | " + " | ".join(names) + " | mean over genres | held-out works | final weights |",
-                  "|---|" + "---:|" * (len(names) + 2) + "---|"]
-        for r in dom_rows:
-            w = r.get("final_weights")
-            lines.append("| " + " | ".join([r["row"]] + [f"{r[n]:.2f}" for n in names]
-                                          + [f"{sum(r[n] for n in names) / len(names):.2f}", f"{r['all']:.2f}",
-                                             ", ".join(f"{k} {v:.2f}" for k, v in w.items()) if w else "-"]) + " |")
+        lines += ["", f"domains (pruned by {a.domain_row}, then {a.steps} KD steps): held-out PPL per genre", ""]
+        cells = [{**r, "mean": sum(r[n] for n in names) / len(names),
+                  "w": ", ".join(f"{k} {v:.2f}" for k, v in r["final_weights"].items()) if r.get("final_weights") else "-"}
+                 for r in dom_rows]
+        cols = [("row", "sampler")] + [(n, n, ".2f") for n in names] + [("mean", "mean over genres", ".2f"),
+                                                                       ("all", "held-out works", ".2f"), ("w", "final weights")]
+        lines.append(benchlib.table(cells, cols, align="l" + "r" * (len(names) + 2) + "l"))
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

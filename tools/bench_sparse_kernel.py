@@ -33,14 +33,17 @@ import argparse
 import copy
 import json
 import math
-import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 QUICK_SHAPES = [(1024, 1024), (2816, 1024), (1024, 2816), (4096, 4096)]
@@ -52,9 +55,7 @@ PEAK_GBS = {"H200": 4800, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 203
 
 
 def machine(device: str) -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    out = {"cpu": cpu, "cpu_flags_avx512": "avx512f" in open("/proc/cpuinfo").read(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "python": platform.python_version()}
+    out = benchlib.machine()
     if device == "cuda":
         import triton
 

@@ -41,6 +41,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
 RATIOS, ALLOCS, ROUNDS = (0.2, 0.35, 0.5), ("uniform", "global"), (1, 64)
 METRICS = ("prefill", "decode_b1", "decode_b8")
 
@@ -82,13 +85,10 @@ def prune_all(a, out: Path) -> dict:
 
 
 def load(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    remote = "auto_map" in json.loads((path / "config.json").read_text())
-    m = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote).eval()
+    m, _ = benchlib.load_pretrained(path, tokenizer=False)
     if next(m.parameters()).dtype != torch.float32:
         raise ValueError(f"{path}: expected fp32 weights")
-    m.shear_remote_code = remote
+    m.shear_remote_code = benchlib.shear_modeling_file(str(path))
     return m
 
 
@@ -206,32 +206,23 @@ def run(a, out: Path) -> dict:
                          "speedup": {k: statistics.median(v) for k, v in speed[n].items()}, "per_rep": speed[n]})
         del models
     return {"args": vars(a), "rows": rows, "costs": costs, "raw": raw, "warmup_dense": warm, "threads": torch.get_num_threads(),
-            "machine": machine(), "prune_export_s": round(t_prune, 1), "total_s": round(time.time() - t_start, 1)}
-
-
-def machine() -> dict:
-    import transformers
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
-    flags = Path("/proc/cpuinfo").read_text()
-    return {"cpu": cpu, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "cores": len([ln for ln in flags.splitlines() if ln.startswith("processor")]),
-            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+            "machine": benchlib.machine(), "prune_export_s": round(t_prune, 1), "total_s": round(time.time() - t_start, 1)}
 
 
 def table(res: dict, clock: str = "") -> str:
     """Markdown table; ``clock="_wall"`` gives the wall-clock speedups of the same run."""
-    lines = [f"| model | removed | loads with | prefill {res['args']['prefill']}: speedup / ideal (MACs) / achieved "
-             "| decode b1: speedup / ideal (bytes) / achieved | decode b8: speedup / ideal (bytes) / achieved |",
-             "|---|---:|---|---|---|---|"]
+    cells = []
     for r in res["rows"]:
-        cells = ["trust_remote_code" if r["remote_code"] else "plain"]
+        c = {"model": r["model"], "removed": r["removed"], "loads": "trust_remote_code" if r["remote_code"] else "plain"}
         for k in METRICS:
             s, i = r["speedup"][k + clock], r["ideal"][k]
-            cells.append(f"{s:.2f}x / {i:.2f}x / {'**' if s / i < 0.9 else ''}{s / i:.2f}{'**' if s / i < 0.9 else ''}")
-        lines.append(f"| {r['model']} | {r['removed']:.1%} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            bold = "**" if s / i < 0.9 else ""
+            c[k] = f"{s:.2f}x / {i:.2f}x / {bold}{s / i:.2f}{bold}"
+        cells.append(c)
+    return benchlib.table(cells, [("model", "model"), ("removed", "removed", ".1%"), ("loads", "loads with"),
+                                  ("prefill", f"prefill {res['args']['prefill']}: speedup / ideal (MACs) / achieved"),
+                                  ("decode_b1", "decode b1: speedup / ideal (bytes) / achieved"),
+                                  ("decode_b8", "decode b8: speedup / ideal (bytes) / achieved")], align="lr")
 
 
 def plot(res: dict, path: Path) -> None:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 MID = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
            intermediate_size=512)
@@ -57,11 +61,16 @@ def main(argv=None) -> int:
                 for _ in range(a.steps):
                     step(m, opt, bf16)
                 rates.setdefault((name, bf16), []).append(a.steps * x.numel() / (time.perf_counter() - t))
-    print("| arch | params | fp32 tok/s (per round) | bf16 autocast tok/s | bf16 / fp32 |\n|---|---:|---|---|---|")
+    def per_round(vs, spec: str) -> str:
+        return " / ".join(format(v, spec) for v in vs)
+
+    cells = []
     for name, (_, _, n) in models.items():
         f, b = rates[(name, False)], rates[(name, True)]
-        print(f"| {name} | {n:,} | {' / '.join(f'{v:.0f}' for v in f)} | {' / '.join(f'{v:.0f}' for v in b)} | "
-              f"{' / '.join(f'{bv / fv:.2f}' for fv, bv in zip(f, b))} |")
+        cells.append({"arch": name, "params": n, "fp32": per_round(f, ".0f"), "bf16": per_round(b, ".0f"),
+                      "ratio": per_round([y / x for x, y in zip(f, b)], ".2f")})
+    print(benchlib.table(cells, [("arch", "arch"), ("params", "params"), ("fp32", "fp32 tok/s (per round)"),
+                                 ("bf16", "bf16 autocast tok/s"), ("ratio", "bf16 / fp32")], align="lr"))
     return 0
 
 

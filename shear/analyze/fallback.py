@@ -17,6 +17,7 @@ import re
 import torch
 from torch import nn
 
+from shear.analyze.families import FAMILIES
 from shear.analyze.graph import Group, Member, StructureGraph
 
 _ATTN = re.compile(r"attn|attention|self_attn|q_proj|k_proj|v_proj|query|key|value", re.I)
@@ -27,6 +28,9 @@ def _guard(model: nn.Module) -> None:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError(f"{kind}: not a family shear analyzes from shapes; torch-pruning needs real weights "
                          "(meta-device analysis covers the families in shear.analyze.families)")
+    if not any(_ATTN.search(n.rsplit(".", 1)[-1]) for n, _ in model.named_modules()):
+        raise ValueError(f"{kind}: no attention/MLP blocks to prune (state-space or other mixers); shear prunes "
+                         f"transformer blocks: the families {sorted(FAMILIES)}, or other attention models with weights")
 
 
 def _attention_widths(config) -> set[int]:

@@ -8,6 +8,7 @@ the parsed args, returns an exit code). ``main`` turns errors the user can fix i
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -52,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if getattr(args, "debug", False):
-        return int(args.func(args) or 0)
+        return _run(args)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except KeyboardInterrupt:
         print("shear: interrupted", file=sys.stderr)
         return 130
@@ -67,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shear: unexpected error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _run(args) -> int:
+    """The command, after its output directory (``-o`` / ``OUT``) is checked not to be a file."""
+    from shear.rundir import check_output_dir
+
+    for attr, flag in (("output_dir", "-o"), ("out", "OUT")):
+        if getattr(args, attr, None):
+            check_output_dir(getattr(args, attr), flag)
+    return int(args.func(args) or 0)
 
 
 def _take_late_overrides(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
@@ -90,6 +101,8 @@ def user_error(e: BaseException) -> str | None:
         return f"not valid YAML: {' '.join(str(e).split())}"
     if isinstance(e, USER_ERRORS) or type(e).__name__ == "SafetensorError":
         return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # a full disk: the message names where and what to do
+        return e.strerror if e.filename is None else str(e)
     return None
 
 

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -48,12 +47,16 @@ def _analyze_target(target: str, heads: str, trust_remote_code: bool = False):
             raise FileNotFoundError(f"{target}: not a local model directory and its config could not be "
                                     f"fetched ({type(e).__name__})") from None
     from shear.analyze.families import stock_model_type
+    from shear.models import read_json
 
-    model_type = stock_model_type(json.loads((path / "config.json").read_text()).get("model_type"))
+    model_type = stock_model_type(read_json(path / "config.json").get("model_type"))
     if model_type in FAMILIES:  # per-layer exports (shear_<type>) too: their modeling file needs consent
         return analyze_path(path, heads, trust_remote_code)
-    from shear.models import load_model
+    from shear.models import WEIGHT_FILES, load_model
 
+    if not any(next(path.glob(pat), None) for pat in WEIGHT_FILES):
+        raise ValueError(f"{path}: model_type {model_type!r} is not one of the families analyzed from config.json "
+                         f"alone ({sorted(FAMILIES)}); give the directory with its weights (torch-pruning fallback)")
     return analyze(load_model(str(path), trust_remote_code=trust_remote_code), heads)
 
 
@@ -117,18 +120,16 @@ def load_plan(path: str | Path):
 
 def run_export(args) -> int:
     from shear.analyze import analyze
-    from shear.models import load_model, resolve_model_path
+    from shear.models import has_tokenizer, load_model, load_tokenizer, resolve_model_path
     from shear.prune import export, prune_
 
     src = resolve_model_path(args.model)
     model = load_model(src, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError, TypeError):
-        pass  # a directory without a tokenizer exports without one
+    if has_tokenizer(src) or not Path(src).expanduser().exists():  # unreadable tokenizer files: an error
+        tokenizer = load_tokenizer(src, args.trust_remote_code)
+    else:
+        print(f"{src} has no tokenizer files: the export has none either")
     recipe = {"source": str(args.model), "command": "shear export"}
     if args.plan:
         plan = load_plan(args.plan)

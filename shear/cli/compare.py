@@ -15,7 +15,7 @@ from pathlib import Path
 
 def _cmd_compare(args) -> int:
     from shear.compare import CompareConfig, run_compare
-    from shear.models import load_model, load_tokenizer
+    from shear.models import load_pretrained
 
     cfg = CompareConfig(ratios=args.ratio, structured=args.structured, method=args.method,
                         pattern=None if args.pattern == "none" else args.pattern, equal_bytes=not args.no_equal_bytes,
@@ -29,8 +29,7 @@ def _cmd_compare(args) -> int:
     out = Path(args.output_dir)
     if (out / "report.json").exists() and not args.overwrite:  # before any work
         raise FileExistsError(f"{out} already holds a comparison (report.json); --overwrite replaces it")
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    tok = load_tokenizer(args.model)
+    model, tok = load_pretrained(args.model, trust_remote_code=args.trust_remote_code, finite=True)
     report = run_compare(model, tok, cfg, out)
     print((out / "table.md").read_text())
     print(f"table: {out / 'table.md'}; plot: {report['plot']}; report: {out / 'report.json'} ({report['wall_s']:.0f} s)")

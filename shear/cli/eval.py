@@ -15,9 +15,9 @@ from shear.eval.config import EvalConfig
 def load_model(model_dir: str, dtype: str = "float32", trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a saved directory (or a reference name) through ``shear.models``:
     a directory with its own modeling file (``auto_map``) needs ``trust_remote_code``."""
-    from shear.models import load_model as load, load_tokenizer
+    from shear.models import load_pretrained
 
-    return load(model_dir, dtype, trust_remote_code=trust_remote_code), load_tokenizer(model_dir)
+    return load_pretrained(model_dir, dtype, trust_remote_code)
 
 
 def config_from_args(args) -> EvalConfig:
@@ -76,7 +76,8 @@ def register(subparsers) -> None:
     p.add_argument("--tasks", help="comma-separated lm-eval tasks, zero-shot (needs: pip install 'shear[eval]')")
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=int, help="at most N examples per lm-eval task (testing only)")
-    p.add_argument("--dataset", help=f"perplexity text: 'shakespeare', a .txt/.jsonl file or HF dataset (default {d.dataset})")
+    p.add_argument("--dataset", help=f"perplexity text: 'shakespeare', a .txt/.jsonl file, a directory of them or "
+                                     f"HF dataset (default {d.dataset})")
     p.add_argument("--split", help=f"split to score (default {d.split})")
     p.add_argument("--seq-len", type=int, help=f"tokens per window (default {d.seq_len})")
     p.add_argument("--stride", type=int, help="step between windows (default: seq-len, non-overlapping)")

@@ -6,8 +6,10 @@
 A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
 directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
 OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model, written in the checkpoint's dtype
-(``--dtype``; scoring and slicing run in fp32) and sharded at ``--max-shard-size``. The calibration text,
-sample count and tokenizer class are printed and kept in the report (``calibration_text``).
+(``--dtype``; scoring and slicing run in fp32) and sharded at ``--max-shard-size``, beside OUT and moved in
+once the whole command has succeeded (an OUT that holds a finished prune is replaced only with
+--overwrite, said before any work). The calibration text, sample count and tokenizer class are
+printed and kept in the report (``calibration_text``).
 """
 from __future__ import annotations
 
@@ -29,60 +31,54 @@ def _configs_from_flags(args):
     return prune, imp
 
 
+def _refuse_finished(out: Path, overwrite: bool) -> None:
+    """A finished prune in ``out`` (its report, or a model) is replaced only with --overwrite: said before any work."""
+    done = [n for n in ("report.json", "model") if (out / n / "config.json" if n == "model" else out / n).exists()]
+    if done and not overwrite:
+        raise FileExistsError(f"{out} already holds a finished prune ({', '.join(done)}); pass --overwrite to "
+                              "replace it, or -o elsewhere")
+
+
+def _publish(stage: Path, out: Path, report: dict) -> None:
+    """Move the staged outputs into ``out``: the model and the plot, plans and report (last), nothing else there."""
+    from shear.prune.export import move_in
+
+    for k, name in (("plot", "kept_widths.png"), ("model_dir", "model")):
+        if k in report:
+            report[k] = str(out / name)
+    (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    out.mkdir(parents=True, exist_ok=True)
+    exported = (stage / "model").exists()  # --no-export: shear's earlier model would not match the new report
+    names = sorted((f.name for f in stage.iterdir() if f.is_file()), key=lambda n: n == "report.json")
+    move_in([(stage / "model", out / "model")] if exported else [], [(stage / n, out / n) for n in names],
+            drop=[] if exported else [out / "model"])
+
+
 def _cmd_prune(args) -> int:
-    from shear.memory import peak_rss_mb, trim
-    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, source_weight_bytes
-    from shear.prune.pipeline import prune_with_vocab
-    from shear.sparse.export import bytes_on_disk
+    from shear.rundir import locked
     from shear.storage import MAX_SHARD_SIZE
 
     if args.no_export and (args.dtype != "auto" or args.max_shard_size != MAX_SHARD_SIZE):
         raise ValueError("--dtype / --max-shard-size: nothing is written with --no-export; drop them")
     src = Path(args.source)
+    recipe = None
     if src.suffix in (".yaml", ".yml"):
         from shear.cli.run import recipe_overrides
         from shear.config import load_recipe
-        from shear.pipeline import build_model
 
         recipe = load_recipe(src, recipe_overrides(args))
         if recipe.prune is None:
             raise ValueError(f"recipe {src}: no prune section")
         if recipe.prune.learn is not None or recipe.prune.tune_rounds > 1:
             raise ValueError(f"recipe {src}: prune.learn / prune.tune_rounds prune while training; use `shear run`")
-        model, tok = build_model(recipe)
-        source = recipe.model.path if recipe.model.init == "pretrained" else None
-        written = export_dtype(args.dtype, source, model)
-        prune, imp = recipe.prune, recipe.importance
         out = Path(args.output_dir or Path(recipe.output_dir) / "prune")
-        recipe_dict = recipe.model_dump(mode="json")
     else:
         if args.overrides:
             raise ValueError("key=value overrides need a recipe; with a model directory use the flags")
-        from shear.models import load_model, load_tokenizer
-
-        source = args.source
-        written = export_dtype(args.dtype, source)
-        model = load_model(source, dtype=load_dtype(written, checkpoint_dtype(source)),
-                           trust_remote_code=args.trust_remote_code)
-        tok = load_tokenizer(args.source)
-        prune, imp = _configs_from_flags(args)
         out = Path(args.output_dir or "shear-prune")
-        recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
-                       "prune": prune.model_dump(mode="json")}
-    ckpt, loaded = checkpoint_dtype(source) if source else None, SHORT.get(next(model.parameters()).dtype)
-    _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=out, recipe=recipe_dict,
-                                    export_dir=None if args.no_export else out / "model",
-                                    data=recipe.data if src.suffix in (".yaml", ".yml") else None,
-                                    export_dtype=written, max_shard_size=args.max_shard_size)
-    del model
-    trim()
-    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded,
-                       "written": None if args.no_export else written}
-    report["vm_hwm_mb"] = peak_rss_mb()
-    report["source_weight_bytes"] = source_weight_bytes(source) if source else None
-    if not args.no_export:
-        report["model_bytes"] = bytes_on_disk(out / "model")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    with locked(out):  # one command per directory
+        _refuse_finished(out, args.overwrite)
+        report = _prune_into(args, recipe, out)
     if report.get("vocab"):
         v = report["vocab"]
         print(f"vocabulary: {v['tokens_before']:,} -> {v['tokens_after']:,} tokens (text: {v['source']})")
@@ -93,9 +89,60 @@ def _cmd_prune(args) -> int:
           f"{report['time_s']['total']:.1f} s; peak RSS {report['vm_hwm_mb']:.0f} MB; report in {out}")
     if not args.no_export:
         src_mb = f" (source {report['source_weight_bytes'] / 2**20:.2f} MB)" if report["source_weight_bytes"] else ""
-        print(f"model: {report['model_bytes']['weights'] / 2**20:.2f} MB of {written} weights on disk{src_mb} "
-              f"in {out / 'model'}")
+        print(f"model: {report['model_bytes']['weights'] / 2**20:.2f} MB of {report['dtype']['written']} weights "
+              f"on disk{src_mb} in {out / 'model'}")
     return 0
+
+
+def _prune_into(args, recipe, out: Path) -> dict:
+    """Load, prune and export into a staging directory beside ``out``; move it in once all succeeded."""
+    import shutil
+
+    from shear.memory import peak_rss_mb, trim
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, source_weight_bytes
+    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
+    from shear.prune.pipeline import prune_with_vocab
+    from shear.sparse.export import bytes_on_disk
+
+    if recipe is not None:
+        from shear.pipeline import build_model
+
+        model, tok = build_model(recipe)
+        source = recipe.model.path if recipe.model.init == "pretrained" else None
+        written = export_dtype(args.dtype, source, model)
+        prune, imp = recipe.prune, recipe.importance
+        recipe_dict = recipe.model_dump(mode="json")
+    else:
+        from shear.models import load_pretrained
+
+        source = args.source
+        written = export_dtype(args.dtype, source)
+        model, tok = load_pretrained(source, dtype=load_dtype(written, checkpoint_dtype(source)),
+                                     trust_remote_code=args.trust_remote_code, finite=True)
+        prune, imp = _configs_from_flags(args)
+        recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
+                       "prune": prune.model_dump(mode="json")}
+    ckpt, loaded = checkpoint_dtype(source) if source else None, SHORT.get(next(model.parameters()).dtype)
+    if not args.no_export:  # before any work: the model's own directory, or a model shear did not write
+        _check_target(model, (out / "model").expanduser().resolve(), args.overwrite, ())
+    remove_stale_staging(out)
+    stage = staging_dir(out.expanduser().resolve())  # nothing is written into OUT until the whole command succeeded
+    try:
+        _, _, report = prune_with_vocab(model, tok, prune, imp, out_dir=stage, recipe=recipe_dict,
+                                        export_dir=None if args.no_export else stage / "model",
+                                        data=recipe.data if recipe is not None else None,
+                                        export_dtype=written, max_shard_size=args.max_shard_size)
+        del model
+        trim()
+        report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": None if args.no_export else written}
+        report["vm_hwm_mb"] = peak_rss_mb()
+        report["source_weight_bytes"] = source_weight_bytes(source) if source else None
+        if not args.no_export:
+            report["model_bytes"] = bytes_on_disk(stage / "model")
+        _publish(stage, out, report)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -112,6 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", type=shard_size, default=MAX_SHARD_SIZE,
                    help=f"largest weights file of the export (default {MAX_SHARD_SIZE}; bigger models are split "
                         "into shards with model.safetensors.index.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shear's earlier prune in OUT (report, plans, plot and model); nothing else there")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run modeling code shipped in a model directory (per-layer pruned exports carry auto_map)")
     g = p.add_argument_group("model directory flags (ignored with a recipe)")

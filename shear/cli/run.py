@@ -90,7 +90,47 @@ def load_run_recipe(args):
     return smoke_recipe(recipe) if args.smoke else recipe
 
 
+def add_dry_run_flags(p: argparse.ArgumentParser) -> None:
+    """``--dry-run`` and its planning options: shared by ``shear run`` and ``shear train``."""
+    g = p.add_argument_group("dry run (nothing is trained, loaded or written)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build the models on the meta device and print, per rank: device, weights, gradients, "
+                        "optimizer state, KD teacher, activations, KD logits, calibration cost, pruned size, "
+                        "and whether it fits the GPUs (also under accelerate launch)")
+    g.add_argument("--gpus", type=int, default=None, help="dry run: plan for N GPUs (one process each) instead of those seen")
+    g.add_argument("--gpu-mem", default=None, help="dry run: memory per GPU, e.g. 80GB or 80GiB (default: the GPUs seen)")
+    g.add_argument("--config-json", default=None,
+                   help="dry run: config.json of the recipe's model (a hub id that is not available offline)")
+    g.add_argument("--accelerate-config", default=None,
+                   help="dry run: plan for this accelerate config (default: the launch, else the recipe's first line)")
+    g.add_argument("--json", default=None, metavar="FILE", help="dry run: also write the figures as JSON (rank 0)")
+
+
+def dry_run_main(args) -> int:
+    """``--dry-run``: print this rank's (or every planned rank's) figures; write nothing but ``--json``."""
+    import json
+
+    from shear.dryrun import DryRunConfig, dry_run, format_report
+    from shear.dryrun.memory import parse_size
+    from shear.pipeline import is_main_process
+
+    if args.gpus is not None and args.gpus < 0:
+        raise ValueError("--gpus: must be >= 0")
+    recipe = load_run_recipe(args)  # --smoke: plan the shrunk run
+    opts = DryRunConfig(gpus=args.gpus, gpu_mem=parse_size(args.gpu_mem) if args.gpu_mem else None,
+                        config_json=args.config_json, accelerate_config=args.accelerate_config,
+                        recipe_path=args.recipe)
+    result = dry_run(recipe, opts)
+    launched = len(result["ranks"]) == 1 and result["launch"]["processes"] > 1
+    print(format_report(result, prefix=f"[rank {result['ranks'][0]['rank']}] " if launched else ""))
+    if args.json and is_main_process():
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def _cmd_run(args) -> int:
+    if args.dry_run:
+        return dry_run_main(args)
     recipe = load_run_recipe(args)
     summary = run_interruptible(recipe, args)
     if isinstance(summary, int):
@@ -115,6 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
     p.add_argument("-o", "--output-dir", default=None, help="override the recipe's output_dir")
     add_run_flags(p)
+    add_dry_run_flags(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("recipes", help="list the shipped recipes with their purpose")

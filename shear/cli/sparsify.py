@@ -29,10 +29,8 @@ def _refuse_unused_calibration(args) -> None:
 
 
 def _cmd_sparsify(args) -> int:
-    from shear.memory import trim
-    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, load_model, load_tokenizer
+    from shear.rundir import locked
     from shear.sparse.config import SparsifyConfig
-    from shear.sparse.pipeline import export_sparse, run_sparsify
 
     _refuse_unused_calibration(args)
     n_samples = {} if args.n_samples is None else {"n_samples": args.n_samples}
@@ -42,43 +40,71 @@ def _cmd_sparsify(args) -> int:
                          blocksize=args.blocksize, dampening=args.dampening, device=args.device,
                          compressed=not args.no_compressed)
     out = Path(args.output_dir)
+    with locked(out):  # one command per directory
+        report, rec = _sparsify_into(args, cfg, out)
+    written, source_bytes = report["dtype"]["written"], report["source_weight_bytes"]
+    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
+    forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
+    if "compressed" in rec:
+        forms.append(f"{rec['compressed']['format']} {mb(rec['compressed']['bytes']['weights'])}")
+    original = f"original {mb(source_bytes)}" if source_bytes else f"original in memory {mb(report['dense_weight_bytes'])}"
+    print(f"{report['method']} {report['pattern'] or report['sparsity']}: {100 * report['pruned_sparsity']:.1f}% of "
+          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); {written} weights "
+          f"on disk: {', '.join(forms)} ({original}); {report['time_s']['total']:.1f} s; peak RSS "
+          f"{report['vm_hwm_mb']:.0f} MB; report in {out / 'report.json'}")
+    return 0
+
+
+def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
+    """Sparsify and publish both forms and the report into ``out``: (report, export record)."""
+    from shear.memory import trim
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, load_pretrained, source_weight_bytes
+    from shear.prune.export import remove_stale_staging
+    from shear.sparse.pipeline import export_sparse, run_sparsify
+
+    if args.stream:
+        from shear.sparse.stream import check_streamable
+
+        check_streamable(cfg)  # before any work
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
+    remove_stale_staging(out)
     ckpt = checkpoint_dtype(args.model)
     written = export_dtype(args.dtype, args.model)
-    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
     if args.stream:
-        return _streamed(args, cfg, out, ckpt, written, recipe)
+        return _streamed_into(args, cfg, out, load_dtype(written, ckpt, args.device), written)
     _warn_if_too_big(args.model)
-    model = load_model(args.model, dtype=load_dtype(written, ckpt, args.device), trust_remote_code=args.trust_remote_code)
-    tok = load_tokenizer(args.model)
+    model, tok = load_pretrained(args.model, dtype=load_dtype(written, ckpt, args.device),
+                                 trust_remote_code=args.trust_remote_code, finite=True)
     loaded = SHORT.get(next(model.parameters()).dtype)
     model, report = run_sparsify(model, tok, cfg)
-    export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
+    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
+    report["source_weight_bytes"] = source_weight_bytes(args.model)
+    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
+    rec = export_sparse(model, report, cfg, out / "model", out / "compressed" if cfg.compressed else None,
                         tokenizer=tok, recipe=recipe, overwrite=args.overwrite, dtype=written,
-                        max_shard_size=args.max_shard_size)
+                        max_shard_size=args.max_shard_size, report_dir=out,
+                        drop=() if cfg.compressed else (out / "compressed",))  # not the old run's beside the new
     del model
     trim()
-    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
-    return _finish(args, report, out, written)
+    return report, rec
 
 
-def _streamed(args, cfg, out, ckpt: str | None, written: str, recipe: dict) -> int:
+def _streamed_into(args, cfg, out: Path, loaded: str, written: str) -> tuple[dict, dict]:
     """``--stream``: one block at a time from the shards (``shear.sparse.stream``), the dense form only."""
-    from shear.models import load_dtype, load_tokenizer, resolve_model_path
-    from shear.sparse.stream import check_streamable, run_sparsify_streamed
+    from shear.models import load_tokenizer, resolve_model_path
+    from shear.sparse.stream import run_sparsify_streamed
 
-    check_streamable(cfg)
     path = resolve_model_path(args.model)
     if not Path(path).expanduser().is_dir():
         raise ValueError(f"sparsify --stream reads a local directory's safetensors shards; {args.model} is not one")
-    loaded = load_dtype(written, ckpt, args.device)
-    report = run_sparsify_streamed(path, load_tokenizer(args.model), cfg, out / "model", written=written,
-                                   compute=loaded, recipe=recipe, overwrite=args.overwrite,
-                                   max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
-    report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": written}
-    return _finish(args, report, out, written)
+    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
+    report = run_sparsify_streamed(path, load_tokenizer(path, args.trust_remote_code), cfg, out / "model",
+                                   written=written, compute=loaded, recipe=recipe, overwrite=args.overwrite,
+                                   max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code,
+                                   report_dir=out, drop=(out / "compressed",))
+    return report, report["export"]
 
 
 def _warn_if_too_big(model: str) -> None:
@@ -87,8 +113,7 @@ def _warn_if_too_big(model: str) -> None:
 
     from shear.models import checkpoint_dtype, source_weight_bytes
 
-    size = source_weight_bytes(model)
-    avail = _available_bytes()
+    size, avail = source_weight_bytes(model), _available_bytes()
     if size and avail:
         fp32 = size * (2 if checkpoint_dtype(model) in ("bf16", "fp16") else 1)
         if fp32 > 0.8 * avail:
@@ -106,27 +131,6 @@ def _available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _finish(args, report: dict, out: Path, written: str) -> int:
-    from shear.memory import peak_rss_mb
-    from shear.models import source_weight_bytes
-    from shear.sparse.pipeline import write_report
-
-    rec = report["export"]
-    report["vm_hwm_mb"] = peak_rss_mb()
-    report["source_weight_bytes"] = source_bytes = source_weight_bytes(args.model)
-    write_report(report, out)
-    mb = lambda b: f"{b / 2**20:.2f} MB"  # noqa: E731
-    forms = [f"dense {mb(rec['model']['bytes']['weights'])}"]
-    if "compressed" in rec:
-        forms.append(f"{rec['compressed']['format']} {mb(rec['compressed']['bytes']['weights'])}")
-    original = f"original {mb(source_bytes)}" if source_bytes else f"original in memory {mb(report['dense_weight_bytes'])}"
-    print(f"{report['method']} {report['pattern'] or report['sparsity']}: {100 * report['pruned_sparsity']:.1f}% of "
-          f"{len(report['pruned'])} linears zero ({100 * report['model_sparsity']:.1f}% of all weights); {written} weights "
-          f"on disk: {', '.join(forms)} ({original}); {report['time_s']['total']:.1f} s; peak RSS "
-          f"{report['vm_hwm_mb']:.0f} MB; report in {out / 'report.json'}")
-    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

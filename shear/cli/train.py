@@ -7,8 +7,10 @@ import argparse
 
 
 def _cmd_train(args) -> int:
-    from shear.cli.run import load_run_recipe, run_interruptible
+    from shear.cli.run import dry_run_main, load_run_recipe, run_interruptible
 
+    if args.dry_run:
+        return dry_run_main(args)
     recipe = load_run_recipe(args)
     if recipe.train is None:
         raise ValueError(f"{args.recipe}: recipe.train: required by `shear train` (use `shear run` for recipes without training)")
@@ -26,7 +28,7 @@ def _cmd_train(args) -> int:
 
 
 def register(subparsers) -> None:
-    from shear.cli.run import add_run_flags
+    from shear.cli.run import add_dry_run_flags, add_run_flags
 
     p = subparsers.add_parser(
         "train", help="train / recover a model as a recipe says (LoRA or full, CE and/or KD)",
@@ -35,4 +37,5 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=10 distill.kd_weight=0.5")
     p.add_argument("-o", "--output-dir", default=None, help="where outputs go (default: the recipe's output_dir)")
     add_run_flags(p)
+    add_dry_run_flags(p)
     p.set_defaults(func=_cmd_train)

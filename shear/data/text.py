@@ -114,10 +114,11 @@ def load_documents(cfg: DataConfig):
                             for s in ("train", "validation")})
     files = _local_files(cfg.source)
     if files is not None and files[0].suffix in (".jsonl", ".json"):
-        return load_json_records(files)
+        return _nonempty(load_json_records(files) if any(f.stat().st_size for f in files) else [], files)
     if files is not None:  # .txt: one document per file; a single file is cut into documents
         texts = [read_utf8(f) for f in files]
-        return Dataset.from_dict({"text": split_documents(texts[0]) if len(texts) == 1 else texts})
+        docs = split_documents(texts[0]) if len(texts) == 1 else texts
+        return Dataset.from_dict({"text": _nonempty(docs, files)})
     ds = load_dataset(cfg.source, cfg.config_name)
     if "validation" in ds and "train" in ds:
         return DatasetDict(train=ds["train"], validation=ds["validation"])
@@ -139,6 +140,14 @@ def load_text_splits(cfg: DataConfig):
                          f"and give at least 2 documents (found {len(ds)})")
     split = ds.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed, shuffle=True)
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def _nonempty(docs, files: list[Path]):
+    """``docs`` unless the local ``files`` hold no text (then no split or sample could be drawn from them)."""
+    if len(docs) == 0 or (isinstance(docs, list) and not any(d.strip() for d in docs)):
+        named = str(files[0]) if len(files) == 1 else f"{len(files)} files in {files[0].parent}"
+        raise ValueError(f"{named}: no text (empty); give a file with text")
+    return docs
 
 
 def calibration_texts(cfg: DataConfig, split: str = "train", whole: bool = True) -> list[str]:

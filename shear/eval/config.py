@@ -15,7 +15,8 @@ class EvalConfig(BaseModel):
 
     # --- perplexity protocol ---
     dataset: str = Field("shakespeare", description="'shakespeare' (the embedded corpus), a local .txt/.jsonl/.json "
-                                                    "file, or an HF dataset name (offline: must be cached)")
+                                                    "file, a directory of them (every document), or an HF dataset "
+                                                    "name (offline: must be cached)")
     dataset_config: str | None = Field(None, description="HF dataset configuration name, e.g. 'wikitext-2-raw-v1'")
     split: str = Field("validation", description="split to score; 'validation' of the embedded corpus is held out "
                                                  "(macbeth, tempest); ignored for a local .txt file")

@@ -113,22 +113,28 @@ def load_eval_text(dataset: str = "shakespeare", split: str = "validation", text
     """The text of one split as one string, documents joined by a blank line (WikiText convention).
 
     ``dataset``: 'shakespeare' (embedded corpus), a local .txt file (read as is), a local
-    .jsonl/.json file (``text_field`` of every record), or an HF dataset name.
+    .jsonl/.json file (``text_field`` of every record), a directory of such files (every document, as
+    ``data.source`` reads it), or an HF dataset name.
     """
     from pathlib import Path
 
-    from shear.data.text import load_json_records, read_utf8
+    from shear.data.text import DataConfig, load_documents, load_json_records, read_utf8
 
     if dataset == "shakespeare":
         from shear.data.corpus import load_corpus_text
 
         return load_corpus_text(split)
     path = Path(dataset).expanduser()
-    if path.suffix == ".txt" or (path.exists() and path.suffix not in (".jsonl", ".json")):
+    if path.is_dir():
+        if not any(f.suffix in (".txt", ".jsonl", ".json") for f in path.iterdir()):
+            raise FileNotFoundError(f"eval.dataset: {path} is a directory without .txt/.jsonl/.json files; give a "
+                                    "text file, a directory of them, 'shakespeare' or an HF dataset name")
+        ds = load_documents(DataConfig(source=str(path)))
+    elif path.suffix == ".txt" or (path.exists() and path.suffix not in (".jsonl", ".json")):
         if not path.is_file():
             raise FileNotFoundError(f"eval.dataset: no such file: {path}")
         return read_utf8(path)
-    if path.suffix in (".jsonl", ".json"):
+    elif path.suffix in (".jsonl", ".json"):
         if not path.is_file():
             raise FileNotFoundError(f"eval.dataset: no such file: {path}")
         ds = load_json_records([path])

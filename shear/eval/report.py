@@ -32,6 +32,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = F
     Errors name the model as ``name``: a window longer than its context, a NaN/inf perplexity.
     """
     cfg = cfg or EvalConfig()
+    check_causal(model, cfg, name)
     if cfg.perplexity:
         check_context(model, cfg.seq_len, f"{name}: eval seq_len")
     was_training = model.training
@@ -40,6 +41,16 @@ def evaluate(model, tokenizer, cfg: EvalConfig | None = None, progress: bool = F
         return _evaluate(model, tokenizer, cfg, progress, name)
     finally:
         model.train(was_training)
+
+
+def check_causal(model, cfg: EvalConfig, name: str) -> None:
+    """Perplexity, decode latency and lm-eval tasks measure next-token prediction: an encoder (BERT,
+    a masked LM) is refused by name; parameters and MACs alone (no_ppl, no_speed) are measured."""
+    if not (cfg.perplexity or cfg.speed or cfg.tasks) or not hasattr(model, "can_generate") or model.can_generate():
+        return
+    raise ValueError(f"{name}: {type(model).__name__} is an encoder, not a causal LM; perplexity, decode latency "
+                     "and lm-eval tasks need next-token logits: evaluate it on its own task, or pass --no-ppl "
+                     "--no-speed (eval.perplexity / eval.speed: false) for parameters and MACs only")
 
 
 def check_context(model, seq_len: int, what: str) -> None:

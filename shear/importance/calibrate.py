@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from shear.importance.criteria import cosine_tokens
+from shear.models import check_finite
 
 
 @dataclass
@@ -264,8 +265,16 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
         finally:
             for h in handles:
                 h.remove()
+        recorded = {names[m] for m in layer.modules() if names.get(m) in stats.linears}
+        check_finite(((n, s.x_sqsum) for n, s in stats.linears.items() if n in recorded),
+                     "importance: calibration statistics of the input of", STATS_FIX)
     _record_head(model, hidden, stats, names, modules)
     return stats
+
+
+# What a non-finite calibration statistic means (the weights were checked finite when loaded).
+STATS_FIX = ("the activations reaching it overflow or are nan: check the model's weights, or load it in fp32 "
+             "(model.dtype: fp32)")
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:

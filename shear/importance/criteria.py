@@ -82,16 +82,18 @@ def taylor_element2(w: torch.Tensor, g: torch.Tensor, fisher: torch.Tensor, dim:
 def wanda_columns(w: torch.Tensor, x_sqnorm: torch.Tensor) -> torch.Tensor:
     """Wanda-sp per input column of a Linear ``w [out, in]``: ``||X_j||_2 * mean_i |W_ij|`` -> ``[in]``.
 
-    ``x_sqnorm[j] = sum over calibration tokens of X_j^2``.
+    ``x_sqnorm[j] = sum over calibration tokens of X_j^2`` (the statistics live on the CPU; the result is on
+    ``w``'s device, e.g. the GPU the model is scored on).
     """
-    return x_sqnorm.float().sqrt() * w.float().abs().mean(0)
+    return x_sqnorm.float().sqrt().to(w.device) * w.float().abs().mean(0)
 
 
 def flap_columns(w: torch.Tensor, x_sum: torch.Tensor, x_sqsum: torch.Tensor, n: int) -> torch.Tensor:
-    """FLAP fluctuation per input column: ``Var(X_j) * ||W[:, j]||_2^2`` -> ``[in]`` (unbiased var)."""
+    """FLAP fluctuation per input column: ``Var(X_j) * ||W[:, j]||_2^2`` -> ``[in]`` (unbiased var), on ``w``'s
+    device (the statistics are CPU fp64)."""
     mean = x_sum.double() / n
     var = (x_sqsum.double() - n * mean * mean) / max(n - 1, 1)
-    return (var.clamp_min(0).float()) * (w.float() ** 2).sum(0)
+    return var.clamp_min(0).float().to(w.device) * (w.float() ** 2).sum(0)
 
 
 def minitron_channels(sample_mean_abs_sq: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,9 @@ class ImportanceConfig(BaseModel):
                                                               "an HF dataset name; None = the recipe's data section (data.source), "
                                                               "else the text shear trained the model on (its shear_recipe.yaml), "
                                                               "else general English ('english'); said in the log and report")
-    device: str | None = Field(None, description="device for scoring and slicing, e.g. 'cuda' (the model moves there and back); "
+    device: str | None = Field(None, description="device for scoring and slicing, e.g. 'cuda' (the model moves there and back; "
+                                                 "under accelerate launch / torchrun 'cuda' is each rank's own GPU, cuda:LOCAL_RANK); "
+                                                 "'auto' = that GPU when CUDA is available, else where the model is; "
                                                  "None = where the model is (a model loaded with model.device_map stays spread)")
     batch_size: int = Field(8, gt=0, description="sequences per forward pass while calibrating (per-sample gradients use 1)")
     standardize: bool | None = Field(None, description="standardize scores of each kind across layers (FLAP); None = the "
@@ -113,14 +115,15 @@ class TargetConfig(BaseModel):
 
 def _shape_of_config(path: str) -> TargetShape:
     """The :class:`TargetShape` keys found in a ``config.json`` (a file or the directory holding it)."""
-    import json
     from pathlib import Path
+
+    from shear.models import read_json
 
     p = Path(path).expanduser()
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
         raise ValueError(f"target.shape_from: {p} does not exist")
-    cfg = json.loads(p.read_text())
+    cfg = read_json(p)
     keys = {k: cfg[k] for k in TargetShape.model_fields if cfg.get(k) is not None}
     if not keys:
         raise ValueError(f"target.shape_from: {p} has none of {list(TargetShape.model_fields)}")

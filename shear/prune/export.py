@@ -10,8 +10,11 @@ weights), which rebuilds the same shapes: ``from_pretrained(dir, trust_remote_co
 from __future__ import annotations
 
 import copy
+import glob
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -22,6 +25,8 @@ from torch import nn
 from shear.models import cast_weights_
 from shear.storage import MAX_SHARD_SIZE
 from shear.prune import modeling_pruned
+
+log = logging.getLogger("shear")
 
 MODELING_FILE = "modeling_shear_pruned.py"
 _SIMPLE = (int, float, bool, str, type(None))
@@ -214,31 +219,88 @@ def _check_target(model: nn.Module, out: Path, overwrite: bool, protect) -> None
                               "replaced — export elsewhere or remove it yourself")
 
 
-def _move_in(tmp: Path, out: Path) -> None:
-    """Replace the previous export's files in ``out`` with ``tmp``'s; nothing else in ``out`` is touched.
+def staging_dir(out: Path) -> Path:
+    """Where an export to ``out`` is written before it is published: the hidden sibling ``.NAME.tmp-XXXXXXXX``."""
+    return out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
 
-    The old ``config.json`` goes first and the new one comes last, so an interruption leaves a
-    directory that does not load rather than one that loads a mix of two exports.
-    """
+
+STAGING = re.compile(r"\..+\.tmp-[0-9a-f]{8}")  # the names staging_dir gives
+
+
+def remove_stale_staging(out: str | os.PathLike) -> list[Path]:
+    """Delete the staging directories an interrupted export left for ``out`` (beside it, and beside what is in
+    it: ``OUT/.model.tmp-XXXXXXXX``), saying so; only names :func:`staging_dir` gives. Returns them."""
+    out = Path(out).expanduser()
+    found = [p for p in out.parent.glob(f".{glob.escape(out.name)}.tmp-*") if STAGING.fullmatch(p.name)]
+    if out.is_dir():
+        found += [p for p in sorted(out.iterdir()) if STAGING.fullmatch(p.name)]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if found:
+        log.warning("%s: removed %s, left by an interrupted export", out, ", ".join(p.name for p in found))
+    return found
+
+
+def _check_clash(tmp: Path, out: Path) -> None:
     new = {f.name for f in tmp.iterdir()}
     old = _written_by_shear(out)
     clash = sorted(f.name for f in out.iterdir() if f.name in new and f.name not in old)
     if clash:
         raise FileExistsError(f"{out} has files shear did not write where the export goes ({', '.join(clash[:4])}); "
                               "not replaced — export elsewhere")
-    for name in ["config.json"] + [n for n in old if n != "config.json"]:
-        f = out / name
-        if f.is_file() or f.is_symlink():
-            f.unlink()
-        elif f.is_dir():  # a sentence-transformers module shear copied (1_Pooling/...)
-            shutil.rmtree(f)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-        os.replace(f, out / f.name)
 
 
-def publish(tmp: Path, out: Path, tokenizer=None, recipe: dict | None = None) -> None:
-    """Finish an export written to ``tmp``: tokenizer, recipe, the manifest of every file, then into
-    ``out`` (renamed, or moved in beside what is there: see :func:`_move_in`)."""
+def _remove(f: Path) -> None:
+    if f.is_file() or f.is_symlink():
+        f.unlink()
+    elif f.is_dir():  # a sentence-transformers module shear copied (1_Pooling/...)
+        shutil.rmtree(f)
+
+
+def move_in(forms: list[tuple[Path, Path]], files: list[tuple[Path, Path]] = (), drop: list[Path] = ()) -> None:
+    """Publish staged exports (``forms``: (staged directory, target)) and report files (``files``: (staged file,
+    target)) together; in a target that exists only the previous export's files are replaced, nothing else.
+    ``drop``: earlier exports of forms the new output does not have (their manifest's files go).
+
+    Every target is checked before anything moves. Then every old ``config.json`` and target file goes, the
+    new files come in, each form's ``config.json`` (or the whole staged directory, renamed onto a target that
+    does not exist) after them and the report files last: an interruption leaves forms that do not load or
+    no report, never one run's form beside another run's.
+    """
+    for tmp, out in forms:
+        if out.exists():
+            _check_clash(tmp, out)
+    for tmp, out in forms:
+        _remove(out / "config.json")
+    for _, dest in files:
+        _remove(dest)
+    for out in drop:
+        for name in _written_by_shear(out):
+            _remove(out / name)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    for tmp, out in forms:
+        if out.exists():
+            for name in _written_by_shear(out):
+                _remove(out / name)
+            for f in tmp.iterdir():
+                if f.name != "config.json":
+                    os.replace(f, out / f.name)
+    for tmp, out in forms:
+        if out.exists():
+            os.replace(tmp / "config.json", out / "config.json")
+        else:
+            tmp.rename(out)
+    for staged, dest in files:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, dest)
+
+
+def seal(tmp: Path, tokenizer=None, recipe: dict | None = None) -> None:
+    """Finish an export written to ``tmp``: tokenizer, recipe, and the manifest of every file."""
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if recipe is not None:
@@ -247,10 +309,6 @@ def publish(tmp: Path, out: Path, tokenizer=None, recipe: dict | None = None) ->
         (tmp / "shear_recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     files = sorted(f.name for f in tmp.iterdir()) + [MANIFEST]
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
-    if out.exists():  # a run directory with reports, or shear's own earlier export
-        _move_in(tmp, out)
-    else:
-        tmp.rename(out)
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe: dict | None = None,
@@ -278,40 +336,62 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, protect)
     cast_weights_(model, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    layout = layout_of(model)
-    _, overrides = stock_reference(model)
-    saved = {k: getattr(model.config, k) for k in overrides}
+    tmp = stage_export(model, out, tokenizer, recipe, max_shard_size=max_shard_size)
     try:
-        for k, v in overrides.items():
-            setattr(model.config, k, v)
-        try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        finally:
-            for k, v in saved.items():
-                setattr(model.config, k, v)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        stock = stock_class(model)
-        base = stock.__name__
-        cfg["architectures"] = [base]
-        cfg["model_type"] = stock.config_class.model_type
-        cfg.pop("auto_map", None)
-        cfg.pop("shear_layout", None)
-        for f in tmp.glob("*.py"):  # a re-exported model may carry an older copy
-            f.unlink()
-        if layout:  # a model_type of its own: without the modeling file it must not load at all
-            cfg["shear_layout"] = layout
-            cfg["model_type"] = modeling_pruned.PREFIX + cfg["model_type"]
-            mod = MODELING_FILE[:-3]
-            cfg["auto_map"] = {"AutoConfig": f"{mod}.Shear{stock.config_class.__name__}",
-                               _auto_class(model): f"{mod}.Shear{base}"}
-            shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _copy_sentence_transformers(model, tmp)
-        publish(tmp, out, tokenizer, recipe)
+        move_in([(tmp, out)])
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
+
+
+def stage_export(model: nn.Module, out: Path, tokenizer=None, recipe: dict | None = None,
+                 max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
+    """Write the export of ``model`` (see :func:`export`; weights as they are) to a staging directory beside
+    ``out``, sealed, and return it (nothing is left behind when it fails): :func:`move_in` publishes it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out)
+    try:
+        save_model_files(model, tmp, max_shard_size)
+        _copy_sentence_transformers(model, tmp)
+        seal(tmp, tokenizer, recipe)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def save_model_files(model: nn.Module, tmp: Path, max_shard_size: int | str = MAX_SHARD_SIZE,
+                     state_dict: dict | None = None) -> None:
+    """``save_pretrained`` into ``tmp`` with the config an export needs: the stock architecture for uniform
+    widths, else ``shear_layout`` + ``auto_map`` and shear's modeling file (a model_type of its own, so
+    that without the file it does not load at all). ``state_dict``: what to write instead of the model's
+    own (the compressed-tensors form)."""
+    layout = layout_of(model)
+    _, overrides = stock_reference(model)
+    saved = {k: getattr(model.config, k) for k in overrides}
+    for k, v in overrides.items():
+        setattr(model.config, k, v)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict)
+    finally:
+        for k, v in saved.items():
+            setattr(model.config, k, v)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    stock = stock_class(model)
+    base = stock.__name__
+    cfg["architectures"] = [base]
+    cfg["model_type"] = stock.config_class.model_type
+    cfg.pop("auto_map", None)
+    cfg.pop("shear_layout", None)
+    for f in tmp.glob("*.py"):  # a re-exported model may carry an older copy
+        f.unlink()
+    if layout:
+        cfg["shear_layout"] = layout
+        cfg["model_type"] = modeling_pruned.PREFIX + cfg["model_type"]
+        mod = MODELING_FILE[:-3]
+        cfg["auto_map"] = {"AutoConfig": f"{mod}.Shear{stock.config_class.__name__}",
+                           _auto_class(model): f"{mod}.Shear{base}"}
+        shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -165,6 +165,9 @@ def prune_with_vocab(model, tokenizer, cfg: PruneConfig, importance: ImportanceC
 
 def _move_for_scoring(model, device: str | None):
     """Move ``model`` to ``importance.device``; return where it was (None: not moved)."""
+    from shear.models import resolve_device
+
+    device = resolve_device(device)
     if device is None:
         return None
     if len(set(getattr(model, "hf_device_map", {}).values())) > 1:

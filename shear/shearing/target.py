@@ -12,7 +12,6 @@ rows' mean per type.  λ is maximised (gradient ascent), so it grows until the e
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +100,9 @@ def shape_from_config(path: str | Path, graph: StructureGraph) -> TargetShape:
     p = p / "config.json" if p.is_dir() else p
     if not p.exists():
         raise ValueError(f"shearing.target.shape_from: {p} does not exist")
-    return shape_from_keys(json.loads(p.read_text()), graph)
+    from shear.models import read_json
+
+    return shape_from_keys(read_json(p), graph)
 
 
 def query_heads(graph: StructureGraph, head_units: int) -> int:

@@ -49,7 +49,9 @@ class SparsifyConfig(BaseModel):
     blocksize: int = Field(128, gt=0, description="sparsegpt: columns per lazy-update block (a multiple of M for N:M)")
     dampening: float = Field(0.01, ge=0.0, description="sparsegpt: added to diag(H) as a fraction of its mean")
     device: str | None = Field(None, description="device for calibration and pruning, e.g. 'cuda' (the model moves there "
-                                                 "and back); null = where the model is")
+                                                 "and back; under accelerate launch / torchrun 'cuda' is each rank's own GPU; 'auto' = that GPU when "
+                                                 "CUDA is available, else where the model is); "
+                                                 "null = where the model is")
     compressed: bool = Field(True, description="with an export section, also write OUTPUT_DIR/compressed in the "
                                                "compressed-tensors format (bitmask, or sparse-24-bitmask for 2:4)")
 

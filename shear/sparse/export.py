@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -64,51 +63,81 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     model first, :func:`shear.models.cast_weights_`, to choose it), sharded like the dense export. Same
     directory rules as the dense export: a temporary sibling first, a manifest, and only shear's own
     earlier export is ever replaced."""
-    from compressed_tensors import ModelCompressor
-
-    from shear.prune.export import _check_target, publish
+    from shear.prune.export import _check_target, move_in
 
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, ())
-    cfg, dense = _compression_config(model, pruned, nm)
-    compressor = ModelCompressor(sparsity_config=cfg)
-    state = compressor.compress(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp, info = stage_compressed(model, out, pruned, nm, tokenizer, recipe, max_shard_size)
     try:
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
-        compressor.update_config(str(tmp))
-        publish(tmp, out, tokenizer, recipe)
+        move_in([(tmp, out)])
     finally:
         if tmp.exists():
             import shutil
 
             shutil.rmtree(tmp)
-    return {"dir": str(out), "format": cfg.format, "dense": dense}
+    return info
 
 
-def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
+def stage_compressed(model: nn.Module, out: Path, pruned: list[str], nm: tuple[int, int] | None = None,
+                     tokenizer=None, recipe: dict | None = None,
+                     max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[Path, dict]:
+    """The compressed form written to a sealed staging directory beside ``out``: ``(it, info)`` (see
+    :func:`save_compressed`); ``shear.prune.export.move_in`` publishes it."""
+    import shutil
+
+    from compressed_tensors import ModelCompressor
+
+    from shear.prune.export import save_model_files, seal, staging_dir
+
+    cfg, dense = _compression_config(model, pruned, nm)
+    compressor = ModelCompressor(sparsity_config=cfg)
+    state = compressor.compress(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(out)
+    try:
+        save_model_files(model, tmp, max_shard_size, state_dict=state)  # a per-layer model keeps its layout
+        compressor.update_config(str(tmp))
+        seal(tmp, tokenizer, recipe)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, {"dir": str(out), "format": cfg.format, "dense": dense}
+
+
+def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the dense model of a compressed-tensors directory with the library's decompressor.
 
+    The compressed form of a per-layer pruned export carries shear's modeling file (``auto_map``): it is
+    rebuilt only with ``trust_remote_code=True`` (the user's consent), else refused in one line.
     Returns ``(model in eval mode, {"missing_keys", "unexpected_keys"})``; tied weights (the LM head of a
     model with ``tie_word_embeddings``) are not reported missing.
     """
     import transformers
     from compressed_tensors import ModelCompressor
 
+    from shear.models import CONSENT, read_json
+
     path = str(Path(path).expanduser())
-    config = transformers.AutoConfig.from_pretrained(path)
-    compressor = ModelCompressor.from_pretrained(path)
+    remote = "auto_map" in read_json(Path(path) / "config.json")
+    if remote and not trust_remote_code:
+        raise ValueError(f"{path}: a per-layer pruned export (config.json auto_map names its modeling code); {CONSENT}")
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    compressor = ModelCompressor.from_pretrained(path, trust_remote_code=remote)
     if compressor is None or compressor.sparsity_compressor is None:
         raise ValueError(f"{path}: config.json has no compressed-tensors sparsity_config")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    cls = getattr(transformers, (config.architectures or [""])[0], None)
-    if cls is None:
-        raise ValueError(f"{path}: unknown architecture {config.architectures}")
     saved = getattr(config, "dtype", None)
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
-    model = cls._from_config(config, dtype=dtype or saved or torch.float32)
+    if remote:  # the class named in auto_map, from the directory's own modeling file
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True,
+                                                              dtype=dtype or saved or torch.float32)
+    else:
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            raise ValueError(f"{path}: unknown architecture {config.architectures}")
+        model = cls._from_config(config, dtype=dtype or saved or torch.float32)
     state = dict(compressor.sparsity_compressor.decompress(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptr = {t.data_ptr() for k, t in model.state_dict().items() if k in state}

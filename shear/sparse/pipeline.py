@@ -49,6 +49,7 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     ``calibration_length`` tokens come from ``cfg.source``, else ``data`` (a recipe's DataConfig), else
     the shipped corpus. With ``cfg.device`` the work happens there and the model moves back.
     """
+    from shear.models import resolve_device
     from shear.prune.pipeline import PeakMemory
 
     t0 = time.time()
@@ -61,10 +62,10 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
         ids, calib = calibration_for(model, tokenizer, cfg.source, data, cfg.n_samples, calibration_length(model, cfg),
                                      cfg.seed, key="sparsify.source")
         t_calib = time.time() - tc
-    home = None
-    if cfg.device is not None:
+    home, device = None, resolve_device(cfg.device)
+    if device is not None:
         home = next(model.parameters()).device
-        model.to(cfg.device)
+        model.to(device)
     try:
         with PeakMemory() as mem:
             res = sparsify_(model, cfg, ids)
@@ -110,26 +111,56 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
 
 def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Path, compressed_dir: str | Path | None,
                   tokenizer=None, recipe: dict | None = None, overwrite: bool = False, dtype: str | None = None,
-                  max_shard_size: int | str = MAX_SHARD_SIZE) -> dict:
-    """Write the dense form (``model_dir``) and, unless None, the compressed form; return and record in
-    ``report["export"]`` their directories, dtype and bytes on disk (``weights``: safetensors, ``total``: all
-    files). ``dtype`` (None: as they are) casts the weights in place first: both forms store it."""
+                  max_shard_size: int | str = MAX_SHARD_SIZE, report_dir: str | Path | None = None,
+                  drop: tuple = ()) -> dict:
+    """Write the dense form (``model_dir``), unless None the compressed form and, with ``report_dir``, the
+    report; return and record in ``report["export"]`` their directories, dtype and bytes on disk
+    (``weights``: safetensors, ``total``: all files). ``dtype`` (None: as they are) casts the weights in
+    place first: both forms store it; weights over ``max_shard_size`` are split into shards.
+
+    Both targets are checked before any work, every form is staged beside its target, and all are
+    published in one step (``shear.prune.export.move_in``, which also takes down shear's earlier
+    exports in ``drop``): an interrupted export never leaves one run's dense form beside another
+    run's compressed form or report.
+    """
+    import shutil
+
     from shear.memory import peak_rss_mb
     from shear.models import SHORT, cast_weights_
-    from shear.prune.export import export
-    from shear.sparse.export import bytes_on_disk, save_compressed
+    from shear.prune.export import _check_target, move_in, stage_export, staging_dir
+    from shear.sparse.export import bytes_on_disk, stage_compressed
 
     t0 = time.time()
+    dirs = [Path(d).expanduser().resolve() for d in (model_dir, compressed_dir) if d is not None]
+    for d in dirs:
+        _check_target(model, d, overwrite, ())
     cast_weights_(model, dtype)
-    export(model, model_dir, tokenizer=tokenizer, recipe=recipe, overwrite=overwrite, max_shard_size=max_shard_size)
-    rec = {"model": {"dir": str(model_dir), "bytes": bytes_on_disk(model_dir)},
-           "dtype": SHORT.get(model.dtype, str(model.dtype))}
-    if compressed_dir is not None:
-        info = save_compressed(model, compressed_dir, report["pruned"], cfg.nm, tokenizer=tokenizer, recipe=recipe,
-                               overwrite=overwrite, max_shard_size=max_shard_size)
-        rec["compressed"] = {**info, "bytes": bytes_on_disk(compressed_dir)}
-    rec["dense_weight_bytes"] = report["dense_weight_bytes"]
-    rec["time_s"] = round(time.time() - t0, 3)
-    report["export"] = rec
-    report["vm_hwm_mb"] = peak_rss_mb()  # the export included
+    staged = []
+    try:
+        staged.append(stage_export(model, dirs[0], tokenizer=tokenizer, recipe=recipe, max_shard_size=max_shard_size))
+        rec = {"model": {"dir": str(model_dir), "bytes": bytes_on_disk(staged[0])},
+               "dtype": SHORT.get(model.dtype, str(model.dtype))}
+        if compressed_dir is not None:
+            tmp, info = stage_compressed(model, dirs[1], report["pruned"], cfg.nm, tokenizer=tokenizer, recipe=recipe,
+                                         max_shard_size=max_shard_size)
+            staged.append(tmp)
+            rec["compressed"] = {**info, "bytes": bytes_on_disk(tmp)}
+        rec["dense_weight_bytes"] = report["dense_weight_bytes"]
+        rec["time_s"] = round(time.time() - t0, 3)
+        report["export"] = rec
+        report["vm_hwm_mb"] = peak_rss_mb()  # the export included (its forms are staged)
+        forms, files = list(zip(staged, dirs)), []
+        if report_dir is not None:
+            dest = Path(report_dir) / "report.json"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staged.append(staging_dir(dest))
+            staged[-1].write_text(json.dumps(report, indent=2, default=str))
+            files = [(staged[-1], dest)]
+        move_in(forms, files, [Path(d) for d in drop])
+    finally:
+        for tmp in staged:
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            elif tmp.exists():
+                tmp.unlink()
     return rec

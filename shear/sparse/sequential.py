@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shear.importance.calibrate import capture_block_inputs, decoder_layers, is_matmul
+from shear.importance.calibrate import STATS_FIX, capture_block_inputs, decoder_layers, is_matmul
+from shear.models import check_finite
 from shear.sparse.config import SparsifyConfig
 from shear.sparse.masks import mask_for, wanda_scores
 from shear.sparse.owl import outlier_ratio, owl_sparsities
@@ -160,6 +161,9 @@ class _Collector:
 def _prune_linear(name: str, mod: nn.Module, cfg: SparsifyConfig, sparsity: float | None, stat, conv1d: bool) -> dict:
     w = weight_matrix(mod, conv1d)
     rel = None
+    if stat is not None:  # a nan Hessian is not a matter of more samples or more dampening
+        check_finite([(name, stat.H if cfg.method == "sparsegpt" else stat)],
+                     "sparsify: calibration statistics of the input of", STATS_FIX)
     if cfg.method == "sparsegpt":
         damp = cfg.dampening
         for attempt in range(4):

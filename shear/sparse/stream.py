@@ -23,7 +23,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 from shear.checkpoint import Checkpoint, materialize_, release_, skeleton
 from shear.importance.calibrate import capture_block_inputs, decoder_layers
 from shear.memory import trim
-from shear.models import DTYPES
+from shear.models import DTYPES, check_finite, check_weights_finite, resolve_device
 from shear.sparse.config import SparsifyConfig
 from shear.sparse.sequential import (SparsifyResult, _has_conv1d, blocks_path, layer_plan, select_linears,
                                      sparsify_block)
@@ -130,13 +129,16 @@ class _Stream:
     def copy(self, names: list[str]) -> None:
         """Write tensors outside the blocks as stored (cast to the written dtype), one at a time."""
         for name in names:
-            self.writer.write(name, self.read([name])[name].to(self.specs[name][2]))
+            t = self.read([name])[name]
+            check_finite([(name, t)], f"{self.ckpt.path}: weight", "the checkpoint is damaged")
+            self.writer.write(name, t.to(self.specs[name][2]))
 
     def block(self, block: nn.Module, prefix: str, names: list[str], selected: list[str], hidden, kws,
               run: bool, conv1d: bool) -> tuple[list | None, dict]:
         """Read one block (``names``: its tensors), prune its ``selected`` linears (:func:`sparsify_block`),
         write it, put it back on meta; return the pruned block's outputs (when ``run``) and the records."""
         materialize_(block, self.read(names, prefix), self.device)
+        check_weights_finite(block, str(self.ckpt.path), prefix)
         rel = [n[len(prefix):] for n in selected]
         hidden, recs = sparsify_block(block, rel, hidden, kws, self.cfg.sparsity, self.cfg, conv1d, run=run,
                                       prefix=prefix)
@@ -153,20 +155,21 @@ class _Stream:
 def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, out_dir: str | Path,
                       ids: torch.Tensor | None = None, written: str = "fp32", tokenizer=None,
                       recipe: dict | None = None, overwrite: bool = False,
-                      max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[SparsifyResult, dict]:
-    """Sparsify the checkpoint at ``path`` block by block into ``out_dir`` (see the module docstring).
+                      max_shard_size: int | str = MAX_SHARD_SIZE) -> tuple[SparsifyResult, Path]:
+    """Sparsify the checkpoint at ``path`` block by block, staged for ``out_dir`` (see the module docstring).
 
     ``model``: its :func:`~shear.checkpoint.skeleton`, in the dtype blocks are pruned in
     (``shear.models.load_dtype``: fp32 on CPU); ``ids`` ``[n, L]``: calibration tokens (None for magnitude);
-    ``written``: the dtype of the written weights. Returns the result (plan, times) and ``{"dir", "files"}``
-    of the export, written to a temporary sibling and published like every shear export
-    (``shear.prune.export.publish``)."""
-    from shear.prune.export import _check_target, publish
+    ``written``: the dtype of the written weights. ``out_dir`` is checked first (``_check_target``); the export
+    is written to its staging directory (``shear.prune.export.staging_dir``) and sealed (tokenizer, recipe,
+    manifest). Returns the result (plan, times) and the staged directory, which the caller publishes
+    (``shear.prune.export.move_in``) and removes on failure."""
+    from shear.prune.export import _check_target, seal, staging_dir
     from shear.shards import ShardWriter
 
     check_streamable(cfg)
     t0 = time.time()
-    device = torch.device(cfg.device or "cpu")
+    device = torch.device(resolve_device(cfg.device) or "cpu")
     if device.type != "cpu":
         for name, b in list(model.named_buffers()):
             materialize_(model, {name: b}, device, complete=False)
@@ -182,7 +185,7 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, (path,))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = staging_dir(out)
     tmp.mkdir()
     res = SparsifyResult(pruned=[n for i in sorted(selected) for n in selected[i]])
     res.time_s["allocation"] = round(time.time() - t0, 3)  # uniform: only the selection
@@ -201,16 +204,16 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
             if data:
                 kws[i] = None
             log.info("sparsify --stream: block %d/%d written", i + 1, len(blocks))
-        files = run.writer.close()
+        run.writer.close()
         res.time_s["prune"] = round(time.time() - t_prune, 3)
         _write_config(model, Path(path).expanduser(), tmp, DTYPES[written])
-        publish(tmp, out, tokenizer, recipe)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        seal(tmp, tokenizer, recipe)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     res.plan = layer_plan(selected, {i: cfg.sparsity for i in selected}, per_linear, cfg)
     res.time_s["total"] = round(time.time() - t0, 3)
-    return res, {"dir": str(out), "files": files}
+    return res, tmp
 
 
 def _write_config(model: nn.Module, src: Path, tmp: Path, written: torch.dtype) -> None:
@@ -230,10 +233,18 @@ def _write_config(model: nn.Module, src: Path, tmp: Path, written: torch.dtype) 
 def run_sparsify_streamed(path: str, tokenizer, cfg: SparsifyConfig, out_dir: str | Path, written: str = "fp32",
                           compute: str = "fp32", ids: torch.Tensor | None = None, recipe: dict | None = None,
                           overwrite: bool = False, max_shard_size: int | str = MAX_SHARD_SIZE,
-                          trust_remote_code: bool = False) -> dict:
-    """``shear sparsify --stream``: calibration text, :func:`sparsify_streamed` into ``out_dir``, and the report
-    ``run_sparsify`` + ``export_sparse`` write (the same fields; ``stream: true``; no compressed form)."""
+                          trust_remote_code: bool = False, report_dir: str | Path | None = None,
+                          drop: tuple = ()) -> dict:
+    """``shear sparsify --stream``: calibration text, :func:`sparsify_streamed` into ``out_dir`` and the report
+    ``run_sparsify`` + ``export_sparse`` write (the same fields; ``stream: true``; no compressed form). With
+    ``report_dir`` the report is published with the export in one step (``move_in``, which also takes down
+    shear's earlier exports in ``drop``), as ``export_sparse`` does."""
+    import json
+
     from shear.data.calibration import calibration_for
+    from shear.memory import peak_rss_mb
+    from shear.models import check_vocab, checkpoint_dtype, source_weight_bytes
+    from shear.prune.export import move_in, staging_dir
     from shear.prune.pipeline import PeakMemory
     from shear.sparse.export import bytes_on_disk
     from shear.sparse.pipeline import calibration_length, sparsify_report
@@ -243,15 +254,37 @@ def run_sparsify_streamed(path: str, tokenizer, cfg: SparsifyConfig, out_dir: st
     model = skeleton(path, DTYPES[compute], trust_remote_code)
     calib, t_calib = None, 0.0
     if ids is None and cfg.method != "magnitude":
+        check_vocab(model, tokenizer, str(path))
         tc = time.time()
         ids, calib = calibration_for(model, tokenizer, cfg.source, None, cfg.n_samples, calibration_length(model, cfg),
                                      cfg.seed, key="sparsify.source")
         t_calib = time.time() - tc
-    with PeakMemory() as mem:
-        res, export = sparsify_streamed(model, path, cfg, out_dir, ids, written, tokenizer, recipe, overwrite,
-                                        max_shard_size)
-    report = sparsify_report(res, cfg, ids, calib, t_calib, t0, mem, model)
-    report["stream"] = True
-    report["export"] = {"model": {"dir": export["dir"], "bytes": bytes_on_disk(export["dir"])}, "dtype": written,
-                        "dense_weight_bytes": report["dense_weight_bytes"]}
+    staged = []
+    try:
+        with PeakMemory() as mem:
+            res, tmp = sparsify_streamed(model, path, cfg, out_dir, ids, written, tokenizer, recipe, overwrite,
+                                         max_shard_size)
+        staged.append(tmp)
+        report = sparsify_report(res, cfg, ids, calib, t_calib, t0, mem, model)
+        out = Path(out_dir).expanduser().resolve()
+        report["stream"] = True
+        report["dtype"] = {"checkpoint": checkpoint_dtype(str(path)), "loaded": compute, "written": written}
+        report["source_weight_bytes"] = source_weight_bytes(str(path))
+        report["export"] = {"model": {"dir": str(out_dir), "bytes": bytes_on_disk(tmp)}, "dtype": written,
+                            "dense_weight_bytes": report["dense_weight_bytes"]}
+        report["vm_hwm_mb"] = peak_rss_mb()
+        files = []
+        if report_dir is not None:
+            dest = Path(report_dir) / "report.json"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staged.append(staging_dir(dest))
+            staged[-1].write_text(json.dumps(report, indent=2, default=str))
+            files = [(staged[-1], dest)]
+        move_in([(tmp, out)], files, [Path(d) for d in drop])
+    finally:
+        for t in staged:
+            if t.is_dir():
+                shutil.rmtree(t)
+            elif t.exists():
+                t.unlink()
     return report

@@ -268,9 +268,10 @@ def run_rounds_from_recipe(recipe, model, tokenizer, teacher, out: Path) -> tupl
         raise ValueError("data.domains: dynamic batch loading is not supported with prune.tune_rounds > 1; "
                          "prune first, then train with data.domains")
     if recipe.distill is not None and recipe.distill.teacher is not None and teacher is None:
-        from shear.models import load_model  # only when the caller has not loaded it (run_recipe has)
+        from shear.models import load_teacher  # only when the caller has not loaded it (run_recipe has)
 
-        teacher = load_model(recipe.distill.teacher, recipe.distill.teacher_dtype)
+        teacher = load_teacher(recipe.distill.teacher, recipe.distill.teacher_dtype, recipe.model.trust_remote_code,
+                               model)
     if recipe.distill is not None and teacher is None:
         raise ValueError("recipe.distill: no teacher; set distill.teacher or keep the unpruned model as teacher")
     train_ds, val_ds = build_datasets(recipe.data, tokenizer)

@@ -131,7 +131,7 @@ def _set_dropout(model: nn.Module, p: float | None) -> dict[tuple[str, str], flo
 
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teacher: nn.Module | None = None,
           distill: DistillConfig | None = None, tokenizer=None, masks: dict | None = None,
-          domains=None, shearing=None) -> TrainResult:
+          domains=None, shearing=None, on_start=None) -> TrainResult:
     """Train `model` on `train_ds` (items {"input_ids": [L], "labels": [L]}); see the module docstring.
 
     With `distill`, `teacher` is required (frozen, eval mode, optionally bf16) and the loss is
@@ -146,6 +146,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     (shear.shearing.ShearingTerm, hooked on `model`): learned masks, trained with the weights (or alone when
     no weight requires grad) under their own lrs; the Lagrangian is added once per step, the expected
     sizes are logged (size_<type>, target_<type>); the returned model still carries the masks' hooks.
+    `on_start` (no arguments) is called on the main process once the checkpoint to resume from, if any, is
+    restored and before anything is written (a run directory records a changed recipe only then).
     """
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -196,6 +198,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         _use_config_hparams(optimizer, scheduler, cfg, fresh)
         if main:
             print(f"resuming from {last} (step {state['step']})")
+    if main and on_start is not None:
+        on_start()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=1))
@@ -216,50 +220,52 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     if state["step"] >= cfg.steps and state["train"]:
         last_loss = state["train"][-1]["loss"]
 
-    while state["step"] < cfg.steps:
-        step = state["step"]
-        t0 = time.time()
-        micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
-        batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
-        if shearing is not None:
-            shearing.step = step
-        sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
-                                      teacher if distill is not None else None, clip_params)
-        loss = sums[0].item()
-        state["step"] = step = step + 1
-        train_time += time.time() - t0
-        tokens_done += global_bs * seq_len
-        last_loss = loss
-        bar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens_done / max(train_time, 1e-9)}
-            if distill is not None:
-                rec.update(ce=sums[1].item(), kd=sums[2].item(), hidden=sums[3].item())
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
+    try:  # the bar closes before an error reaches the user, not after its message
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            t0 = time.time()
+            micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
+            batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
             if shearing is not None:
-                rec["lagrangian"] = sums[4].item()
-                for t, (s_hat, goal) in shearing.report.items():
-                    rec[f"size_{t}"], rec[f"target_{t}"] = s_hat, goal
-            state["train"].append(rec)
-            _log(accelerator, metrics_file, rec)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            ev = {"step": step, **evaluate_ppl(accelerator, module, val_ds, cfg)}
+                shearing.step = step
+            sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
+                                          teacher if distill is not None else None, clip_params)
+            loss = sums[0].item()
+            state["step"] = step = step + 1
+            train_time += time.time() - t0
+            tokens_done += global_bs * seq_len
+            last_loss = loss
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": tokens_done / max(train_time, 1e-9)}
+                if distill is not None:
+                    rec.update(ce=sums[1].item(), kd=sums[2].item(), hidden=sums[3].item())
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                if shearing is not None:
+                    rec["lagrangian"] = sums[4].item()
+                    for t, (s_hat, goal) in shearing.report.items():
+                        rec[f"size_{t}"], rec[f"target_{t}"] = s_hat, goal
+                state["train"].append(rec)
+                _log(accelerator, metrics_file, rec)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                ev = {"step": step, **evaluate_ppl(accelerator, module, val_ds, cfg)}
+                if domains is not None:
+                    ev.update(domains.evaluate_and_update(
+                        step, lambda ds: evaluate_ppl(accelerator, module, ds, cfg)["val_loss"], sampler))
+                state["eval"].append(ev)
+                _log(accelerator, metrics_file, ev)
+                if main:
+                    bar.write(f"step {step}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}")
             if domains is not None:
-                ev.update(domains.evaluate_and_update(
-                    step, lambda ds: evaluate_ppl(accelerator, module, ds, cfg)["val_loss"], sampler))
-            state["eval"].append(ev)
-            _log(accelerator, metrics_file, ev)
-            if main:
-                bar.write(f"step {step}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}")
-        if domains is not None:
-            state["domains"] = sampler.state_dict()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
-    bar.close()
+                state["domains"] = sampler.state_dict()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
+    finally:
+        bar.close()
     student = _final_model(accelerator, module, cfg)  # before end_training: ZeRO-3 gathers are collective
     remask = keeper.finalize(student, lambda m: evaluate_ppl(accelerator, LossModule(m), val_ds, cfg)["val_ppl"]) \
         if keeper is not None else None
