@@ -139,7 +139,12 @@ def test_cli_stream_report_and_refusals(tiny_lm_dir, tiny_text, tmp_path, capsys
     want, got = (load_file(tmp_path / d / "model" / "model.safetensors") for d in "ba")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert main(base + ["--no-compressed", "-o", str(tmp_path / "a")]) == 2  # taken, no --overwrite
-    assert main(base + ["--no-compressed", "--overwrite", "-o", str(tmp_path / "a")]) == 0
+    # over an in-memory run with both forms: the model and report are replaced, the old compressed form goes
+    assert main(base[:-1] + ["-o", str(tmp_path / "b"), "--overwrite"]) == 0 and (tmp_path / "b" / "compressed").is_dir()
+    assert main(base + ["--no-compressed", "--overwrite", "-o", str(tmp_path / "b")]) == 0
+    assert not (tmp_path / "b" / "compressed").exists()
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["stream"]
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no staging left behind
 
 
 PEAK = textwrap.dedent("""
