@@ -291,6 +291,19 @@ def llm_pruner_ratio(cfg, total: int, target: float, layers: int) -> tuple[float
     return best, total - removed(best)
 
 
+def _rope_hooks(model) -> list:
+    """Forward pre-hooks that give each decoder layer the ``position_embeddings`` transformers 5 layers need
+    (the peers' loops call layers with ``position_ids`` only, as before transformers 4.46)."""
+    rotary = model.model.rotary_emb
+
+    def add_rope(mod, args, kwargs):
+        if kwargs.get("position_embeddings") is None and kwargs.get("position_ids") is not None:
+            kwargs["position_embeddings"] = rotary(args[0], kwargs["position_ids"])
+        return args, kwargs
+
+    return [layer.register_forward_pre_hook(add_rope, with_kwargs=True) for layer in model.model.layers]
+
+
 def _no_heads_attention(o_proj):
     import torch
 
@@ -422,14 +435,7 @@ def row_flap(a) -> dict:
         return loader, None
 
     flap.get_loaders = get_loaders
-    rotary = model.model.rotary_emb
-
-    def add_rope(mod, args, kwargs):
-        if kwargs.get("position_embeddings") is None and kwargs.get("position_ids") is not None:
-            kwargs["position_embeddings"] = rotary(args[0], kwargs["position_ids"])
-        return args, kwargs
-
-    hooks = [layer.register_forward_pre_hook(add_rope, with_kwargs=True) for layer in model.model.layers]
+    hooks = _rope_hooks(model)
     args = types.SimpleNamespace(prune_method="flap", pruning_ratio=ratio, remove_heads=-1, metrics="WIFV",
                                  structure="AL-AM", nsamples=a.flap_nsamples, seed=0, unstr=False)
     t0 = time.perf_counter()
@@ -545,14 +551,7 @@ def row_original_unstructured(a) -> dict:
         return [(row.unsqueeze(0), None) for row in ids[:nsamples]], None
 
     wp.get_loaders = get_loaders
-    rotary = model.model.rotary_emb
-
-    def add_rope(mod, args, kwargs):
-        if kwargs.get("position_embeddings") is None and kwargs.get("position_ids") is not None:
-            kwargs["position_embeddings"] = rotary(args[0], kwargs["position_ids"])
-        return args, kwargs
-
-    hooks = [layer.register_forward_pre_hook(add_rope, with_kwargs=True) for layer in model.model.layers]
+    hooks = _rope_hooks(model)
     torch.cuda.synchronize = lambda *args, **kw: None  # fasterprune's timing call; CPU-only torch raises
     n, m = _nm(a)
     args = types.SimpleNamespace(nsamples=a.sparse_nsamples, seed=0, sparsity_ratio=0.5 if n == 0 else 0.0,

@@ -260,6 +260,25 @@ def _remove(f: Path) -> None:
         shutil.rmtree(f)
 
 
+def stage_file(dest: Path, text: str, staged: list) -> list[tuple[Path, Path]]:
+    """``text`` written to a staging file beside ``dest`` (appended to ``staged``); returns the ``files``
+    entry of :func:`move_in` that publishes it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(dest)
+    staged.append(tmp)
+    tmp.write_text(text)
+    return [(tmp, dest)]
+
+
+def remove_staged(staged: list[Path]) -> None:
+    """Remove what is left of staged forms and files (after :func:`move_in`, or after a failure)."""
+    for tmp in staged:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
 def move_in(forms: list[tuple[Path, Path]], files: list[tuple[Path, Path]] = (), drop: list[Path] = ()) -> None:
     """Publish staged exports (``forms``: (staged directory, target)) and report files (``files``: (staged file,
     target)) together; in a target that exists only the previous export's files are replaced, nothing else.

@@ -123,11 +123,9 @@ def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Pat
     exports in ``drop``): an interrupted export never leaves one run's dense form beside another
     run's compressed form or report.
     """
-    import shutil
-
     from shear.memory import peak_rss_mb
     from shear.models import SHORT, cast_weights_
-    from shear.prune.export import _check_target, move_in, stage_export, staging_dir
+    from shear.prune.export import _check_target, move_in, remove_staged, stage_export, stage_file
     from shear.sparse.export import bytes_on_disk, stage_compressed
 
     t0 = time.time()
@@ -151,16 +149,8 @@ def export_sparse(model, report: dict, cfg: SparsifyConfig, model_dir: str | Pat
         report["vm_hwm_mb"] = peak_rss_mb()  # the export included (its forms are staged)
         forms, files = list(zip(staged, dirs)), []
         if report_dir is not None:
-            dest = Path(report_dir) / "report.json"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            staged.append(staging_dir(dest))
-            staged[-1].write_text(json.dumps(report, indent=2, default=str))
-            files = [(staged[-1], dest)]
+            files = stage_file(Path(report_dir) / "report.json", json.dumps(report, indent=2, default=str), staged)
         move_in(forms, files, [Path(d) for d in drop])
     finally:
-        for tmp in staged:
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            elif tmp.exists():
-                tmp.unlink()
+        remove_staged(staged)
     return rec

@@ -244,7 +244,7 @@ def run_sparsify_streamed(path: str, tokenizer, cfg: SparsifyConfig, out_dir: st
     from shear.data.calibration import calibration_for
     from shear.memory import peak_rss_mb
     from shear.models import check_vocab, checkpoint_dtype, source_weight_bytes
-    from shear.prune.export import move_in, staging_dir
+    from shear.prune.export import move_in, remove_staged, stage_file
     from shear.prune.pipeline import PeakMemory
     from shear.sparse.export import bytes_on_disk
     from shear.sparse.pipeline import calibration_length, sparsify_report
@@ -275,16 +275,8 @@ def run_sparsify_streamed(path: str, tokenizer, cfg: SparsifyConfig, out_dir: st
         report["vm_hwm_mb"] = peak_rss_mb()
         files = []
         if report_dir is not None:
-            dest = Path(report_dir) / "report.json"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            staged.append(staging_dir(dest))
-            staged[-1].write_text(json.dumps(report, indent=2, default=str))
-            files = [(staged[-1], dest)]
+            files = stage_file(Path(report_dir) / "report.json", json.dumps(report, indent=2, default=str), staged)
         move_in([(tmp, out)], files, [Path(d) for d in drop])
     finally:
-        for t in staged:
-            if t.is_dir():
-                shutil.rmtree(t)
-            elif t.exists():
-                t.unlink()
+        remove_staged(staged)
     return report
