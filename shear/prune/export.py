@@ -358,7 +358,9 @@ def stage_export(model: nn.Module, out: Path, tokenizer=None, recipe: dict | Non
         for k, v in overrides.items():
             setattr(model.config, k, v)
         try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            # a per-layer export loads through its own class, which transformers gives no checkpoint
+            # conversion: its keys stay the module names (GPT-NeoX's lm_head, not the legacy embed_out)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not layout)
         finally:
             for k, v in saved.items():
                 setattr(model.config, k, v)
