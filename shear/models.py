@@ -435,10 +435,11 @@ def check_finite(named, what: str, fix: str) -> None:
                                          f"finite (nan/inf); {fix}")
 
 
-def check_weights_finite(model, path: str) -> None:
-    """Every parameter of a loaded model is finite (once, after loading, before pruning or training)."""
-    check_finite(model.named_parameters(), f"{path}: weight", "the checkpoint is damaged; restore it "
-                 "(download or export it again) or fix that tensor")
+def check_weights_finite(model, path: str, prefix: str = "") -> None:
+    """Every parameter of a loaded model is finite (once, after loading, before pruning or training).
+    ``prefix``: the module path of ``model`` when it is one block of a streamed model."""
+    check_finite(((prefix + n, p) for n, p in model.named_parameters()), f"{path}: weight", "the checkpoint is "
+                 "damaged; restore it (download or export it again) or fix that tensor")
 
 
 def load_pretrained(path: str, dtype: str = "fp32", trust_remote_code: bool = False, tokenizer: str | None = None,

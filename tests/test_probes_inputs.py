@@ -319,3 +319,33 @@ def test_load_names_the_size_keys_a_config_lacks(tiny_lm_dir, tmp_path, capsys):
     (d / "config.json").write_text(json.dumps(cfg))
     assert main(["eval", str(d), *EVAL_FAST]) == 2
     assert f"{d}: config.json does not describe the weights (tensor shapes differ)" in capsys.readouterr().err
+
+
+def test_full_disk_while_checkpointing_is_one_line(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    """torch.save on a full disk raises "enforce fail at inline_container.cc"; the user gets one line naming
+    the directory and the fix, the partial checkpoint is removed, the earlier complete one is kept."""
+    import shutil as sh
+
+    from shear.train import checkpoint
+    from test_probes import write_recipe
+
+    out = tmp_path / "run"
+    r = write_recipe(tmp_path / "r.yaml", model={"path": str(tiny_lm_dir)}, data={"seq_len": 16},
+                     train={"steps": 2, "batch_size": 2, "save_every": 1, "eval_every": 100, "warmup_steps": 0},
+                     output_dir=str(out))
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 2:  # step 1 (optimizer, scheduler) is written; step 2 finds the disk full
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 576 vs 470")
+        return real_save(obj, f, *a, **k)
+
+    Usage = type(sh.disk_usage(tmp_path))
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 2**20, 2**20))
+    assert main(["run", r]) == 2
+    line = one_line_error(capsys)
+    assert "the disk is full while writing checkpoint step-2" in line and "step-1, is kept" in line, line
+    ckpts = sorted(p.name for p in (out / "train" / "checkpoints").iterdir())
+    assert ckpts == ["step-1"], ckpts

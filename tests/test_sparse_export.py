@@ -131,3 +131,24 @@ def test_cli_sparsify_magnitude_refuses_calibration_flags(tmp_path, capsys, flag
     err = capsys.readouterr().err.strip()
     assert err == f"shear: error: {flag[0]}: magnitude uses no calibration text; drop {flag[0]}"
     assert not (tmp_path / "out").exists()
+
+
+def test_compressed_form_of_a_per_layer_export(tmp_path):
+    """A model pruned to different widths per layer exports with shear's modeling file; its compressed form
+    is rebuilt only with consent (one line without), and then equals the sparsified model bit for bit."""
+    from shear.analyze import PrunePlan, analyze
+    from shear.prune import prune_
+
+    model = family_model("llama")
+    prune_(model, PrunePlan({"layers.0.mlp_channel": [0, 1, 2, 3, 4]}), analyze(model))  # layer 0 narrower
+    cfg = SparsifyConfig(method="wanda", sparsity=0.5, batch_size=2)
+    model, report = run_sparsify(model, None, cfg, ids=CALIB)
+    export_sparse(model, report, cfg, tmp_path / "model", tmp_path / "compressed")
+    assert "auto_map" in json.loads((tmp_path / "compressed" / "config.json").read_text())
+    with pytest.raises(ValueError, match="per-layer pruned export.*--trust-remote-code"):
+        load_compressed(tmp_path / "compressed")
+    back, info = load_compressed(tmp_path / "compressed", trust_remote_code=True)
+    assert info == {"missing_keys": [], "unexpected_keys": []}
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert torch.equal(outputs(back, IDS), outputs(model, IDS))

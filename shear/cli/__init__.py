@@ -8,6 +8,7 @@ the parsed args, returns an exit code). ``main`` turns errors the user can fix i
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -100,6 +101,8 @@ def user_error(e: BaseException) -> str | None:
         return f"not valid YAML: {' '.join(str(e).split())}"
     if isinstance(e, USER_ERRORS) or type(e).__name__ == "SafetensorError":
         return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # a full disk: the message names where and what to do
+        return e.strerror if e.filename is None else str(e)
     return None
 
 

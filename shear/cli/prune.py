@@ -3,6 +3,7 @@
     shear prune recipes/prune/flap.yaml prune.target.ratio=0.35 -o runs/p35
     shear prune ~/.cache/shear/models/reference --ratio 0.35 --estimator flap --structures mlp hidden -o runs/p35
 
+``--experts R`` removes whole experts of mixture-of-experts models instead (shear/cli/prune_experts.py).
 A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
 directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
 OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model, written in the checkpoint's dtype
@@ -62,6 +63,18 @@ def _cmd_prune(args) -> int:
         raise ValueError("--dtype / --max-shard-size: nothing is written with --no-export; drop them")
     src = Path(args.source)
     recipe = None
+    if args.experts is not None:
+        from shear.cli import prune_experts
+
+        prune_experts.check_flags(args, src.suffix in (".yaml", ".yml"))
+        out = Path(args.output_dir or "shear-prune")
+        with locked(out):
+            _refuse_finished(out, args.overwrite)
+            report = prune_experts.prune_experts_into(args, out)
+        prune_experts.print_summary(report, out)
+        return 0
+    if args.expert_criterion != "reconstruction":
+        raise ValueError("--expert-criterion: only with --experts")
     if src.suffix in (".yaml", ".yml"):
         from shear.cli.run import recipe_overrides
         from shear.config import load_recipe
@@ -187,4 +200,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calib", default=None, help="calibration text (importance.source): a text file, a directory, "
                    "an HF dataset name, 'english' or 'shakespeare' (default: the text shear trained the "
                    "model on, else general English prose: 'english')")
+    e = p.add_argument_group("mixture of experts (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE; instead of width pruning)")
+    e.add_argument("--experts", type=float, default=None, metavar="R",
+                   help="remove floor(R * E) experts in every sparse layer (0 < R < 1); the export stays the "
+                        "stock class")
+    e.add_argument("--expert-criterion", default="reconstruction",
+                   choices=["frequency", "weighted", "reconstruction", "random"],
+                   help="expert importance: top-k frequency; x mean routing weight x mean output norm; "
+                        "the block's output error when the expert alone is dropped (default); seeded random")
     p.set_defaults(func=_cmd_prune)

@@ -2,12 +2,14 @@
 
     shear sparsify reference-quick --method sparsegpt --sparsity 0.5 --n-samples 32 --seq-len 128 -o runs/sgpt50
     shear sparsify ~/models/llama --method wanda --pattern 2:4 -o runs/wanda24
+    shear sparsify ~/models/llama-8b --method sparsegpt --sparsity 0.5 --stream --no-compressed -o runs/sgpt50
 
 Outputs: OUT/model (dense safetensors with the zeros; plain ``from_pretrained`` loads it),
 OUT/compressed (compressed-tensors: sparse-bitmask, or sparse-24-bitmask for 2:4) and OUT/report.json
 (the per-layer plan, bytes on disk of each form, times). Both forms are written in the checkpoint's dtype
 (``--dtype``; SparseGPT's updates and the statistics are fp32) and sharded at ``--max-shard-size``. In a
-recipe the same stage is ``sparsify:``.
+recipe the same stage is ``sparsify:``. ``--stream`` holds one block at a time (``shear.sparse.stream``): a
+checkpoint larger than memory, the dense form only.
 """
 from __future__ import annotations
 
@@ -60,12 +62,19 @@ def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     from shear.prune.export import remove_stale_staging
     from shear.sparse.pipeline import export_sparse, run_sparsify
 
+    if args.stream:
+        from shear.sparse.stream import check_streamable
+
+        check_streamable(cfg)  # before any work
     taken = [d for d in ("model", "compressed") if (out / d / "config.json").exists()]
     if taken and not args.overwrite:  # before any work (the export would refuse it at the end)
         raise FileExistsError(f"{out / taken[0]} already holds a model (--overwrite replaces shear's earlier export)")
     remove_stale_staging(out)
     ckpt = checkpoint_dtype(args.model)
     written = export_dtype(args.dtype, args.model)
+    if args.stream:
+        return _streamed_into(args, cfg, out, load_dtype(written, ckpt, args.device), written)
+    _warn_if_too_big(args.model)
     model, tok = load_pretrained(args.model, dtype=load_dtype(written, ckpt, args.device),
                                  trust_remote_code=args.trust_remote_code, finite=True)
     loaded = SHORT.get(next(model.parameters()).dtype)
@@ -80,6 +89,48 @@ def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     del model
     trim()
     return report, rec
+
+
+def _streamed_into(args, cfg, out: Path, loaded: str, written: str) -> tuple[dict, dict]:
+    """``--stream``: one block at a time from the shards (``shear.sparse.stream``), the dense form only."""
+    from shear.models import load_tokenizer, resolve_model_path
+    from shear.sparse.stream import run_sparsify_streamed
+
+    path = resolve_model_path(args.model)
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f"sparsify --stream reads a local directory's safetensors shards; {args.model} is not one")
+    recipe = {"model": {"path": args.model}, "sparsify": cfg.model_dump(mode="json")}
+    report = run_sparsify_streamed(path, load_tokenizer(path, args.trust_remote_code), cfg, out / "model",
+                                   written=written, compute=loaded, recipe=recipe, overwrite=args.overwrite,
+                                   max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code,
+                                   report_dir=out, drop=(out / "compressed",))
+    return report, report["export"]
+
+
+def _warn_if_too_big(model: str) -> None:
+    """A checkpoint whose fp32 copy would not fit in the memory available: say so before loading it."""
+    import logging
+
+    from shear.models import checkpoint_dtype, source_weight_bytes
+
+    size, avail = source_weight_bytes(model), _available_bytes()
+    if size and avail:
+        fp32 = size * (2 if checkpoint_dtype(model) in ("bf16", "fp16") else 1)
+        if fp32 > 0.8 * avail:
+            logging.getLogger("shear").warning(
+                "sparsify: %s needs about %.1f GiB in fp32 and %.1f GiB are available; --stream --no-compressed "
+                "holds one block at a time", model, fp32 / 2**30, avail / 2**30)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,4 +167,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "into shards with model.safetensors.index.json)")
     p.add_argument("--overwrite", action="store_true", help="replace shear's earlier export in OUT")
     p.add_argument("--trust-remote-code", action="store_true", help="run modeling code shipped in the model directory")
+    p.add_argument("--stream", action="store_true",
+                   help="read, prune and write one block at a time from the safetensors shards (peak memory: one "
+                        "block + the calibration activations, whatever the depth); dense form only (with "
+                        "--no-compressed), uniform allocation")
     p.set_defaults(func=_cmd_sparsify)

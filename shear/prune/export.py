@@ -351,40 +351,50 @@ def stage_export(model: nn.Module, out: Path, tokenizer=None, recipe: dict | Non
     ``out``, sealed, and return it (nothing is left behind when it fails): :func:`move_in` publishes it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
-    layout = layout_of(model)
-    _, overrides = stock_reference(model)
-    saved = {k: getattr(model.config, k) for k in overrides}
     try:
-        for k, v in overrides.items():
-            setattr(model.config, k, v)
-        try:
-            # a per-layer export loads through its own class, which transformers gives no checkpoint
-            # conversion: its keys stay the module names (GPT-NeoX's lm_head, not the legacy embed_out)
-            model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=not layout)
-        finally:
-            for k, v in saved.items():
-                setattr(model.config, k, v)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        stock = stock_class(model)
-        base = stock.__name__
-        cfg["architectures"] = [base]
-        cfg["model_type"] = stock.config_class.model_type
-        cfg.pop("auto_map", None)
-        cfg.pop("shear_layout", None)
-        for f in tmp.glob("*.py"):  # a re-exported model may carry an older copy
-            f.unlink()
-        if layout:  # a model_type of its own: without the modeling file it must not load at all
-            cfg["shear_layout"] = layout
-            cfg["model_type"] = modeling_pruned.PREFIX + cfg["model_type"]
-            mod = MODELING_FILE[:-3]
-            cfg["auto_map"] = {"AutoConfig": f"{mod}.Shear{stock.config_class.__name__}",
-                               _auto_class(model): f"{mod}.Shear{base}"}
-            shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        save_model_files(model, tmp, max_shard_size)
         _copy_sentence_transformers(model, tmp)
         seal(tmp, tokenizer, recipe)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
+
+
+def save_model_files(model: nn.Module, tmp: Path, max_shard_size: int | str = MAX_SHARD_SIZE,
+                     state_dict: dict | None = None) -> None:
+    """``save_pretrained`` into ``tmp`` with the config an export needs: the stock architecture for uniform
+    widths, else ``shear_layout`` + ``auto_map`` and shear's modeling file (a model_type of its own, so
+    that without the file it does not load at all). ``state_dict``: what to write instead of the model's
+    own (the compressed-tensors form)."""
+    layout = layout_of(model)
+    _, overrides = stock_reference(model)
+    saved = {k: getattr(model.config, k) for k in overrides}
+    for k, v in overrides.items():
+        setattr(model.config, k, v)
+    try:
+        # a per-layer export loads through its own class, which transformers gives no checkpoint
+        # conversion: its keys stay the module names (GPT-NeoX's lm_head, not the legacy embed_out)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict,
+                              save_original_format=not layout)
+    finally:
+        for k, v in saved.items():
+            setattr(model.config, k, v)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    stock = stock_class(model)
+    base = stock.__name__
+    cfg["architectures"] = [base]
+    cfg["model_type"] = stock.config_class.model_type
+    cfg.pop("auto_map", None)
+    cfg.pop("shear_layout", None)
+    for f in tmp.glob("*.py"):  # a re-exported model may carry an older copy
+        f.unlink()
+    if layout:
+        cfg["shear_layout"] = layout
+        cfg["model_type"] = modeling_pruned.PREFIX + cfg["model_type"]
+        mod = MODELING_FILE[:-3]
+        cfg["auto_map"] = {"AutoConfig": f"{mod}.Shear{stock.config_class.__name__}",
+                           _auto_class(model): f"{mod}.Shear{base}"}
+        shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

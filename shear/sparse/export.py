@@ -87,7 +87,7 @@ def stage_compressed(model: nn.Module, out: Path, pruned: list[str], nm: tuple[i
 
     from compressed_tensors import ModelCompressor
 
-    from shear.prune.export import seal, staging_dir
+    from shear.prune.export import save_model_files, seal, staging_dir
 
     cfg, dense = _compression_config(model, pruned, nm)
     compressor = ModelCompressor(sparsity_config=cfg)
@@ -95,7 +95,7 @@ def stage_compressed(model: nn.Module, out: Path, pruned: list[str], nm: tuple[i
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
     try:
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        save_model_files(model, tmp, max_shard_size, state_dict=state)  # a per-layer model keeps its layout
         compressor.update_config(str(tmp))
         seal(tmp, tokenizer, recipe)
     except BaseException:
@@ -104,28 +104,40 @@ def stage_compressed(model: nn.Module, out: Path, pruned: list[str], nm: tuple[i
     return tmp, {"dir": str(out), "format": cfg.format, "dense": dense}
 
 
-def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
+def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the dense model of a compressed-tensors directory with the library's decompressor.
 
+    The compressed form of a per-layer pruned export carries shear's modeling file (``auto_map``): it is
+    rebuilt only with ``trust_remote_code=True`` (the user's consent), else refused in one line.
     Returns ``(model in eval mode, {"missing_keys", "unexpected_keys"})``; tied weights (the LM head of a
     model with ``tie_word_embeddings``) are not reported missing.
     """
     import transformers
     from compressed_tensors import ModelCompressor
 
+    from shear.models import CONSENT, read_json
+
     path = str(Path(path).expanduser())
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)  # a stock class is rebuilt
-    compressor = ModelCompressor.from_pretrained(path, trust_remote_code=False)
+    remote = "auto_map" in read_json(Path(path) / "config.json")
+    if remote and not trust_remote_code:
+        raise ValueError(f"{path}: a per-layer pruned export (config.json auto_map names its modeling code); {CONSENT}")
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    compressor = ModelCompressor.from_pretrained(path, trust_remote_code=remote)
     if compressor is None or compressor.sparsity_compressor is None:
         raise ValueError(f"{path}: config.json has no compressed-tensors sparsity_config")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    cls = getattr(transformers, (config.architectures or [""])[0], None)
-    if cls is None:
-        raise ValueError(f"{path}: unknown architecture {config.architectures}")
     saved = getattr(config, "dtype", None)
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
-    model = cls._from_config(config, dtype=dtype or saved or torch.float32)
+    if remote:  # the class named in auto_map, from the directory's own modeling file
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True,
+                                                              dtype=dtype or saved or torch.float32)
+    else:
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            raise ValueError(f"{path}: unknown architecture {config.architectures}")
+        model = cls._from_config(config, dtype=dtype or saved or torch.float32)
     state = dict(compressor.sparsity_compressor.decompress(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     ptr = {t.data_ptr() for k, t in model.state_dict().items() if k in state}

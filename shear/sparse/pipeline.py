@@ -34,8 +34,9 @@ def weight_bytes(model) -> int:
     """Bytes of the model's distinct parameter tensors (tied weights once): the dense form's payload."""
     seen, total = set(), 0
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        key = id(p) if p.is_meta else p.data_ptr()  # a skeleton's parameters have no storage
+        if key not in seen:
+            seen.add(key)
             total += p.numel() * p.element_size()
     return total
 
@@ -48,7 +49,6 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     ``calibration_length`` tokens come from ``cfg.source``, else ``data`` (a recipe's DataConfig), else
     the shipped corpus. With ``cfg.device`` the work happens there and the model moves back.
     """
-    from shear.memory import peak_rss_mb
     from shear.models import resolve_device
     from shear.prune.pipeline import PeakMemory
 
@@ -72,6 +72,17 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     finally:
         if home is not None:
             model.to(home)
+    report = sparsify_report(res, cfg, ids, calib, t_calib, t0, mem, model)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return model, report
+
+
+def sparsify_report(res, cfg: SparsifyConfig, ids, calib: str | None, t_calib: float, t0: float, mem, model) -> dict:
+    """The report of a sparsify run (``run_sparsify`` and the streamed ``shear.sparse.stream``): ``model`` may
+    be a skeleton on the meta device (parameter counts and bytes only are read from it)."""
+    from shear.memory import peak_rss_mb
+
     z = sum(r["zeros"] for layer in res.plan for r in layer["linears"].values())
     n = sum(r["numel"] for layer in res.plan for r in layer["linears"].values())
     total = sum(p.numel() for p in model.parameters())
@@ -88,9 +99,7 @@ def run_sparsify(model, tokenizer, cfg: SparsifyConfig, out_dir: str | Path | No
     log.info("sparsify: %s %s, %d linears, %.1f%% of their weights zero (%.1f%% of the model) in %.1f s",
              cfg.method, cfg.pattern or f"{cfg.sparsity:.0%}", len(res.pruned), 100 * report["pruned_sparsity"],
              100 * report["model_sparsity"], report["time_s"]["total"])
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return model, report
+    return report
 
 
 def write_report(report: dict, out_dir: str | Path) -> Path:

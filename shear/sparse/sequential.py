@@ -223,39 +223,71 @@ def sparsify_(model: nn.Module, cfg: SparsifyConfig, ids: torch.Tensor | None = 
             sparsity = dict(zip(sorted(selected), allocated))
         t_plan = time.time()
         res.time_s["allocation"] = round(t_plan - t0, 3)
-        if cfg.method == "magnitude":
-            per_linear = {n: _prune_linear(n, model.get_submodule(n), cfg, sparsity[i], None, conv1d)
-                          for i in sorted(selected) for n in selected[i]}
-        else:
-            per_linear = _sequential(model, selected, sparsity, ids, cfg, conv1d)
+        per_linear = _sequential(model, selected, sparsity, ids, cfg, conv1d)
         res.time_s["prune"] = round(time.time() - t_plan, 3)
     finally:
         model.train(was_training)
-    for i in sorted(selected):
-        lin = {n: per_linear[n] for n in selected[i]}
-        z, n = sum(r["zeros"] for r in lin.values()), sum(r["numel"] for r in lin.values())
-        res.plan.append({"layer": i, "sparsity": sparsity[i], "pattern": cfg.pattern,
-                         "achieved": round(z / n, 6), "linears": lin})
+    res.plan = layer_plan(selected, sparsity, per_linear, cfg)
     res.time_s["total"] = round(time.time() - t0, 3)
     return res
 
 
-def _sequential(model, selected, sparsity, ids, cfg: SparsifyConfig, conv1d: bool) -> dict[str, dict]:
-    hidden, kws = capture_block_inputs(model, ids, cfg.batch_size)
+def layer_plan(selected: dict[int, list[str]], sparsity: dict, per_linear: dict[str, dict], cfg: SparsifyConfig) -> list[dict]:
+    """:attr:`SparsifyResult.plan` from the per-linear records (full names) of every block."""
+    plan = []
+    for i in sorted(selected):
+        lin = {n: per_linear[n] for n in selected[i]}
+        z, n = sum(r["zeros"] for r in lin.values()), sum(r["numel"] for r in lin.values())
+        plan.append({"layer": i, "sparsity": sparsity[i], "pattern": cfg.pattern, "achieved": round(z / n, 6),
+                     "linears": lin})
+    return plan
+
+
+def blocks_path(model: nn.Module) -> str:
+    """``"model.layers"``: the module path of the blocks (block ``i``'s names start ``f"{path}.{i}."``)."""
     blocks = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is blocks)
+
+
+def sparsify_block(block: nn.Module, names: list[str], hidden: list | None, kws: list | None, sparsity: float | None,
+                   cfg: SparsifyConfig, conv1d: bool, run: bool = True, prefix: str = "") -> tuple[list | None, dict]:
+    """Prune the linears ``names`` (paths relative to ``block``) of one block; return ``(outputs, records)``.
+
+    ``hidden[b]``: the block's input ``[B, L, hidden]`` for batch ``b`` and ``kws[b]`` its ``(args, kwargs)``
+    (``capture_block_inputs``; None for magnitude, which reads no data). The selected linears' input
+    statistics are collected over all batches first, then each linear is pruned with them; ``outputs``
+    are the PRUNED block's outputs on the same inputs (the next block's inputs) when ``run``, else None.
+    ``records[name]``: zeros, numel, sparsity (and SparseGPT's rel_error); ``prefix`` names them in errors.
+    The in-memory loop (:func:`sparsify_`) and the streamed one (``shear.sparse.stream``) share this step.
+    """
+    mods = {n: block.get_submodule(n) for n in names}
+    stats = {}
+    if mods and cfg.method != "magnitude":
+        col = _Collector(mods, cfg.method, conv1d)
+        try:
+            _run_block(block, hidden, kws, col.set_batch)
+        finally:
+            col.remove()
+        stats = col.stats
+    records = {}
+    for name, mod in mods.items():
+        records[name] = _prune_linear(prefix + name, mod, cfg, sparsity, stats.pop(name, None), conv1d)
+    return (_run_block(block, hidden, kws) if run else None), records
+
+
+def _sequential(model, selected, sparsity, ids, cfg: SparsifyConfig, conv1d: bool) -> dict[str, dict]:
+    """Every block in turn through :func:`sparsify_block`; each sees the PRUNED outputs of the one before."""
+    data = cfg.method != "magnitude"
+    hidden, kws = capture_block_inputs(model, ids, cfg.batch_size) if data else (None, None)
+    path = blocks_path(model)
     out: dict[str, dict] = {}
-    for i, block in enumerate(blocks):
-        mods = {n: model.get_submodule(n) for n in selected.get(i, [])}
-        if mods:
-            col = _Collector(mods, cfg.method, conv1d)
-            try:
-                _run_block(block, hidden, kws[i], col.set_batch)
-            finally:
-                col.remove()
-            for name, mod in mods.items():
-                out[name] = _prune_linear(name, mod, cfg, sparsity[i], col.stats.pop(name), conv1d)
-            del col
-        if not any(j > i for j in selected):
+    for i, block in enumerate(decoder_layers(model)):
+        prefix = f"{path}.{i}."
+        later = any(j > i for j in selected)
+        names = [n[len(prefix):] for n in selected.get(i, [])]
+        hidden, recs = sparsify_block(block, names, hidden, kws[i] if data else None, sparsity.get(i), cfg, conv1d,
+                                      run=data and later, prefix=prefix)
+        out.update({prefix + n: r for n, r in recs.items()})
+        if not later:
             break
-        hidden = _run_block(block, hidden, kws[i])  # the next block sees this block's PRUNED outputs
     return out

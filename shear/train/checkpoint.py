@@ -78,14 +78,17 @@ def save_checkpoint(accelerator, module, optimizer, scheduler, state: dict, root
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if _is_deepspeed(accelerator):
-        module.save_checkpoint(str(tmp), tag="ds", client_state={})  # sharded states, collective
-    elif accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(module)), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
+    try:
+        if _is_deepspeed(accelerator):
+            module.save_checkpoint(str(tmp), tag="ds", client_state={})  # sharded states, collective
+        elif accelerator.is_main_process:
+            save_file(trainable_state(accelerator.unwrap_model(module)), str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(e, root, tmp, step) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps(state, indent=1))  # written last: marks completeness
@@ -95,6 +98,27 @@ def save_checkpoint(accelerator, module, optimizer, scheduler, state: dict, root
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+#: free bytes under which a failed checkpoint write is taken for a full disk (torch.save reports one as
+#: "PytorchStreamWriter failed writing file ... file write failed" / "enforce fail at inline_container.cc")
+DISK_FULL_BYTES = 256 * 2**20
+
+
+def _write_failed(e: BaseException, root: Path, tmp: Path, step: int) -> BaseException:
+    """The error to raise for a checkpoint write that failed: the partial ``tmp`` is removed; a full disk
+    (ENOSPC, or little space left) becomes one OSError(ENOSPC) naming the directory and the fix."""
+    import errno
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(root).free
+    if not (isinstance(e, OSError) and e.errno == errno.ENOSPC) and free >= DISK_FULL_BYTES:
+        return e
+    kept = list_checkpoints(root)
+    have = f"the newest complete checkpoint, {kept[-1][1].name}, is kept" if kept else "no earlier checkpoint exists"
+    return OSError(errno.ENOSPC, f"{root}: the disk is full while writing checkpoint step-{step} ({free / 2**20:.0f} "
+                                 f"MB free; {have}); free space, or lower train.keep_checkpoints, then run again "
+                                 "to resume")
 
 
 def load_checkpoint(accelerator, module, optimizer, scheduler, path: Path) -> dict:

@@ -220,50 +220,52 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     if state["step"] >= cfg.steps and state["train"]:
         last_loss = state["train"][-1]["loss"]
 
-    while state["step"] < cfg.steps:
-        step = state["step"]
-        t0 = time.time()
-        micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
-        batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
-        if shearing is not None:
-            shearing.step = step
-        sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
-                                      teacher if distill is not None else None, clip_params)
-        loss = sums[0].item()
-        state["step"] = step = step + 1
-        train_time += time.time() - t0
-        tokens_done += global_bs * seq_len
-        last_loss = loss
-        bar.update(1)
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens_done / max(train_time, 1e-9)}
-            if distill is not None:
-                rec.update(ce=sums[1].item(), kd=sums[2].item(), hidden=sums[3].item())
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
+    try:  # the bar closes before an error reaches the user, not after its message
+        while state["step"] < cfg.steps:
+            step = state["step"]
+            t0 = time.time()
+            micro = local_micro_batches(sampler.global_batch(step, global_bs), cfg.batch_size, cfg.grad_accum, rank, world)
+            batches = [{k: v.to(accelerator.device) for k, v in collate(train_ds, idx).items()} for idx in micro]
             if shearing is not None:
-                rec["lagrangian"] = sums[4].item()
-                for t, (s_hat, goal) in shearing.report.items():
-                    rec[f"size_{t}"], rec[f"target_{t}"] = s_hat, goal
-            state["train"].append(rec)
-            _log(accelerator, metrics_file, rec)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-            ev = {"step": step, **evaluate_ppl(accelerator, module, val_ds, cfg)}
+                shearing.step = step
+            sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
+                                          teacher if distill is not None else None, clip_params)
+            loss = sums[0].item()
+            state["step"] = step = step + 1
+            train_time += time.time() - t0
+            tokens_done += global_bs * seq_len
+            last_loss = loss
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": tokens_done / max(train_time, 1e-9)}
+                if distill is not None:
+                    rec.update(ce=sums[1].item(), kd=sums[2].item(), hidden=sums[3].item())
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                if shearing is not None:
+                    rec["lagrangian"] = sums[4].item()
+                    for t, (s_hat, goal) in shearing.report.items():
+                        rec[f"size_{t}"], rec[f"target_{t}"] = s_hat, goal
+                state["train"].append(rec)
+                _log(accelerator, metrics_file, rec)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                ev = {"step": step, **evaluate_ppl(accelerator, module, val_ds, cfg)}
+                if domains is not None:
+                    ev.update(domains.evaluate_and_update(
+                        step, lambda ds: evaluate_ppl(accelerator, module, ds, cfg)["val_loss"], sampler))
+                state["eval"].append(ev)
+                _log(accelerator, metrics_file, ev)
+                if main:
+                    bar.write(f"step {step}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}")
             if domains is not None:
-                ev.update(domains.evaluate_and_update(
-                    step, lambda ds: evaluate_ppl(accelerator, module, ds, cfg)["val_loss"], sampler))
-            state["eval"].append(ev)
-            _log(accelerator, metrics_file, ev)
-            if main:
-                bar.write(f"step {step}: val loss {ev['val_loss']:.4f}  ppl {ev['val_ppl']:.2f}")
-        if domains is not None:
-            state["domains"] = sampler.state_dict()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
-    bar.close()
+                state["domains"] = sampler.state_dict()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_checkpoint(accelerator, module, optimizer, scheduler, state, ckpt_root, cfg.keep_checkpoints)
+    finally:
+        bar.close()
     student = _final_model(accelerator, module, cfg)  # before end_training: ZeRO-3 gathers are collective
     remask = keeper.finalize(student, lambda m: evaluate_ppl(accelerator, LossModule(m), val_ds, cfg)["val_ppl"]) \
         if keeper is not None else None
