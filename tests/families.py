@@ -18,6 +18,23 @@ FAMILY_CONFIGS = {
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, sandwich norms, sliding layers
                     dict(COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, sliding_window=4,
                          layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(COMMON)),  # post-norms, q/k norms over the projection
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(COMMON, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                                            attention_multiplier=0.1, logits_scaling=4.0)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(COMMON, no_rope_layers=[0, 1], pad_token_id=0,
+                                                            bos_token_id=0, eos_token_id=0)),  # layer 0 NoPE
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(COMMON, use_qk_norm=True, logit_scale=0.5, pad_token_id=0,
+                                                          bos_token_id=0, eos_token_id=0)),  # parallel
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(COMMON, use_bias=True, bos_token_id=0,
+                                                                     eos_token_id=0, hidden_act="gelu_pytorch_tanh")),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",  # fused per-head qkv, parallel residual, rotary 25%
+                 dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True, use_cache=False,
+                      bos_token_id=0, eos_token_id=0)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(vocab_size=128, hidden_size=64, intermediate_size=96,  # parallel
+                                                num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
+                                                max_position_embeddings=128, use_cache=False, bos_token_id=0,
+                                                eos_token_id=0)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict({k: v for k, v in COMMON.items() if k != "head_dim"},
                                                    pad_token_id=0, bos_token_id=0, eos_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=96,
@@ -30,7 +47,8 @@ FAMILY_CONFIGS = {
                                              max_position_embeddings=128)),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
-GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite", "smollm3",
+       "cohere", "starcoder2", "phi3")
 PRENORM = tuple(f for f in FAMILIES if f != "bert")
 
 

@@ -12,7 +12,7 @@ from shear.prune import export, prune_
 from test_slice import IDS, cases, make_plan
 
 CUSTOM_ALWAYS = ("heads_nonuniform", "mlp_nonuniform", "attn_sublayer", "mlp_sublayer")
-HEAD_DIM_FROM_HIDDEN = ("gpt2", "opt", "bert")  # head_dim = hidden // heads in the stock code
+HEAD_DIM_FROM_HIDDEN = ("gpt_neox", "gpt2", "opt", "bert")  # head_dim = hidden // heads in the stock code
 
 
 def expect_stock(fam, kind):

@@ -24,7 +24,7 @@ from shear.prune.pipeline import run_prune
 WIDTH_ESTIMATORS = ("magnitude_l1", "magnitude_l2", "taylor_vector", "taylor_element1", "taylor_element2",
                     "wanda_sp", "flap", "flap_original", "minitron", "random", "obs")
 LAYER_ESTIMATORS = ("block_influence", "angular", "magnitude_l1", "taylor_vector", "random")
-HEAD_DIM_FROM_HIDDEN = ("gpt2", "opt", "bert")
+HEAD_DIM_FROM_HIDDEN = ("gpt_neox", "gpt2", "opt", "bert")
 RATIO = {"heads": 0.1, "heads_q": 0.1, "mlp": 0.2, "hidden": 0.2, "layers": 0.3, "default": 0.3}
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
@@ -36,6 +36,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_registered_estimator_is_in_the_matrix():
     """A new estimator cannot land without the matrix covering it (loraprune needs LoRA training)."""
     assert set(ESTIMATORS) - {"loraprune"} <= set(WIDTH_ESTIMATORS) | set(LAYER_ESTIMATORS)
+
+
+#: families whose full estimator cross-product runs only under ``-m slow`` (CI time): estimators see
+#: groups, not families, so the default run gives each of them one estimator per structure (REPRESENTATIVE)
+#: with the same export / fresh-process reload invariants.
+LIGHT = ("olmo2", "granite", "smollm3", "cohere", "starcoder2", "gpt_neox", "phi")
+
+
+def representative(fam):
+    """One estimator per structure; the allocations alternate so both exports (stock, per-layer) run."""
+    yield from (("flap", "heads", "uniform"), ("flap", "mlp", "global"), ("flap", "hidden", "uniform"))
+    if fam in GQA:
+        yield "flap", "heads_q", "global"
+    yield "block_influence", "layers", "global"
+    yield "obs", "default", "balanced"  # shear prune's default
 
 
 def cases(fam):
@@ -107,12 +122,21 @@ RELOAD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", [pytest.param(f, marks=pytest.mark.slow) if f in LIGHT else f for f in FAMILIES])
 def test_family_matrix(fam, tmp_path, caplog):
+    _run_matrix([(fam, *c) for c in cases(fam)], tmp_path, caplog)
+
+
+def test_family_matrix_representative(tmp_path, caplog):
+    """The LIGHT families, one estimator per structure, reloaded by one fresh process."""
+    _run_matrix([(fam, *c) for fam in LIGHT for c in representative(fam)], tmp_path, caplog)
+
+
+def _run_matrix(todo, tmp_path, caplog):
     caplog.set_level("WARNING", logger="shear")
     problems, records = [], []
-    for i, (est, struct, alloc) in enumerate(cases(fam)):
-        name = f"{est}-{struct}-{alloc}"
+    for i, (fam, est, struct, alloc) in enumerate(todo):
+        name = f"{fam} {est}-{struct}-{alloc}"
         model = family_model(fam)
         p0 = sum(p.numel() for p in model.parameters())
         before_bias = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
@@ -151,7 +175,7 @@ def test_family_matrix(fam, tmp_path, caplog):
     assert r.returncode == 0, r.stderr[-3000:]
     names = {c["dir"]: c["name"] for c in records}
     problems += [(names[d], why) for d, why in json.loads((tmp_path / "reload.json").read_text())]
-    assert not problems, "\n".join(f"{fam} {n}: {why}" for n, why in problems)
+    assert not problems, "\n".join(f"{n}: {why}" for n, why in problems)
 
 
 def test_uniform_flap_without_a_bias_slot_skips_and_says_so(caplog):

@@ -60,6 +60,7 @@ def test_lora_training_changes_only_adapted_weights(tmp_path):
 
 # projections per block: fused qkv (Phi-3, GPT-2) and gate_up (Phi-3) count once; GPT-2's c_proj twice
 PROJECTIONS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7, "gemma3_text": 7,
+                         "olmo2": 7, "granite": 7, "smollm3": 7, "cohere": 7, "starcoder2": 6, "gpt_neox": 4, "phi": 6,
                          "phi3": 4, "gpt2": 4, "opt": 6, "bert": 6}
 
 

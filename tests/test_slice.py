@@ -20,7 +20,7 @@ PLANS = {
     "mlp_sublayer": {"layers.1.mlp_sublayer": [0]},
     "layer": {"layers.0.layer": [0]},
 }
-LAYERNORM = ("gpt2", "opt", "bert")  # hidden slicing is not exact under LayerNorm (documented)
+LAYERNORM = ("cohere", "starcoder2", "gpt_neox", "phi", "gpt2", "opt", "bert")  # hidden slicing is not exact under LayerNorm (documented)
 IDS = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
 

@@ -114,7 +114,9 @@ def _attn_groups(c: _Ctx, i: int, lp: str, heads: str) -> list[Group]:
         kv_heads = [[] for _ in range(G)]
     qu = torch.stack([_ranges(h, D) for h in q_heads])
     members: list[Member] = []
-    if fam.qkv:
+    if fam.qkv and fam.qkv_per_head:  # [H, 3, D] rows: head h is rows h*3D .. (h+1)*3D (MHA)
+        members += c.linear(f"{lp}.{fam.qkv}", "out", torch.stack([_ranges(q, 3 * D) for q in q_heads]))
+    elif fam.qkv:
         fused = [torch.cat([_ranges(q, D), _ranges(kv, D, H * D), _ranges(kv, D, (H + K) * D)])
                  for q, kv in zip(q_heads, kv_heads)]
         members += c.linear(f"{lp}.{fam.qkv}", "out", torch.stack(fused))
@@ -123,6 +125,7 @@ def _attn_groups(c: _Ctx, i: int, lp: str, heads: str) -> list[Group]:
         if kind != "query_head":
             kvu = torch.stack([_ranges(h, D) for h in kv_heads])
             members += c.linear(f"{lp}.{fam.k}", "out", kvu) + c.linear(f"{lp}.{fam.v}", "out", kvu)
+    members += _qk_norms(c, f"{lp}.{fam.attn}", D, q_heads, kv_heads if kind != "query_head" else None)
     members += c.linear(f"{lp}.{fam.o}", "in", qu)
     meta = dict(head_dim=D, heads=H, kv_heads=K, query_heads_per_unit=len(q_heads[0]),
                 kv_heads_per_unit=len(kv_heads[0]),
@@ -130,6 +133,20 @@ def _attn_groups(c: _Ctx, i: int, lp: str, heads: str) -> list[Group]:
                       "head u (MHA)" if kind == "head" else
                       "query head u inside every KV group (query heads u, G+u, 2G+u, ...; G = heads/kv_heads)"))
     return [Group(f"layers.{i}.{kind}", kind, len(q_heads), members, layer=i, meta=meta)]
+
+
+def _qk_norms(c: _Ctx, ap: str, D: int, q_heads: list, kv_heads: list | None) -> list[Member]:
+    """q_norm/k_norm weights that hold one slice per head, by shape: ``[H*D]`` (OLMo 2, over the whole
+    projection) cut by head ranges, ``[H, D]`` (Cohere) by head rows. ``[D]`` (Qwen3, Gemma 3: one
+    weight shared by all heads) is no member."""
+    out = []
+    for name, heads in (("q_norm", q_heads), ("k_norm", kv_heads)):
+        w = c.param(f"{ap}.{name}")
+        if heads is None or not isinstance(w, torch.Tensor) or (w.ndim == 1 and w.shape[0] == D):
+            continue
+        units = torch.stack([_ranges(h, D) for h in heads]) if w.ndim == 1 else torch.tensor(heads)
+        out += c.norm(f"{ap}.{name}", units)
+    return out
 
 
 def _mlp_group(c: _Ctx, i: int, lp: str) -> list[Group]:
@@ -165,7 +182,7 @@ def _hidden_group(c: _Ctx, layer_paths: list[str]) -> Group:
     for p in fam.final_norms:
         members += c.norm(p, u)
     for lp in layer_paths:
-        for p in fam.attn_norms + fam.mlp_norms:
+        for p in fam.attn_norms + fam.mlp_norms + fam.block_norms:
             members += c.norm(f"{lp}.{p}", u)
         for p in (fam.q, fam.k, fam.v, fam.qkv, fam.gate, fam.up, fam.gate_up, fam.fc1):
             if p:

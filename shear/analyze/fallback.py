@@ -137,7 +137,8 @@ def analyze_with_torch_pruning(model: nn.Module, heads: str = "kv_group") -> Str
         groups.append(Group(f"layers.{i}.layer", "layer", 1, ms, layer=i, module=f"{bname}.{i}",
                             meta={"outputs": outputs}))
     groups.insert(len(groups) - len(blocks), hidden)
-    params, mods = dict(model.named_parameters()), dict(model.named_modules())
+    # tied weights under every name: torch-pruning names the LM head of a tied model (Falcon) too
+    params, mods = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_modules())
     for g in groups:
         g.params_per_unit, g.macs_per_unit = _count(params, mods, g.members)
     total_macs = sum(m.weight.numel() for m in model.modules() if _is_matmul(m))

@@ -27,6 +27,16 @@ class Family:
             not gated.
         mlp: the MLP modules dropped with the MLP sublayer.
         attn_norms, mlp_norms: norms that only feed (or only post-process) that sublayer.
+        block_norms: norms of a parallel block that feed both sublayers (Cohere's one input norm): sliced
+            with the hidden size, never dropped with a sublayer.
+        mid: the module whose input is the residual stream between the attention and MLP sublayers
+            (OLMo 2's post-norm block: ``mlp``); default: the first MLP norm of a pre-norm block. A
+            parallel block (``block_norms``) has none.
+        parallel: the config flag that, when true, makes a block parallel (GPT-NeoX
+            ``use_parallel_residual``: ``x + attn(n1(x)) + mlp(n2(x))``), so it has no ``mid``.
+        qkv_per_head: fused q/k/v rows grouped by head (``[H, 3, D]``, GPT-NeoX) instead of ``[q; k; v]``.
+        layer_lists: config lists with one entry per layer besides ``layer_types`` (SmolLM3's
+            ``no_rope_layers``): re-indexed when layers are removed.
         norm: ``"rms"`` (x·w), ``"rms1p"`` (x·(1+w), Gemma) or ``"ln"`` (LayerNorm: hidden slicing is
             not exact, see ``shear.prune.slice``).
         conv1d: weights are ``[in, out]`` (GPT-2 ``Conv1D``) instead of ``[out, in]``.
@@ -60,6 +70,11 @@ class Family:
     mlp: tuple[str, ...] = ("mlp",)
     attn_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    block_norms: tuple[str, ...] = ()
+    layer_lists: tuple[str, ...] = ()
+    mid: str | None = None
+    parallel: str | None = None
+    qkv_per_head: bool = False
     norm: str = "rms"
     conv1d: bool = False
     prenorm: bool = True
@@ -74,6 +89,14 @@ class Family:
     @property
     def mlp_out(self) -> str:
         return self.down or self.fc2
+
+    def mid_input(self, config) -> str | None:
+        """See ``mid``: the path whose input is the residual between the sublayers, or None."""
+        if self.mid or self.block_norms or not self.prenorm:
+            return self.mid
+        if self.parallel and getattr(config, self.parallel, False):
+            return None
+        return self.mlp_norms[0] if self.mlp_norms else None
 
     def flag_for(self, path: str) -> str | None:
         """The config flag that gives projection ``path`` (relative to a block) a bias, if any."""
@@ -103,6 +126,42 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family("gemma3_text", **_LLAMA, norm="rms1p", bias_flags=(_ATTN_BIAS,), hidden_per_head=True,
                           attn_norms=("input_layernorm", "post_attention_layernorm"),
                           mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
+    # OLMo 2: post-norms (x + norm(f(x))), so each sublayer is still a residual branch that zeroes to 0;
+    # q_norm/k_norm are RMSNorms over the whole projection (H*D, K*D): head slicing cuts them and
+    # rescales their weight by sqrt(n/n') (shear.prune.slice); their eps stays the shared rms_norm_eps.
+    "olmo2": Family("olmo2", **_LLAMA, bias_flags=(_ATTN_BIAS,), attn_norms=("post_attention_layernorm",),
+                    mlp_norms=("post_feedforward_layernorm",), mid="mlp"),
+    # Granite: Llama plus embedding/residual/attention multipliers and logits_scaling, config values that
+    # no slicing changes (the export keeps them).
+    "granite": Family("granite", **_LLAMA, bias_flags=(_ATTN_BIAS, _MLP_BIAS)),
+    # SmolLM3: NoPE layers listed per layer in no_rope_layers (read at construction).
+    "smollm3": Family("smollm3", **_LLAMA, bias_flags=(_ATTN_BIAS, _MLP_BIAS), layer_lists=("no_rope_layers",)),
+    # Cohere (Command-R): parallel block (x + attn(n(x)) + mlp(n(x)), one LayerNorm without bias), logit_scale
+    # in the config; the optional q/k norms are LayerNorms of weight [heads, head_dim] sliced by head.
+    "cohere": Family("cohere", **_LLAMA, attn_norms=(), mlp_norms=(), block_norms=("input_layernorm",),
+                     norm="ln", bias_flags=(_ATTN_BIAS,)),
+    # StarCoder2: LayerNorm with bias, plain c_fc/c_proj MLP, use_bias covering every projection.
+    "starcoder2": Family("starcoder2", **{k: v for k, v in _LLAMA.items() if k not in ("gate", "up", "down")},
+                         fc1="mlp.c_fc", fc2="mlp.c_proj", norm="ln",
+                         bias_flags=(("use_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.c_fc", "mlp.c_proj")),)),
+    # GPT-NeoX (Pythia): fused query_key_value with rows [head, (q, k, v), head_dim]; parallel residual when
+    # use_parallel_residual; partial rotary on the first rotary_ndims of each head (slicing keeps head_dim);
+    # head_size = hidden // heads in the stock code, so heads / hidden export per-layer (as GPT-2), with
+    # config.head_dim written for the rotary table.
+    "gpt_neox": Family("gpt_neox", layers="layers", embeds=("embed_in",), final_norms=("final_layer_norm",),
+                       attn="attention", qkv="attention.query_key_value", o="attention.dense",
+                       fc1="mlp.dense_h_to_4h", fc2="mlp.dense_4h_to_h", norm="ln", attn_style="neox",
+                       parallel="use_parallel_residual", qkv_per_head=True,
+                       bias_flags=(("attention_bias", ("attention.query_key_value", "attention.dense")),),
+                       cfg=("num_attention_heads", None, "intermediate_size", "hidden_size", "num_hidden_layers")),
+    # Phi-1/1.5/2: parallel block from one LayerNorm (with bias), separate q/k/v, dense, fc1/fc2 (biased),
+    # partial rotary, an LM head with a bias; the optional q/k LayerNorms are over head_dim (shared by heads),
+    # but built from hidden // heads: with them, heads / hidden export per-layer.
+    "phi": Family("phi", layers="layers", embeds=("embed_tokens",), final_norms=("final_layernorm",),
+                  attn="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                  o="self_attn.dense", fc1="mlp.fc1", fc2="mlp.fc2", attn_norms=(), mlp_norms=(),
+                  block_norms=("input_layernorm",), norm="ln"),
     "phi3": Family("phi3", layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
                    qkv="self_attn.qkv_proj", o="self_attn.o_proj", gate_up="mlp.gate_up_proj",
                    down="mlp.down_proj", attn_style="phi3"),
@@ -164,7 +223,7 @@ def family_of(model) -> Family | None:
 
 def head_dim_of(fam: Family, attn, config) -> int:
     """Size of one attention head, read from the module (what forward uses), else the config."""
-    for name in ("head_dim", "attention_head_size"):
+    for name in ("head_dim", "attention_head_size", "head_size"):
         if isinstance(getattr(attn, name, None), int):
             return getattr(attn, name)
     hd = getattr(config, "head_dim", None)

@@ -245,8 +245,9 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
         for mod in layer.modules():
             if is_matmul(mod) and (modules is None or names[mod] in modules):
                 handles.append(mod.register_forward_hook(rec(names[mod])))
-        # pre-norm blocks: the MLP's input norm sees the residual stream between the sublayers
-        mid_norm = _submodule(layer, fam.mlp_norms[0]) if fam is not None and fam.prenorm else None
+        # sequential blocks: this module's input is the residual stream between the sublayers
+        mid_path = fam.mid_input(model.config) if fam is not None else None
+        mid_norm = _submodule(layer, mid_path) if mid_path else None
         if mid_norm is not None:
             handles.append(mid_norm.register_forward_pre_hook(lambda _m, a: mid.__setitem__("x", a[0])))
         try:
@@ -315,6 +316,9 @@ def layer_scores(stats: ActivationStats, kind: str, metric: str) -> dict[int, fl
     cos = {"layer": stats.layer_cos, "attn_sublayer": stats.attn_cos, "mlp_sublayer": stats.mlp_cos}[kind]
     ang = {"layer": stats.layer_angle, "attn_sublayer": stats.attn_angle, "mlp_sublayer": stats.mlp_angle}[kind]
     n = stats.tokens
+    if kind != "layer" and not cos and stats.layer_cos:
+        raise ValueError(f"importance: {metric} of a {kind} needs the residual stream between the sublayers; "
+                         "this model's blocks run attention and MLP in parallel (score whole layers instead)")
     if metric == "block_influence":
         return {i: 1.0 - c / n for i, c in cos.items()}
     return {i: a / n / math.pi for i, a in ang.items()}

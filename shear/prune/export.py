@@ -392,7 +392,10 @@ def save_model_files(model: nn.Module, tmp: Path, max_shard_size: int | str = MA
     for k, v in overrides.items():
         setattr(model.config, k, v)
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict)
+        # a per-layer export loads through its own class, which transformers gives no checkpoint
+        # conversion: its keys stay the module names (GPT-NeoX's lm_head, not the legacy embed_out)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict,
+                              save_original_format=not layout)
     finally:
         for k, v in saved.items():
             setattr(model.config, k, v)

@@ -173,7 +173,7 @@ def _update_config(model, fam, widths, d_new) -> None:
             setattr(cfg, attr, max(vals))
             non_uniform |= len(vals) > 1
     dims = {w["head_dim"] for w in widths if w["head_dim"]}
-    if fam.attn_style in ("llama", "phi3") and dims:
+    if fam.attn_style in ("llama", "phi3", "neox") and dims:  # neox: read by its rotary table only
         cfg.head_dim = dims.pop()
     if d_new is not None:
         if fam.name == "opt" and cfg.word_embed_proj_dim == getattr(cfg, c_hidden):
@@ -208,10 +208,11 @@ def _drop_depth(model, fam, graph, remove, d_model) -> None:
             if getattr(cfg, "shear_layers", None) is None:
                 cfg.shear_layers = [{} for _ in range(graph.meta["num_layers"])]
             cfg.shear_layers[g.layer]["attention" if attn else "mlp"] = False
-    _remove_layers(model, graph.meta["layers"], gone, fam.cfg[4])
+    _remove_layers(model, graph.meta["layers"], gone, fam.cfg[4], fam.layer_lists)
 
 
-def _remove_layers(model, layers_path: str, gone: set[int], n_layers_attr: str = "num_hidden_layers") -> None:
+def _remove_layers(model, layers_path: str, gone: set[int], n_layers_attr: str = "num_hidden_layers",
+                   lists: tuple[str, ...] = ()) -> None:
     """Delete blocks ``gone`` of the ModuleList at ``layers_path``; renumber ``layer_idx``; fix the config."""
     if not gone:
         return
@@ -225,7 +226,7 @@ def _remove_layers(model, layers_path: str, gone: set[int], n_layers_attr: str =
             if isinstance(getattr(mod, "layer_idx", None), int):
                 mod.layer_idx = new_i
     setattr(cfg, n_layers_attr, len(kept))
-    for key in ("layer_types", "shear_layers"):
+    for key in ("layer_types", "shear_layers") + tuple(lists):
         if isinstance(getattr(cfg, key, None), list):
             setattr(cfg, key, [getattr(cfg, key)[i] for i in kept])
     _rebuild_per_type_rotary(model)
@@ -314,10 +315,29 @@ def prune_(model: nn.Module, plan: PrunePlan, graph: StructureGraph | None = Non
             set_attn_heads(fam, attn, w["heads"], w["kv_heads"], w["head_dim"])
             if fam.attn_style in ("gpt2", "opt"):
                 attn.embed_dim = d_new
+    _correct_head_norms(model, graph, remove)
     if d_new != d:
         _correct_hidden_norms(model, fam, graph, d, d_new)
     _drop_depth(model, fam, graph, remove, d_new)
     return model
+
+
+def _correct_head_norms(model, graph, remove) -> None:
+    """RMSNorms over a whole projection (OLMo 2's q_norm/k_norm, ``[H*D]``) cut by head slicing: weight
+    times ``sqrt(n/n')`` as for hidden channels; ε stays the config's shared ``rms_norm_eps`` (exact up to
+    ε·(n/n' - 1) inside the root, a relative change of ~1e-6 at the usual ε; the stock class has one ε)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in remove:
+            g = graph[name]
+            for m in g.members if g.kind in ("head", "kv_group", "query_head") else ():
+                mod_name = m.param.rpartition(".")[0]
+                if m.role != "norm" or not type(model.get_submodule(mod_name)).__name__.endswith("RMSNorm"):
+                    continue
+                n = g.num_units * m.width
+                w = params[m.param]
+                if w.ndim == 1 and w.shape[0] < n:
+                    w.mul_(math.sqrt(n / w.shape[0]))
 
 
 def _correct_hidden_norms(model, fam, graph, d: int, d_new: int) -> None:
