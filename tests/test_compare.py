@@ -79,9 +79,10 @@ def test_compare_end_to_end(tiny_lm_dir, tiny_text, tmp_path):
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     rows = {r["key"]: r for r in report["rows"]}
-    assert list(rows) == ["dense (KD: control, same tokens)", "0.3/structured flap:global", "0.3/structured flap:pool",
+    assert list(rows) == ["dense (KD: control, same tokens)", "0.3/structured obs:balanced", "0.3/structured flap:uniform",
                           "0.3/unstructured sparsegpt, = non-zero", "0.3/unstructured sparsegpt, = bytes", "2:4 sparsegpt"]
-    dense, anchor = rows["dense (KD: control, same tokens)"], rows["0.3/structured flap:global"]
+    assert report["ppl_protocol"]["dataset"] == "english"  # the user's text trains; held-out English scores
+    dense, anchor = rows["dense (KD: control, same tokens)"], rows["0.3/structured obs:balanced"]
     same_nnz, same_bytes, nm = (rows["0.3/unstructured sparsegpt, = non-zero"], rows["0.3/unstructured sparsegpt, = bytes"],
                                 rows["2:4 sparsegpt"])
     assert anchor["params"] < 0.75 * dense["params"]
@@ -101,7 +102,7 @@ def test_compare_end_to_end(tiny_lm_dir, tiny_text, tmp_path):
     sd = load_file(str(out / "models" / slug / "model" / "model.safetensors"))
     assert sum(int(t.count_nonzero()) for t in sd.values()) == same_nnz["nonzero"]
     table = (out / "table.md").read_text()
-    assert "Held-out PPL: dataset=shakespeare, split=validation, seq_len=32" in table
+    assert "Held-out PPL: dataset=english, split=validation, seq_len=32" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(rows)
     assert (out / "compare.png").stat().st_size > 10_000
     assert main(argv) == 2  # a taken OUT is refused before any work

@@ -66,3 +66,13 @@ def test_data_config_english_through_load_text_splits(splits):
     # calibration draws from train only
     assert calibration_texts(DataConfig(source="english")) == train
     assert calibration_scope("english") == "train split"
+
+
+def test_english_is_an_evaluation_text():
+    """``shear eval --dataset english`` (and compare's default held-out text) scores the validation split."""
+    from shear.data.english import load_english
+    from shear.eval.perplexity import load_eval_text
+
+    text = load_eval_text("english", "validation")
+    assert text == "\n\n".join(load_english("validation"))
+    assert not set(load_english("validation")) & set(load_english("train"))

@@ -1,7 +1,7 @@
 """``shear compare MODEL --ratio R``: structured vs unstructured vs N:M at equal non-zero params and bytes.
 
     shear compare reference-quick --ratio 0.3 0.5 --kd-steps 150 -o runs/compare
-    shear compare ~/models/llama --ratio 0.5 --structured flap:global flap:pool obs:global --kd-steps 0 -o runs/cmp
+    shear compare ~/models/llama --ratio 0.5 --structured obs:balanced flap_original:pool --kd-steps 0 -o runs/cmp
 
 Outputs in OUT: table.md (one markdown table), compare.png (PPL vs non-zero params and vs bytes),
 report.json (every number, the protocol and the machine); with --keep-models every row's exports
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per KD block, calibration sequence, PPL window")
     p.add_argument("--batch-size", type=int, default=8, help="KD sequences per step")
     p.add_argument("--lr", type=float, default=1e-3, help="KD peak learning rate")
-    p.add_argument("--structured", nargs="+", default=["flap:global", "flap:pool"],
+    p.add_argument("--structured", nargs="+", default=["obs:balanced", "flap:uniform"],
                    help="structured rows, ESTIMATOR:ALLOCATION[:STRUCTURES] (e.g. obs:global, flap:global:heads+mlp+hidden); "
                         "the first sets the non-zero budget")
     p.add_argument("--method", default="sparsegpt", choices=["magnitude", "wanda", "sparsegpt"],
@@ -54,10 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pattern", default="2:4", help="the N:M row ('none': no N:M row)")
     p.add_argument("--no-equal-bytes", action="store_true", help="skip the equal-bytes unstructured row")
     p.add_argument("--n-samples", type=int, default=32, help="calibration sequences (shared by every row)")
-    p.add_argument("--source", default="shakespeare",
-                   help="text for calibration and KD, train split (default: the shipped corpus)")
-    p.add_argument("--eval-dataset", default="shakespeare",
-                   help="held-out text, validation split (default: the shipped corpus; a local file is read whole)")
+    p.add_argument("--source", default=None,
+                   help="text for calibration and KD, train split: english, shakespeare, a file/dir or an HF dataset "
+                        "(default: the text shear trained the model on, else english)")
+    p.add_argument("--eval-dataset", default=None,
+                   help="held-out text, validation split (default: the source's own when it is english or "
+                        "shakespeare, else english; a local file is read whole)")
     p.add_argument("--eval-windows", type=int, default=200, help="held-out PPL windows (0: the whole validation split)")
     p.add_argument("--speed-rounds", type=int, default=5, help="interleaved speed rounds")
     p.add_argument("--prefill-tokens", type=int, default=128, help="speed: prompt tokens (batch 1)")

@@ -36,7 +36,7 @@ class CompareConfig(BaseModel):
 
     ratios: list[float] = Field(description="budgets: fractions of the model's parameters removed (each in (0, 1))")
     structured: list[str] = Field(
-        default_factory=lambda: ["flap:global", "flap:pool"],
+        default_factory=lambda: ["obs:balanced", "flap:uniform"],
         description="structured rows, ESTIMATOR:ALLOCATION[:STRUCTURES] (shear prune's estimators and allocations); "
                     "the first sets the non-zero budget of the unstructured rows; pool rows score with standardized scores")
     method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
@@ -53,11 +53,15 @@ class CompareConfig(BaseModel):
     ce_weight: float = Field(0.5, ge=0, description="KD loss: weight of cross-entropy on the data")
     kd_weight: float = Field(0.5, ge=0, description="KD loss: weight of forward KL to the dense teacher")
     temperature: float = Field(1.0, gt=0, description="KD temperature")
-    source: str | list[str] = Field("shakespeare", description="text for calibration and KD (its train split): "
-                                                                "'shakespeare', local file/dir path(s) or an HF dataset name")
+    source: str | list[str] | None = Field(
+        None, description="text for calibration and KD (its train split): 'english', 'shakespeare', local file/dir "
+                          "path(s) or an HF dataset name; null = the text shear trained the model on (its "
+                          "shear_recipe.yaml), else 'english'")
     n_samples: int = Field(32, gt=0, description="calibration sequences (train split, shared by every row)")
-    eval_dataset: str = Field("shakespeare", description="held-out text: its validation split ('shakespeare', an HF "
-                                                         "dataset), or a local .txt / .jsonl file read whole")
+    eval_dataset: str | None = Field(
+        None, description="held-out text: its validation split ('english', 'shakespeare', an HF dataset), or a local "
+                          ".txt / .jsonl file read whole; null = the source's own validation split when the source "
+                          "is 'english' or 'shakespeare', else 'english'")
     eval_windows: int | None = Field(200, gt=0, description="held-out PPL: first N non-overlapping windows of the "
                                                             "validation split (null = all)")
     eval_batch_size: int = Field(8, gt=0, description="windows per forward pass when scoring PPL")

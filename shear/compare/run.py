@@ -120,8 +120,15 @@ def _setup(model, tokenizer, cfg: CompareConfig, out: Path) -> _Ctx:
     from shear.data.text import DataConfig, build_datasets, calibration_ids
     from shear.eval.perplexity import load_eval_text
 
+    from shear.data.calibration import resolve_calibration
+
     out.mkdir(parents=True, exist_ok=True)
     dense = model.eval()
+    if cfg.source is None:  # the text shear trained the model on, else general English (as shear prune)
+        cfg.source = resolve_calibration(model, key="compare.source").source
+    if cfg.eval_dataset is None:  # a named corpus's own validation split; for the user's text, English
+        cfg.eval_dataset = cfg.source if cfg.source in ("english", "shakespeare") else "english"
+    log.info("compare: calibration and KD text %s, held-out text %s (validation split)", cfg.source, cfg.eval_dataset)
     data = DataConfig(source=cfg.source, seq_len=cfg.seq_len, seed=cfg.seed)
     calib = calibration_ids(tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, data=data)
     enc = tokenizer(load_eval_text(cfg.eval_dataset, "validation"), add_special_tokens=False,

@@ -112,7 +112,7 @@ def load_eval_text(dataset: str = "shakespeare", split: str = "validation", text
                    dataset_config: str | None = None) -> str:
     """The text of one split as one string, documents joined by a blank line (WikiText convention).
 
-    ``dataset``: 'shakespeare' (embedded corpus), a local .txt file (read as is), a local
+    ``dataset``: 'shakespeare' (embedded corpus), 'english' (shear/data/english.py), a local .txt file (read as is), a local
     .jsonl/.json file (``text_field`` of every record), a directory of such files (every document, as
     ``data.source`` reads it), or an HF dataset name.
     """
@@ -124,6 +124,10 @@ def load_eval_text(dataset: str = "shakespeare", split: str = "validation", text
         from shear.data.corpus import load_corpus_text
 
         return load_corpus_text(split)
+    if dataset == "english":  # the standard library's docstrings; validation = every 20th document
+        from shear.data.english import load_english
+
+        return "\n\n".join(load_english(split))
     path = Path(dataset).expanduser()
     if path.is_dir():
         if not any(f.suffix in (".txt", ".jsonl", ".json") for f in path.iterdir()):
