@@ -9,14 +9,18 @@ trained to convergence) ships inside the package and is the benchmark teacher (d
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from shear.storage import EXPORT_DTYPES
+
+log = logging.getLogger("shear")
 
 REFERENCE_ARCHS = {
     # 5.0M parameters: hidden 256, 6 layers, 8 query heads / 2 KV heads of 32, MLP 640.
@@ -214,8 +218,6 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
     with _clear_errors(path):
         config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if Path(path).is_dir() and missing_size_keys(path, config):  # defaults assumed: do they fit the weights?
-            from shear.analyze.api import check_config_sizes, meta_model
-
             check_config_sizes(Path(path), meta_model(path, trust_remote_code))
         auto = getattr(transformers, auto_class_for(config))
         try:
@@ -483,3 +485,66 @@ def load_teacher(path: str, dtype: str, trust_remote_code: bool, student):
         raise ValueError(f"distill.teacher {path}: its vocabulary has {t:,} entries but the model's has {s:,}; "
                          "KD needs a teacher with the model's tokenizer")
     return teacher
+
+
+def meta_model(path: str | Path, trust_remote_code: bool = False):
+    """Build the model of a directory holding (at least) ``config.json`` on the meta device.
+
+    A directory with its own modeling code (``auto_map``) is built only with ``trust_remote_code``
+    (the user's consent); otherwise that is an error naming the directory.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json")
+    check_remote_code(str(path), trust_remote_code)
+    remote = trust_remote_code
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote)
+        except ValueError:  # encoders (BERT) have no causal-LM class
+            return AutoModel.from_config(cfg, trust_remote_code=remote)
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, file) from the headers of ``path``'s safetensors files (8 bytes of header
+    length + the JSON header; no tensor data read). Unreadable headers are skipped (analyze needs no weights)."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (ValueError, OSError, MemoryError):
+            log.warning("%s: header not readable; config.json not checked against it", f)
+            continue
+        out.update({k: (tuple(v["shape"]), f.name) for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
+def _layer_count(names) -> int:
+    return len({m.group(1) for n in names if (m := re.search(r"\.(\d+)\.", n))})
+
+
+def check_config_sizes(path: Path, model) -> None:
+    """Warn when config.json lacks size keys (transformers' defaults are assumed); refuse a config whose
+    shapes disagree with the safetensors beside it, naming the tensor and the keys to set."""
+    missing = missing_size_keys(path, model.config)
+    fix = (f"config.json has no {', '.join(missing)}, so transformers' defaults were assumed; set them"
+           if missing else "config.json does not describe these weights; fix it")
+    shapes = weight_shapes(path)
+    ours = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    common = [n for n in shapes if n in ours]
+    for n in common:
+        if shapes[n][0] != ours[n]:
+            raise ValueError(f"{path / 'config.json'} disagrees with {shapes[n][1]}: {n} is {list(shapes[n][0])} "
+                             f"there but {list(ours[n])} by the config; {fix}")
+    if common and _layer_count(common) != _layer_count(ours):
+        raise ValueError(f"{path / 'config.json'} gives {_layer_count(ours)} layers but the weights hold "
+                         f"{_layer_count(common)}; {fix}")
+    if missing:
+        used = ", ".join(f"{k}={getattr(model.config, k)}" for k in missing)
+        log.warning("%s has no %s: transformers' defaults are assumed (%s); the sizes reported are those "
+                    "defaults', not necessarily the model's", path / "config.json", ", ".join(missing), used)

@@ -15,7 +15,6 @@ printed and kept in the report (``calibration_text``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -38,21 +37,6 @@ def _refuse_finished(out: Path, overwrite: bool) -> None:
     if done and not overwrite:
         raise FileExistsError(f"{out} already holds a finished prune ({', '.join(done)}); pass --overwrite to "
                               "replace it, or -o elsewhere")
-
-
-def _publish(stage: Path, out: Path, report: dict) -> None:
-    """Move the staged outputs into ``out``: the model and the plot, plans and report (last), nothing else there."""
-    from shear.prune.export import move_in
-
-    for k, name in (("plot", "kept_widths.png"), ("model_dir", "model")):
-        if k in report:
-            report[k] = str(out / name)
-    (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    out.mkdir(parents=True, exist_ok=True)
-    exported = (stage / "model").exists()  # --no-export: shear's earlier model would not match the new report
-    names = sorted((f.name for f in stage.iterdir() if f.is_file()), key=lambda n: n == "report.json")
-    move_in([(stage / "model", out / "model")] if exported else [], [(stage / n, out / n) for n in names],
-            drop=[] if exported else [out / "model"])
 
 
 def _cmd_prune(args) -> int:
@@ -113,7 +97,7 @@ def _prune_into(args, recipe, out: Path) -> dict:
 
     from shear.memory import peak_rss_mb, trim
     from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, source_weight_bytes
-    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
+    from shear.prune.export import _check_target, publish_prune, remove_stale_staging, staging_dir
     from shear.prune.pipeline import prune_with_vocab
     from shear.sparse.export import bytes_on_disk
 
@@ -152,7 +136,7 @@ def _prune_into(args, recipe, out: Path) -> dict:
         report["source_weight_bytes"] = source_weight_bytes(source) if source else None
         if not args.no_export:
             report["model_bytes"] = bytes_on_disk(stage / "model")
-        _publish(stage, out, report)
+        publish_prune(stage, out, report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report

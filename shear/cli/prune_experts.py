@@ -33,7 +33,7 @@ def prune_experts_into(args, out: Path) -> dict:
     import shutil
     import time
 
-    from shear.cli.prune import _publish
+    from shear.prune.export import publish_prune
     from shear.memory import peak_rss_mb
     from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, load_pretrained, source_weight_bytes
     from shear.prune.experts import ExpertPruneConfig, prune_experts_
@@ -66,7 +66,7 @@ def prune_experts_into(args, out: Path) -> dict:
         report["source_weight_bytes"] = source_weight_bytes(source)
         report["time_s"]["total"] = time.perf_counter() - t0
         report["vm_hwm_mb"] = peak_rss_mb()
-        _publish(stage, out, report)
+        publish_prune(stage, out, report)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report

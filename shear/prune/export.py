@@ -270,6 +270,20 @@ def stage_file(dest: Path, text: str, staged: list) -> list[tuple[Path, Path]]:
     return [(tmp, dest)]
 
 
+def publish_prune(stage: Path, out: Path, report: dict) -> None:
+    """Move a prune staged in ``stage`` into ``out``: the model, then the plot, plans and report (last);
+    nothing else there is touched. ``report``'s paths are rewritten to their places in ``out``."""
+    for k, name in (("plot", "kept_widths.png"), ("model_dir", "model")):
+        if k in report:
+            report[k] = str(out / name)
+    (stage / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    out.mkdir(parents=True, exist_ok=True)
+    exported = (stage / "model").exists()  # --no-export: shear's earlier model would not match the new report
+    names = sorted((f.name for f in stage.iterdir() if f.is_file()), key=lambda n: n == "report.json")
+    move_in([(stage / "model", out / "model")] if exported else [], [(stage / n, out / n) for n in names],
+            drop=[] if exported else [out / "model"])
+
+
 def remove_staged(staged: list[Path]) -> None:
     """Remove what is left of staged forms and files (after :func:`move_in`, or after a failure)."""
     for tmp in staged:
