@@ -1,9 +1,9 @@
 """Structured-pruning peers run from their original code on SmolLM2-135M, side by side, with benchlib's
 protocol (the same model, texts and PPL windows as shear's real-model benchmark).
 
-    SHEAR_CACHE=~/.cache/shear OMP_NUM_THREADS=2 python tools/bench_peers.py --peers-dir /work/peers \\
-        --out /work/peers/runs/peers [--peers dense,llm-pruner,flap,slicegpt,minitron] [--ratios 0.2,0.35,0.5]
-    python tools/bench_peers.py --peers-dir /work/peers --apply-patches     # once, after the checkouts
+    SHEAR_CACHE=~/.cache/shear OMP_NUM_THREADS=2 python tools/bench_peers.py --peers-dir ../peers \\
+        --out runs/peers [--peers dense,llm-pruner,flap,slicegpt,minitron] [--ratios 0.2,0.35,0.5]
+    python tools/bench_peers.py --peers-dir ../peers --apply-patches     # once, after the checkouts
 
 Rows: every peer at each ``--ratios`` entry, a fraction of ALL parameters removed (shear's counting:
 ``sum(p.numel() for p in model.parameters())``, the tied embedding once; 134,515,008 dense), no
@@ -18,23 +18,23 @@ makes after loading a directory. The ``dense`` row loads the dense directory thr
 
 Getting the peers (at run time the script downloads nothing but the PyPI wheels benchlib uses)::
 
-    cd /work/peers
+    cd ../peers
     git clone https://github.com/horseee/LLM-Pruner; git -C LLM-Pruner checkout 128a07d977f9b205d60ab14cfbc6a78f8a8e39d2
     git clone https://github.com/CASIA-IVA-Lab/FLAP; git -C FLAP checkout 3bb57db3449dd2fa04a5c2192de80e87e33be2b1
     git clone https://github.com/microsoft/TransformerCompression
     git -C TransformerCompression checkout 6b12cdee6ad51791d7c776b3a046bc408b9e77e9
-    python tools/bench_peers.py --peers-dir /work/peers --apply-patches   # the FLAP edits listed below
+    python tools/bench_peers.py --peers-dir ../peers --apply-patches   # the FLAP edits listed below
 
 Python: the project's virtualenv has everything LLM-Pruner and FLAP need here. The SliceGPT and
 Minitron rows need ``ml-collections`` (SliceGPT's config) and ``nvidia-modelopt`` (+ ``megatron-core``
 for its Minitron plugin); to keep them out of the project's environment use a virtualenv layered on it
 and run this script with that interpreter::
 
-    python -m venv /work/peers/.venv
+    python -m venv ../peers/.venv
     echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \\
-        > /work/peers/.venv/lib/python3.11/site-packages/zz_project_venv.pth
-    /work/peers/.venv/bin/pip install --no-deps ml-collections==1.1.0
-    /work/peers/.venv/bin/pip install nvidia-modelopt==0.47.0 megatron-core==0.16.1
+        > ../peers/.venv/lib/python3.11/site-packages/zz_project_venv.pth
+    ../peers/.venv/bin/pip install --no-deps ml-collections==1.1.0
+    ../peers/.venv/bin/pip install nvidia-modelopt==0.47.0 megatron-core==0.16.1
 
 Calibration text (all peers): shear's ``english`` source (Python standard-library docstrings; the
 evaluation texts are disjoint from it), via ``shear.data.text.calibration_ids``.
@@ -623,8 +623,8 @@ COLS = [("peer", "peer"), ("method", "method"), ("target", "target ratio"), ("pa
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", nargs="?", default="bench", choices=["bench", "row"])
-    ap.add_argument("--peers-dir", type=Path, default=Path("/work/peers"))
-    ap.add_argument("--out", type=Path, default=Path("/work/peers/runs/peers"))
+    ap.add_argument("--peers-dir", type=Path, default=Path("../peers"))
+    ap.add_argument("--out", type=Path, default=Path("runs/peers"))
     ap.add_argument("--model", type=Path, default=None, help="HF directory (default: benchlib.smollm2())")
     ap.add_argument("--peers", default="dense,llm-pruner,flap,slicegpt,minitron")
     ap.add_argument("--ratios", default="0.2,0.35,0.5", help="fractions of all parameters removed")
