@@ -18,11 +18,13 @@ makes after loading a directory. The ``dense`` row loads the dense directory thr
 
 Getting the peers (at run time the script downloads nothing but the PyPI wheels benchlib uses)::
 
-    cd ../peers
+    mkdir -p ../peers && cd ../peers      # beside the repository
     git clone https://github.com/horseee/LLM-Pruner; git -C LLM-Pruner checkout 128a07d977f9b205d60ab14cfbc6a78f8a8e39d2
     git clone https://github.com/CASIA-IVA-Lab/FLAP; git -C FLAP checkout 3bb57db3449dd2fa04a5c2192de80e87e33be2b1
     git clone https://github.com/microsoft/TransformerCompression
     git -C TransformerCompression checkout 6b12cdee6ad51791d7c776b3a046bc408b9e77e9
+    git clone https://github.com/locuslab/wanda; git -C wanda checkout 8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6
+    cd -
     python tools/bench_peers.py --peers-dir ../peers --apply-patches   # the FLAP edits listed below
 
 Python: the project's virtualenv has everything LLM-Pruner and FLAP need here. The SliceGPT and
