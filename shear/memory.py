@@ -56,3 +56,15 @@ def peak_rss_bytes() -> int:
 def peak_rss_mb() -> float:
     """:func:`peak_rss_bytes` in MiB, rounded for reports."""
     return round(peak_rss_bytes() / 2**20, 1)
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel can still give this process (``MemAvailable`` in ``/proc/meminfo``); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -66,7 +66,8 @@ def build_model(recipe: Recipe, train_texts=None):
 def check_lengths(recipe: Recipe, model) -> None:
     """Every window the recipe will run through the model fits its positions, and an eval section has a
     causal LM to measure (before any work)."""
-    from shear.eval.report import check_causal, check_context
+    from shear.data.calibration import check_context
+    from shear.eval.report import check_causal
 
     if recipe.train is not None:
         check_context(model, recipe.data.seq_len, "data.seq_len")

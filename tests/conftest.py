@@ -57,18 +57,23 @@ def tiny_text():
     return load_corpus("validation")[0]["text"][:30_000]
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory, tiny_text):
-    """A saved tiny Llama (2 layers, max_position_embeddings=128) with a BPE tokenizer (vocab 300)."""
+def write_tiny_lm(d, text: str, dtype: torch.dtype = torch.float32):
+    """Save into ``d`` a tiny Llama (2 layers, max_position_embeddings=128), its weights in ``dtype``, with a
+    BPE tokenizer (vocab 300) trained on ``text``; returns ``d``."""
     from transformers import LlamaForCausalLM
 
     from shear.data.tokenizer import train_bpe
 
-    d = tmp_path_factory.mktemp("tiny_lm")
-    tok = train_bpe([tiny_text], vocab_size=300)
+    tok = train_bpe([text], vocab_size=300)
     torch.manual_seed(0)
     cfg = tiny_llama_config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                             pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(d)
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_text):
+    """A saved tiny Llama (2 layers, max_position_embeddings=128) with a BPE tokenizer (vocab 300)."""
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny_lm"), tiny_text)

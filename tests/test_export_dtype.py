@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama_config
+from conftest import write_tiny_lm
 from families import family_model, outputs
 from shear.analyze import PrunePlan
 from shear.memory import peak_rss_bytes, trim
@@ -46,16 +46,7 @@ def weight_bytes(d: Path) -> int:
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory, tiny_text):
     """A tiny Llama stored in bf16 (config.json says bfloat16) with a BPE tokenizer."""
-    from shear.data.tokenizer import train_bpe
-
-    d = tmp_path_factory.mktemp("bf16_lm")
-    tok = train_bpe([tiny_text], vocab_size=300)
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                            pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return write_tiny_lm(tmp_path_factory.mktemp("bf16_lm"), tiny_text, torch.bfloat16)
 
 
 RELOAD = textwrap.dedent("""

@@ -111,26 +111,16 @@ def _warn_if_too_big(model: str) -> None:
     """A checkpoint whose fp32 copy would not fit in the memory available: say so before loading it."""
     import logging
 
+    from shear.memory import available_bytes
     from shear.models import checkpoint_dtype, source_weight_bytes
 
-    size, avail = source_weight_bytes(model), _available_bytes()
+    size, avail = source_weight_bytes(model), available_bytes()
     if size and avail:
         fp32 = size * (2 if checkpoint_dtype(model) in ("bf16", "fp16") else 1)
         if fp32 > 0.8 * avail:
             logging.getLogger("shear").warning(
                 "sparsify: %s needs about %.1f GiB in fp32 and %.1f GiB are available; --stream --no-compressed "
                 "holds one block at a time", model, fp32 / 2**30, avail / 2**30)
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -69,6 +69,13 @@ def max_positions(model) -> int | None:
     return int(n) if n else None
 
 
+def check_context(model, seq_len: int, what: str) -> None:
+    """Refuse windows longer than the positions the model was built for (``max_position_embeddings``)."""
+    limit = max_positions(model)
+    if limit and seq_len > limit:
+        raise ValueError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}")
+
+
 def resolve_calibration(model, source=None, data=None, n_samples: int | None = None, seq_len: int | None = None,
                         key: str = "importance.source") -> Calibration:
     """The calibration of ``model`` (see the module docstring); ``key`` names the setting in the log line."""
@@ -100,10 +107,8 @@ def calibration_for(model, tokenizer, source=None, data=None, n_samples: int | N
     from shear.data.text import calibration_ids, calibration_scope
 
     c = resolve_calibration(model, source, data, n_samples, seq_len, key)
-    limit = max_positions(model)
-    if seq_len is not None and limit and seq_len > limit:
-        what = key.split(".")[0] + ".seq_len"
-        raise ValueError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}")
+    if seq_len is not None:
+        check_context(model, seq_len, key.split(".")[0] + ".seq_len")
     ids = calibration_ids(tokenizer, c.n_samples, c.seq_len, seed, source=c.source, data=c.data)
     line = (f"{ids.shape[0]} x {ids.shape[1]} tokens from {c.what}, {calibration_scope(c.source, c.data)}, "
             f"tokenizer {type(tokenizer).__name__}")

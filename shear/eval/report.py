@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from shear.data.calibration import check_context
 from shear.eval.config import EvalConfig
 from shear.eval.perplexity import protocol_line
 
@@ -51,13 +52,6 @@ def check_causal(model, cfg: EvalConfig, name: str) -> None:
     raise ValueError(f"{name}: {type(model).__name__} is an encoder, not a causal LM; perplexity, decode latency "
                      "and lm-eval tasks need next-token logits: evaluate it on its own task, or pass --no-ppl "
                      "--no-speed (eval.perplexity / eval.speed: false) for parameters and MACs only")
-
-
-def check_context(model, seq_len: int, what: str) -> None:
-    """Refuse windows longer than the positions the model was built for (``max_position_embeddings``)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}")
 
 
 def _evaluate(model, tokenizer, cfg: EvalConfig, progress: bool, name: str) -> dict:

@@ -373,8 +373,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, recipe:
     try:
         move_in([(tmp, out)])
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_staged([tmp])
     return out
 
 

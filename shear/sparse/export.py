@@ -63,7 +63,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     model first, :func:`shear.models.cast_weights_`, to choose it), sharded like the dense export. Same
     directory rules as the dense export: a temporary sibling first, a manifest, and only shear's own
     earlier export is ever replaced."""
-    from shear.prune.export import _check_target, move_in
+    from shear.prune.export import _check_target, move_in, remove_staged
 
     out = Path(out_dir).expanduser().resolve()
     _check_target(model, out, overwrite, ())
@@ -71,10 +71,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, pruned: list[s
     try:
         move_in([(tmp, out)])
     finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        remove_staged([tmp])
     return info
 
 
