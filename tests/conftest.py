@@ -11,6 +11,11 @@ import pytest
 import torch
 
 
+#: the environment of a fresh process whose outputs are compared bit for bit with a test's (which runs
+#: ``one_thread``): the same thread count, hence the same reduction order
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import write_tiny_lm
+from conftest import ONE_THREAD, write_tiny_lm
 from families import family_model, outputs
 from shear.analyze import PrunePlan
 from shear.memory import peak_rss_bytes, trim
@@ -104,7 +104,7 @@ def test_bf16_checkpoint_is_written_in_bf16(bf16_dir, tiny_text, tmp_path):
         m = AutoModelForCausalLM.from_pretrained(d).eval()
         with torch.no_grad():
             save_file({"ids": ids, "out": m(input_ids=ids).logits}, d / "expected.safetensors")
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), json.dumps(["p/model", "s/model"])],
+    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), json.dumps(["p/model", "s/model"])], env=ONE_THREAD,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []

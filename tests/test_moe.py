@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ONE_THREAD
 from shear.importance.experts import (accumulate_, collect_expert_stats, expert_scores, find_moe_blocks, route,
                                       ExpertStats)
 from shear.prune.experts import (ExpertPruneConfig, experts_to_remove, kept_experts, prune_experts_,
@@ -204,7 +205,7 @@ def test_exports_reload_as_the_stock_class_in_a_fresh_process(tmp_path):
         ref[d] = (logits(model, IDS), type(model).__name__)
         cfg = json.loads(open(d + "/config.json").read())
         assert "auto_map" not in cfg and "shear_layout" not in cfg
-    r = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     for d in dirs:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import ONE_THREAD
 from families import family_model, outputs
 from shear.sparse import SparsifyConfig
 from shear.sparse.export import load_compressed
@@ -74,7 +75,8 @@ def test_both_forms_round_trip(tmp_path):
         cases.append({"dir": f"c{i}/model", "causal": fam != "bert"})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     save_file({"ids": IDS}, tmp_path / "ids.safetensors")
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=ONE_THREAD)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import ONE_THREAD
 from families import family_model, outputs
 from shear.shards import ShardWriter
 from shear.sparse import SparsifyConfig
@@ -89,7 +90,8 @@ def test_streamed_equals_in_memory_and_reloads(tmp_path):
         cases.append(f"st{k}")
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     save_file({"ids": IDS}, tmp_path / "ids.safetensors")
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=ONE_THREAD)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import ONE_THREAD
 from families import family_model, outputs
 from shear.analyze import families as fams
 from shear.sparse import SparsifyConfig, sparsify_
@@ -79,7 +80,8 @@ def test_gemma3_sparsified_by_structure_reloads_identically(tmp_path, no_gemma3_
         cases.append(d)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=ONE_THREAD)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
 
