@@ -177,11 +177,13 @@ def fresh_eval(model_dir: str | Path, texts=TEXTS, windows: int = PROTOCOL["wind
 
 
 def measure(argv: list[str], log=None, threads: int = 2, python: str = sys.executable,
-            env: dict | None = None) -> dict:
+            env: dict | None = None, max_mem_bytes: int | None = None) -> dict:
     """Run ``argv`` (``shear ...`` or a Python script and its arguments) in a fresh process of ``python``; wall
     seconds, exit code and its own peak RSS (VmHWM, read by the process at exit: ``ru_maxrss`` of a child
     carries the parent's mark across fork). ``log``: a path or an open file for its output; ``threads``,
-    ``env``: see :func:`child_env`."""
+    ``env``: see :func:`child_env`; ``max_mem_bytes``: a memory cap on the child (a cgroup v1 memory limit, the
+    page cache of the files it reads included: over it the kernel reclaims that cache or kills the child; needs
+    root and ``/sys/fs/cgroup/memory``)."""
     path = isinstance(log, (str, Path))
     if path:
         res = Path(f"{log}.rss.json")
@@ -191,16 +193,38 @@ def measure(argv: list[str], log=None, threads: int = 2, python: str = sys.execu
         fd, name = tempfile.mkstemp(suffix=".rss.json")
         os.close(fd)
         res = Path(name)
+    group = _cgroup(max_mem_bytes) if max_mem_bytes else None
     t0 = time.perf_counter()
     with open(log if path else os.devnull, "w") as f:
         rc = subprocess.run([python, __file__, "measure", str(res), "--", *argv], stdout=f if path or log is None else log,
-                            stderr=subprocess.STDOUT, env=child_env(threads, env)).returncode
+                            stderr=subprocess.STDOUT, env=child_env(threads, env),
+                            preexec_fn=None if group is None else _join(group)).returncode
     out = {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+    if group is not None:
+        out["cgroup_peak_mb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / 2**20, 1)
+        group.rmdir()
     if res.exists() and res.stat().st_size:
         out.update(json.loads(res.read_text()))
     if not path:
         res.unlink(missing_ok=True)
     return out
+
+
+def _cgroup(n: int) -> Path:
+    """A new cgroup v1 memory group limited to ``n`` bytes (swap included where the kernel accounts it)."""
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "cgroup.procs").is_file() or not os.access(root, os.W_OK):
+        raise RuntimeError("a memory cap needs the cgroup v1 memory controller at /sys/fs/cgroup/memory, writable")
+    group = root / f"bench-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(n))
+    return group
+
+
+def _join(group: Path):
+    def join():  # in the child, before exec
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    return join
 
 
 def _run_measured(out: str, argv: list[str]) -> int:

@@ -59,6 +59,15 @@ def _cmd_prune(args) -> int:
         return 0
     if args.expert_criterion != "reconstruction":
         raise ValueError("--expert-criterion: only with --experts")
+    if args.stream:
+        if src.suffix in (".yaml", ".yml"):
+            raise ValueError("--stream prunes a model directory (with the flags); a recipe's model is built in memory")
+        out = Path(args.output_dir or "shear-prune")
+        with locked(out):
+            _refuse_finished(out, args.overwrite)
+            report = _streamed_into(args, out)
+        _print_summary(args, report, out)
+        return 0
     if src.suffix in (".yaml", ".yml"):
         from shear.cli.run import recipe_overrides
         from shear.config import load_recipe
@@ -76,6 +85,11 @@ def _cmd_prune(args) -> int:
     with locked(out):  # one command per directory
         _refuse_finished(out, args.overwrite)
         report = _prune_into(args, recipe, out)
+    _print_summary(args, report, out)
+    return 0
+
+
+def _print_summary(args, report: dict, out: Path) -> None:
     if report.get("vocab"):
         v = report["vocab"]
         print(f"vocabulary: {v['tokens_before']:,} -> {v['tokens_after']:,} tokens (text: {v['source']})")
@@ -88,7 +102,48 @@ def _cmd_prune(args) -> int:
         src_mb = f" (source {report['source_weight_bytes'] / 2**20:.2f} MB)" if report["source_weight_bytes"] else ""
         print(f"model: {report['model_bytes']['weights'] / 2**20:.2f} MB of {report['dtype']['written']} weights "
               f"on disk{src_mb} in {out / 'model'}")
-    return 0
+
+
+def _streamed_into(args, out: Path) -> dict:
+    """``--stream``: score and slice one block at a time from the shards (``shear.prune.stream``), written into
+    a staging directory beside ``out`` and moved in once all succeeded."""
+    import shutil
+
+    from shear.memory import peak_rss_mb
+    from shear.models import checkpoint_dtype, export_dtype, load_dtype, load_tokenizer, resolve_model_path
+    from shear.models import source_weight_bytes
+    from shear.prune.export import _check_target, publish_prune, remove_stale_staging, staging_dir
+    from shear.prune.stream import check_streamable, prune_streamed
+    from shear.sparse.export import bytes_on_disk
+
+    prune, imp = _configs_from_flags(args)
+    check_streamable(prune, imp)  # before any work
+    path = resolve_model_path(args.source)
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f"prune --stream reads a local directory's safetensors shards; {args.source} is not one")
+    if not args.no_export:
+        _check_target(None, (out / "model").expanduser().resolve(), args.overwrite, (path,))
+    ckpt = checkpoint_dtype(path)
+    written = export_dtype(args.dtype, path)
+    compute = load_dtype(written, ckpt, imp.device)
+    remove_stale_staging(out)
+    stage = staging_dir(out.expanduser().resolve())
+    recipe = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
+              "prune": prune.model_dump(mode="json")}
+    try:
+        report = prune_streamed(path, load_tokenizer(path, args.trust_remote_code), prune, imp, out_dir=stage,
+                                export_dir=None if args.no_export else stage / "model", recipe=recipe,
+                                written=written, compute=compute, max_shard_size=args.max_shard_size,
+                                trust_remote_code=args.trust_remote_code)
+        report["dtype"] = {"checkpoint": ckpt, "loaded": compute, "written": None if args.no_export else written}
+        report["vm_hwm_mb"] = peak_rss_mb()
+        report["source_weight_bytes"] = source_weight_bytes(path)
+        if not args.no_export:
+            report["model_bytes"] = bytes_on_disk(stage / "model")
+        publish_prune(stage, out, report)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
 
 
 def _prune_into(args, recipe, out: Path) -> dict:
@@ -171,6 +226,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GQA: remove whole KV groups (default) or query heads inside every group")
     g.add_argument("--round-to", type=int, default=1)
     g.add_argument("--steps", type=int, default=1, help="iterative steps")
+    g.add_argument("--stream", action="store_true",
+                   help="hold one decoder block at a time, read from the safetensors shards and written into new "
+                        "ones (models larger than memory): heads and MLP channels, estimators "
+                        "flap/flap_original/wanda_sp/minitron/magnitude_l1/magnitude_l2/random")
     g.add_argument("--protect", nargs="*", default=None, help="protected layer indices")
     g.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; 32 on the "
                                                                "reference models' Shakespeare corpus)")

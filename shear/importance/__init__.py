@@ -16,7 +16,7 @@ from shear.importance import criteria
 from shear.importance.estimators import ESTIMATORS, Estimator, ScoringContext, Scores, register
 from shear.importance import obs_hooks  # noqa: E402,F401  (registers "obs")
 
-__all__ = ["SELF_STANDARDIZED", "ESTIMATORS", "Estimator", "ScoringContext", "Scores", "register", "score", "criteria", "needs_data"]
+__all__ = ["SELF_STANDARDIZED", "score_modules", "standardize_scores", "ESTIMATORS", "Estimator", "ScoringContext", "Scores", "register", "score", "criteria", "needs_data"]
 
 #: estimators whose scores are standardized across layers by default (FLAP).
 STANDARDIZED = {"flap"}
@@ -42,8 +42,7 @@ def score(model, graph: StructureGraph, cfg, ids: torch.Tensor | None = None, ki
     if ctx is None:
         ctx = ScoringContext(model, graph, cfg, ids)
         if kinds is not None:  # record only the inputs these groups read (their input-column members)
-            ctx.modules = {m.param[: -len(".weight")] for g in groups for m in g.members
-                           if m.role == "in" and m.param.endswith(".weight")}
+            ctx.modules = score_modules(groups)
     width = [g for g in groups if g.kind not in DEPTH_KINDS]
     depth = [g for g in groups if g.kind in DEPTH_KINDS]
     out: Scores = {}
@@ -55,10 +54,21 @@ def score(model, graph: StructureGraph, cfg, ids: torch.Tensor | None = None, ki
         if bad:
             raise ValueError(f"importance: estimator {est_name!r} cannot score kinds {bad}; it scores {list(est.kinds)}")
         out.update(est.fn(ctx, gs))
+    return standardize_scores(out, width, cfg), ctx
+
+
+def score_modules(groups) -> set[str]:
+    """The Linear modules whose inputs scoring ``groups`` reads (their input-column members)."""
+    return {m.param[: -len(".weight")] for g in groups for m in g.members
+            if m.role == "in" and m.param.endswith(".weight")}
+
+
+def standardize_scores(out: Scores, width, cfg) -> Scores:
+    """``out`` with each width kind's scores standardized across layers, when ``cfg`` asks (FLAP by default)."""
     std = cfg.standardize if cfg.standardize is not None else cfg.estimator in STANDARDIZED
     if std:
         for kind in {g.kind for g in width}:
             names = [g.name for g in width if g.kind == kind]
             for n, s in zip(names, criteria.standardize([out[n] for n in names])):
                 out[n] = s
-    return out, ctx
+    return out

@@ -115,6 +115,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                          f"{fam.name})") from None
 
 
+def blocks_path(model: nn.Module) -> str:
+    """``"model.layers"``: the module path of the blocks (block ``i``'s names start ``f"{path}.{i}."``)."""
+    blocks = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is blocks)
+
+
 def is_matmul(mod: nn.Module) -> bool:
     """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2: weight ``[in, out]``); both see inputs ``[.., in]``."""
     return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
@@ -230,47 +236,56 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
         it = tqdm(it, desc="calibrating blocks")
     fam = _family(model)
     for i in it:
-        layer, dev = layers[i], _device(layers[i])
-        handles, mid = [], {}
-
-        def rec(name):
-            def hook(_m, inp, _out):
-                x = inp[0]
-                st = stats.linears.get(name)
-                if st is None:
-                    st = stats.linears[name] = LinearStats.zeros(x.shape[-1])
-                st.add(x)
-            return hook
-
-        for mod in layer.modules():
-            if is_matmul(mod) and (modules is None or names[mod] in modules):
-                handles.append(mod.register_forward_hook(rec(names[mod])))
-        # sequential blocks: this module's input is the residual stream between the sublayers
-        mid_path = fam.mid_input(model.config) if fam is not None else None
-        mid_norm = _submodule(layer, mid_path) if mid_path else None
-        if mid_norm is not None:
-            handles.append(mid_norm.register_forward_pre_hook(lambda _m, a: mid.__setitem__("x", a[0])))
-        try:
-            for b in range(len(hidden)):
-                x = hidden[b].to(dev)
-                args, kw = kws[i][b]
-                out = layer(x, *_to(args, dev), **_to(kw, dev))
-                out = out[0] if isinstance(out, tuple) else out
-                _add_angles(stats.layer_cos, stats.layer_angle, i, x, out)
-                if "x" in mid:
-                    m = mid["x"].reshape(x.shape)  # OPT flattens tokens before its MLP norm
-                    _add_angles(stats.attn_cos, stats.attn_angle, i, x, m)
-                    _add_angles(stats.mlp_cos, stats.mlp_angle, i, m, out)
-                mid.clear()
-                hidden[b] = out
-        finally:
-            for h in handles:
-                h.remove()
-        recorded = {names[m] for m in layer.modules() if names.get(m) in stats.linears}
-        check_finite(((n, s.x_sqsum) for n, s in stats.linears.items() if n in recorded),
-                     "importance: calibration statistics of the input of", STATS_FIX)
+        calibrate_block(model, i, layers[i], hidden, kws, stats, names, modules, fam)
     _record_head(model, hidden, stats, names, modules)
     return stats
+
+
+@torch.no_grad()
+def calibrate_block(model: nn.Module, i: int, layer: nn.Module, hidden: list, kws: list, stats: ActivationStats,
+                    names: dict, modules: set[str] | None, fam) -> None:
+    """One block of :func:`collect_activation_stats`: run block ``i`` on ``hidden`` (its inputs per batch,
+    replaced by its outputs) with ``kws[i]``, adding its Linears' input statistics (``modules``; None = all)
+    and its cosines / angles to ``stats``. ``names``: ``{module: name}`` of the model; ``fam``: its family."""
+    dev = _device(layer)
+    handles, mid = [], {}
+
+    def rec(name):
+        def hook(_m, inp, _out):
+            x = inp[0]
+            st = stats.linears.get(name)
+            if st is None:
+                st = stats.linears[name] = LinearStats.zeros(x.shape[-1])
+            st.add(x)
+        return hook
+
+    for mod in layer.modules():
+        if is_matmul(mod) and (modules is None or names[mod] in modules):
+            handles.append(mod.register_forward_hook(rec(names[mod])))
+    # sequential blocks: this module's input is the residual stream between the sublayers
+    mid_path = fam.mid_input(model.config) if fam is not None else None
+    mid_norm = _submodule(layer, mid_path) if mid_path else None
+    if mid_norm is not None:
+        handles.append(mid_norm.register_forward_pre_hook(lambda _m, a: mid.__setitem__("x", a[0])))
+    try:
+        for b in range(len(hidden)):
+            x = hidden[b].to(dev)
+            args, kw = kws[i][b]
+            out = layer(x, *_to(args, dev), **_to(kw, dev))
+            out = out[0] if isinstance(out, tuple) else out
+            _add_angles(stats.layer_cos, stats.layer_angle, i, x, out)
+            if "x" in mid:
+                m = mid["x"].reshape(x.shape)  # OPT flattens tokens before its MLP norm
+                _add_angles(stats.attn_cos, stats.attn_angle, i, x, m)
+                _add_angles(stats.mlp_cos, stats.mlp_angle, i, m, out)
+            mid.clear()
+            hidden[b] = out
+    finally:
+        for h in handles:
+            h.remove()
+    recorded = {names[m] for m in layer.modules() if names.get(m) in stats.linears}
+    check_finite(((n, s.x_sqsum) for n, s in stats.linears.items() if n in recorded),
+                 "importance: calibration statistics of the input of", STATS_FIX)
 
 
 # What a non-finite calibration statistic means (the weights were checked finite when loaded).

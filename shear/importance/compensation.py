@@ -163,13 +163,14 @@ def plan_biases(model: nn.Module, fam: Family, graph: StructureGraph, biases: di
 def flag_zero_biases(model: nn.Module, fam: Family, layers_prefix: str, flags) -> dict[str, int]:
     """Exactly-zero bias entries on the projections the config ``flags`` cover, by projection path in a
     block (``{"self_attn.q_proj": 960, ...}``, zero counts left out): parameters the stock export holds
-    only because the flag makes its class build a bias on every projection it covers."""
+    only because the flag makes its class build a bias on every projection it covers. Biases on the meta
+    device (the blocks of a streamed model that are not in memory) are not counted."""
     covered = {rel for flag, rels in fam.bias_flags if flag in flags for rel in rels}
     out: dict[str, int] = {}
     for name, mod in model.named_modules():
         where = _block_path(name, layers_prefix)
         b = getattr(mod, "bias", None)
-        if where is None or where[1] not in covered or not isinstance(b, torch.Tensor):
+        if where is None or where[1] not in covered or not isinstance(b, torch.Tensor) or b.is_meta:
             continue
         n = int((b.detach() == 0).sum())
         if n:

@@ -9,6 +9,7 @@ weights), which rebuilds the same shapes: ``from_pretrained(dir, trust_remote_co
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import json
@@ -205,9 +206,10 @@ def _copy_sentence_transformers(model: nn.Module, tmp: Path) -> None:
         return
 
 
-def _check_target(model: nn.Module, out: Path, overwrite: bool, protect) -> None:
-    """Refuse targets whose replacement could lose what shear did not write (see :func:`export`)."""
-    for src in _input_dirs(model) + [Path(p).expanduser().resolve() for p in protect]:
+def _check_target(model: nn.Module | None, out: Path, overwrite: bool, protect) -> None:
+    """Refuse targets whose replacement could lose what shear did not write (see :func:`export`); ``model``
+    None: the source directories are only those in ``protect``."""
+    for src in (_input_dirs(model) if model is not None else []) + [Path(p).expanduser().resolve() for p in protect]:
         if out == src:
             raise FileExistsError(f"{out} is the directory the model was loaded from; export elsewhere")
     if not (out / "config.json").exists():
@@ -400,18 +402,32 @@ def save_model_files(model: nn.Module, tmp: Path, max_shard_size: int | str = MA
     that without the file it does not load at all). ``state_dict``: what to write instead of the model's
     own (the compressed-tensors form)."""
     layout = layout_of(model)
+    with stock_overrides(model):
+        # a per-layer export loads through its own class, which transformers gives no checkpoint
+        # conversion: its keys stay the module names (GPT-NeoX's lm_head, not the legacy embed_out)
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict,
+                              save_original_format=not layout)
+    finish_config(model, tmp, layout)
+
+
+@contextlib.contextmanager
+def stock_overrides(model: nn.Module):
+    """``model.config`` with the overrides :func:`stock_reference` needs (1 head at top level where the stock
+    config rejects the pruned head count) for as long as the block runs: what ``config.json`` is written with."""
     _, overrides = stock_reference(model)
     saved = {k: getattr(model.config, k) for k in overrides}
     for k, v in overrides.items():
         setattr(model.config, k, v)
     try:
-        # a per-layer export loads through its own class, which transformers gives no checkpoint
-        # conversion: its keys stay the module names (GPT-NeoX's lm_head, not the legacy embed_out)
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, state_dict=state_dict,
-                              save_original_format=not layout)
+        yield
     finally:
         for k, v in saved.items():
             setattr(model.config, k, v)
+
+
+def finish_config(model: nn.Module, tmp: Path, layout: dict) -> None:
+    """Rewrite the ``config.json`` written into ``tmp`` for ``model``'s export: the stock class and model type,
+    and for a per-layer ``layout`` (:func:`layout_of`) ``shear_layout``, ``auto_map`` and shear's modeling file."""
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     stock = stock_class(model)

@@ -197,13 +197,28 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
             t_calib = time.time() - tc
         res = prune_to_target_(model, cfg, icfg, ids)
         after = analyze(model, heads=cfg.heads)
-    plans, steps = res.plans, len(res.plans)
+    report = prune_report(cfg, icfg, res, before_w, p0, macs0, after, model, ids, calib, t_calib, t0, mem)
+    write_outputs(out_dir, res.plans, before_w, report)
+    if export_dir is not None:
+        from shear.prune.export import export
+
+        export(model, export_dir, tokenizer=tokenizer, recipe=recipe, **written)
+        report["model_dir"] = str(export_dir)
+        report["vm_hwm_mb"] = peak_rss_mb()  # the export included
+    return model, res.plans[-1], report
+
+
+def prune_report(cfg, icfg, res, before_w: dict, p0: int, macs0: int, after: StructureGraph, model, ids, calib,
+                 t_calib: float, t0: float, mem: PeakMemory) -> dict:
+    """The report of one prune (in memory or streamed): target, params and MACs before/after, widths per layer,
+    bias compensation, seconds per phase, peak memory, calibration. ``model``: the pruned model (its weights'
+    bytes; on meta for a streamed run, counted from their shapes in the dtype they are held in)."""
     t = {"calibration": t_calib, **res.time_s}
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    report = {
+    return {
         "estimator": icfg.estimator, "layer_estimator": icfg.layer_estimator, "aggregation": icfg.aggregation,
         "target": cfg.target.model_dump(exclude_none=True), "structures": cfg.structures,
-        "allocation": cfg.allocation, "heads": cfg.heads, "iterative_steps": steps,
+        "allocation": cfg.allocation, "heads": cfg.heads, "iterative_steps": len(res.plans),
         "params_before": p0, "params_after": after.total_params, "removed_ratio": 1 - after.total_params / p0,
         "macs_before": macs0, "macs_after": after.total_macs, "mac_ratio": after.total_macs / macs0,
         "widths_before": before_w, "widths_after": layer_widths(after),
@@ -215,16 +230,14 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
         "cuda_peak_mb": round(mem.cuda_peak / 2**20, 1), "weights_after_mb": round(weights / 2**20, 1),
         "calibration": None if ids is None else list(ids.shape), "calibration_text": calib,
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "plans.json").write_text(json.dumps([{"remove": p.remove, "meta": p.meta} for p in plans], indent=1))
-        report["plot"] = str(plot_widths(before_w, report["widths_after"], out / "kept_widths.png"))
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    if export_dir is not None:
-        from shear.prune.export import export
 
-        export(model, export_dir, tokenizer=tokenizer, recipe=recipe, **written)
-        report["model_dir"] = str(export_dir)
-        report["vm_hwm_mb"] = peak_rss_mb()  # the export included
-    return model, plans[-1], report
+
+def write_outputs(out_dir, plans: list, before_w: dict, report: dict) -> None:
+    """``plans.json``, ``kept_widths.png`` and ``report.json`` into ``out_dir`` (None: nothing)."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plans.json").write_text(json.dumps([{"remove": p.remove, "meta": p.meta} for p in plans], indent=1))
+    report["plot"] = str(plot_widths(before_w, report["widths_after"], out / "kept_widths.png"))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -84,9 +84,11 @@ def stays_stock(model, graph: StructureGraph, plan: PrunePlan, stock_now: bool |
     return not any(plan.remove.get(g.name) for g in graph.groups if g.kind in ("attn_sublayer", "mlp_sublayer"))
 
 
-def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePlan, BiasPlan]:
+def plan_with_biases(model, graph, scores, cfg, ctx, tp, fam, placement_only: bool = False
+                     ) -> tuple[PrunePlan, BiasPlan]:
     """The plan and its compensation biases; with a parameter target the biases' parameters count
-    (re-planned for a budget lowered by them until plan + biases fit)."""
+    (re-planned for a budget lowered by them until plan + biases fit). ``placement_only``: where the biases
+    go, with zero values (a streamed run computes the values block by block)."""
     shapes = model_shapes(model)
     plan = build_plan(graph, scores, cfg, shapes, target_params=tp)
     counter = ParamCounter(graph, shapes)
@@ -95,7 +97,7 @@ def _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam) -> tuple[PrunePla
     stock_now = not layout_of(model)  # once: re-planning changes the plan, not the model
     refit = ESTIMATORS[cfg_estimator(ctx)].reconstruct is not None  # values come from the refit: placement only
     for _ in range(6):
-        biases = compensation_biases(model, plan, graph, None if refit else ctx.activations())
+        biases = compensation_biases(model, plan, graph, None if (refit or placement_only) else ctx.activations())
         dead = {g.module for g in graph.by_kind("layer") if plan.remove.get(g.name)}
         bp = plan_biases(model, fam, graph, biases, stays_stock(model, graph, plan, stock_now), dead)
         if tp is None:
@@ -121,6 +123,27 @@ def check_settings(cfg: PruneConfig, icfg: ImportanceConfig) -> None:
                          f"set importance.standardize=true (estimator {icfg.estimator!r} is not standardized by default)")
 
 
+def final_params(model, graph: StructureGraph, cfg: PruneConfig) -> int | None:
+    """The parameter count ``cfg.target`` asks for (None: a target shape)."""
+    if cfg.target.shape is not None:
+        return None
+    if cfg.target.ratio is not None:
+        return int(ParamCounter(graph, model_shapes(model)).count({}) * (1 - cfg.target.ratio))
+    return cfg.target.params
+
+
+def compensates(model, icfg: ImportanceConfig, fam) -> bool:
+    """Whether removed units leave bias compensation behind: ``importance.bias_compensation``, by default on for
+    FLAP and refitting estimators (OBS); off, with a warning, for a model without a family (no known slots)."""
+    on = icfg.bias_compensation if icfg.bias_compensation is not None else (
+        icfg.estimator in ("flap", "flap_original") or ESTIMATORS[icfg.estimator].reconstruct is not None)
+    if on and fam is None:
+        log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
+                    "unknown", type(model).__name__)
+        return False
+    return on
+
+
 def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch.Tensor | None) -> PruneResult:
     """Prune ``model`` in place to ``cfg.target`` (see the module docstring); ``ids``: calibration ``[n, L]``."""
     from shear.prune.slice import prune_
@@ -130,19 +153,11 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
     res = PruneResult()
     graph = analyze(model, heads=cfg.heads)
     p0 = graph.total_params
-    if cfg.target.shape is None:
-        final = int(ParamCounter(graph, model_shapes(model)).count({}) * (1 - cfg.target.ratio)) \
-            if cfg.target.ratio is not None else cfg.target.params
+    final = final_params(model, graph, cfg)
     steps = cfg.iterative_steps if cfg.target.shape is None else 1
     reconstruct = ESTIMATORS[icfg.estimator].reconstruct
-    compensate = icfg.bias_compensation if icfg.bias_compensation is not None else (
-        icfg.estimator in ("flap", "flap_original") or reconstruct is not None)
     fam = family_of(model)
-    if compensate and fam is None:
-        log.warning("bias compensation skipped: %s is not a supported family, so where biases can live is "
-                    "unknown", type(model).__name__)
-        compensate = False
-    res.compensate = compensate
+    res.compensate = compensate = compensates(model, icfg, fam)
     t = res.time_s
     for k in range(1, steps + 1):
         if k > 1:
@@ -153,7 +168,7 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
         ts = time.time()
         tp = None if cfg.target.shape is not None else int(p0 - (p0 - final) * k / steps)
         if compensate:
-            plan, bp = _plan_with_biases(model, graph, scores, cfg, ctx, tp, fam)
+            plan, bp = plan_with_biases(model, graph, scores, cfg, ctx, tp, fam)
         else:
             plan, bp = build_plan(graph, scores, cfg, model_shapes(model), target_params=tp), BiasPlan()
         t["planning"] += time.time() - ts

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from shear.importance.calibrate import STATS_FIX, capture_block_inputs, decoder_layers, is_matmul
+from shear.importance.calibrate import STATS_FIX, blocks_path, capture_block_inputs, decoder_layers, is_matmul  # noqa: F401 (blocks_path re-exported)
 from shear.models import check_finite
 from shear.sparse.config import SparsifyConfig
 from shear.sparse.masks import mask_for, wanda_scores
@@ -241,12 +241,6 @@ def layer_plan(selected: dict[int, list[str]], sparsity: dict, per_linear: dict[
         plan.append({"layer": i, "sparsity": sparsity[i], "pattern": cfg.pattern, "achieved": round(z / n, 6),
                      "linears": lin})
     return plan
-
-
-def blocks_path(model: nn.Module) -> str:
-    """``"model.layers"``: the module path of the blocks (block ``i``'s names start ``f"{path}.{i}."``)."""
-    blocks = decoder_layers(model)
-    return next(n for n, m in model.named_modules() if m is blocks)
 
 
 def sparsify_block(block: nn.Module, names: list[str], hidden: list | None, kws: list | None, sparsity: float | None,

@@ -19,7 +19,6 @@ model's (those ``from_pretrained`` loads without converting them).
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -28,14 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shear.checkpoint import Checkpoint, materialize_, release_, skeleton
-from shear.importance.calibrate import capture_block_inputs, decoder_layers
-from shear.memory import trim
-from shear.models import DTYPES, check_finite, check_weights_finite, resolve_device
+from shear.checkpoint import Checkpoint, materialize_, skeleton
+from shear.importance.calibrate import decoder_layers
+from shear.models import DTYPES, check_weights_finite, resolve_device
 from shear.sparse.config import SparsifyConfig
 from shear.sparse.sequential import (SparsifyResult, _has_conv1d, blocks_path, layer_plan, select_linears,
                                      sparsify_block)
 from shear.storage import MAX_SHARD_SIZE
+from shear.streaming import BlockStream, group_by_block, tensor_specs, write_config
 
 log = logging.getLogger("shear")
 
@@ -50,88 +49,12 @@ def check_streamable(cfg: SparsifyConfig) -> None:
                          "whole model in memory); add --no-compressed")
 
 
-def _tensors(model: nn.Module, ckpt: Checkpoint, written: torch.dtype) -> dict[str, tuple]:
-    """``{name: (checkpoint key or None, shape, dtype written)}`` of what ``save_pretrained`` writes: the model's
-    state dict, tied weights once. Floating parameters get ``written`` (those the class keeps in fp32 stay
-    fp32, as :func:`shear.models.cast_weights_` leaves them), buffers and integer tensors their own dtype. A
-    parameter missing from the checkpoint is refused; a persistent buffer missing from it is the model's own."""
-    keep = [*(getattr(model, "_keep_in_fp32_modules", None) or ()),
-            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
-    params = {id(p) for p in model.parameters()}
-    seen, out, missing = set(), {}, []
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:  # a tied weight (the LM head of tie_word_embeddings): written once
-            continue
-        seen.add(id(t))
-        key = ckpt.key_for(model, name)
-        is_param = id(t) in params
-        if key is None and is_param:
-            missing.append(name)
-            continue
-        dtype = t.dtype
-        if is_param and t.is_floating_point() and not (written != torch.float32 and any(k in name for k in keep)):
-            dtype = written
-        elif key is not None and not t.is_floating_point():
-            dtype = ckpt.dtype(key)
-        out[name] = (key, list(t.shape), dtype)
-    if missing:
-        raise ValueError(f"{ckpt.path}: {len(missing)} of the model's tensors are not in the checkpoint under its "
-                         f"names (first {missing[0]!r}); --stream reads checkpoints whose names are the model's")
-    unused = sorted(set(ckpt.files) - {k for k, _, _ in out.values()})
-    if unused:  # what from_pretrained reports as unexpected keys and does not load either
-        log.warning("sparsify --stream: %d tensors of the checkpoint are not the model's and are not written: %s",
-                    len(unused), ", ".join(unused[:4]))
-    return out
-
-
-def _group(specs: dict, path: str, n_blocks: int) -> tuple[list[str], list[list[str]]]:
-    """The names outside the blocks, and per block its names (in state-dict order)."""
-    outside, blocks = [], [[] for _ in range(n_blocks)]
-    for name in specs:
-        if name.startswith(path + "."):
-            i = int(name[len(path) + 1:].split(".", 1)[0])
-            blocks[i].append(name)
-        else:
-            outside.append(name)
-    return outside, blocks
-
-
-class _Stream:
-    """The named steps of one streamed run: what it reads (``ckpt``), the skeleton it fills (``model``), what it
-    writes (``specs``: ``{name: (checkpoint key, shape, dtype written)}``, into ``writer``)."""
+class _Stream(BlockStream):
+    """A streamed sparsify run: :class:`~shear.streaming.BlockStream` and its per-block step."""
 
     def __init__(self, model: nn.Module, ckpt: Checkpoint, specs: dict, writer, cfg: SparsifyConfig, device):
-        self.model, self.ckpt, self.specs, self.writer, self.cfg, self.device = model, ckpt, specs, writer, cfg, device
-
-    def read(self, names: list[str], strip: str = "") -> dict:
-        """``{name without strip: tensor}``: from the checkpoint as stored, else (a buffer) the skeleton's own."""
-        keys = {n: self.specs[n][0] for n in names}
-        got = self.ckpt.read([k for k in keys.values() if k is not None])
-        state = self.model.state_dict(keep_vars=True) if None in keys.values() else {}
-        return {n[len(strip):]: (got[k] if k is not None else state[n].detach()) for n, k in keys.items()}
-
-    def capture(self, outside: list[str], ids: torch.Tensor) -> tuple[list, list]:
-        """Block inputs and kwargs of the calibration ids (``capture_block_inputs``), with the tensors outside
-        the blocks read in for the pass and freed after it (not the LM head: the pass stops at the last block)."""
-        model = self.model
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        emb = model.get_input_embeddings()
-        skip = {n for n, p in model.named_parameters(remove_duplicate=False)
-                if head is not None and p is head.weight and p is not emb.weight}
-        names = [n for n in outside if n not in skip]
-        materialize_(model, self.read(names), self.device, complete=False)
-        try:
-            return capture_block_inputs(model, ids, self.cfg.batch_size)
-        finally:
-            release_(model, set(names))
-            trim()
-
-    def copy(self, names: list[str]) -> None:
-        """Write tensors outside the blocks as stored (cast to the written dtype), one at a time."""
-        for name in names:
-            t = self.read([name])[name]
-            check_finite([(name, t)], f"{self.ckpt.path}: weight", "the checkpoint is damaged")
-            self.writer.write(name, t.to(self.specs[name][2]))
+        super().__init__(model, ckpt, specs, writer, cfg.batch_size, device)
+        self.cfg = cfg
 
     def block(self, block: nn.Module, prefix: str, names: list[str], selected: list[str], hidden, kws,
               run: bool, conv1d: bool) -> tuple[list | None, dict]:
@@ -142,12 +65,7 @@ class _Stream:
         rel = [n[len(prefix):] for n in selected]
         hidden, recs = sparsify_block(block, rel, hidden, kws, self.cfg.sparsity, self.cfg, conv1d, run=run,
                                       prefix=prefix)
-        state = block.state_dict(keep_vars=True)
-        for name in names:
-            self.writer.write(name, state[name[len(prefix):]].detach().to(self.specs[name][2]))
-        del state
-        release_(block)  # freed by refcount
-        trim()  # a gc pass (~0.2 s) and malloc_trim: else RSS grows block by block (cycles, glibc keeping the heap)
+        self.write_block(block, prefix, names)
         return hidden, {prefix + n: r for n, r in recs.items()}
 
 
@@ -177,8 +95,8 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
     conv1d = _has_conv1d(model)
     selected = select_linears(model, cfg.targets)
     bpath, blocks = blocks_path(model), decoder_layers(model)
-    specs = _tensors(model, ckpt, DTYPES[written])
-    outside, per_block = _group(specs, bpath, len(blocks))
+    specs = tensor_specs(model, ckpt, DTYPES[written], what="sparsify --stream")
+    outside, per_block = group_by_block(specs, bpath, len(blocks))
     data = cfg.method != "magnitude"
     if data and ids is None:
         raise ValueError(f"sparsify: method {cfg.method} needs calibration ids")
@@ -206,7 +124,7 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
             log.info("sparsify --stream: block %d/%d written", i + 1, len(blocks))
         run.writer.close()
         res.time_s["prune"] = round(time.time() - t_prune, 3)
-        _write_config(model, Path(path).expanduser(), tmp, DTYPES[written])
+        write_config(model, Path(path).expanduser(), tmp, DTYPES[written])
         seal(tmp, tokenizer, recipe)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,20 +132,6 @@ def sparsify_streamed(model: nn.Module, path: str | Path, cfg: SparsifyConfig, o
     res.plan = layer_plan(selected, {i: cfg.sparsity for i in selected}, per_linear, cfg)
     res.time_s["total"] = round(time.time() - t0, 3)
     return res, tmp
-
-
-def _write_config(model: nn.Module, src: Path, tmp: Path, written: torch.dtype) -> None:
-    """``config.json`` as ``save_pretrained`` writes it (the dtype the weights are written in), and the
-    checkpoint's ``generation_config.json`` (else the model's own, for a model that generates)."""
-    model.config.dtype = written
-    model.config.save_pretrained(tmp)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["architectures"] = [type(model).__name__]
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if (src / "generation_config.json").is_file():
-        shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
-    elif model.can_generate() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
 
 
 def run_sparsify_streamed(path: str, tokenizer, cfg: SparsifyConfig, out_dir: str | Path, written: str = "fp32",
