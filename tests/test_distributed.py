@@ -163,3 +163,45 @@ def test_fsdp_launch_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="FSDP is not supported.*zero3.yaml"):
         build_accelerator(TrainConfig(steps=1), tmp_path)
     assert not (Path(__file__).parents[1] / "recipes" / "accelerate" / "fsdp.yaml").exists()
+
+
+@pytest.mark.distributed
+def test_shear_run_two_processes_matches_one(tmp_path, tiny_lm_dir, tiny_text):
+    """``shear run`` under 2 gloo processes: Taylor calibration split over the ranks, the pruned model
+    broadcast from rank 0, rank 0 alone evaluating (original, pruned, final: the other rank waits at the
+    side group's barrier), 2 DDP steps, export; the prune, the evaluations and the exported weights equal
+    those of one process on the same global batch."""
+    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: {tiny_lm_dir}}}\n"
+        f"data: {{source: {text}, seq_len: 16, validation_fraction: 0.1}}\n"
+        "importance: {estimator: taylor_vector, n_samples: 6, seq_len: 16, batch_size: 2}\n"
+        "prune: {target: {ratio: 0.3}, structures: [mlp, heads], allocation: global, round_to: 1}\n"
+        "train: {steps: 2, warmup_steps: 0, lr: 1.0e-3, eval_batches: 1, eval_every: 2, resume: false}\n"
+        f"eval: {{dataset: {text}, seq_len: 16, max_windows: 2, speed: false}}\n"
+        "export: {}\n")
+    runs = {}
+    for n, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"run{n}"
+        launch = [sys.executable] if n == 1 else [
+            ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(_port())]
+        done = subprocess.run([*launch, "-m", "shear", "run", str(recipe), f"train.batch_size={batch}", "-o", str(out)],
+                              env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+        assert ("2 processes: calibration is split over them" in done.stderr) == (n == 2)
+        runs[n] = json.loads((out / "summary.json").read_text()), load_file(str(out / "model" / "model.safetensors"))
+    (s1, w1), (s2, w2) = runs[1], runs[2]
+    assert s2["train"]["processes"] == 2 and s2["stages"] == s1["stages"] == ["prune", "train", "export", "eval"]
+    assert s2["prune"]["params_after"] == s1["prune"]["params_after"] < s1["prune"]["params_before"]
+    assert json.loads((tmp_path / "run2" / "prune" / "plans.json").read_text()) == \
+           json.loads((tmp_path / "run1" / "prune" / "plans.json").read_text())
+    assert set(s2["eval"]) == {"original", "pruned", "final"}
+    for name in ("original", "pruned"):
+        assert s2["eval"][name]["ppl"] == pytest.approx(s1["eval"][name]["ppl"], rel=1e-5)
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
