@@ -205,3 +205,29 @@ def test_shear_run_two_processes_matches_one(tmp_path, tiny_lm_dir, tiny_text):
     assert set(w1) == set(w2)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_shear_run_learned_masks_then_recovery_two_processes(tmp_path, tiny_lm_dir, tiny_text):
+    """Two trainings in one ``shear run`` under 2 processes (learned masks, then recovery): the process group
+    of the run outlives the first one (it used to be destroyed there, and the second Accelerator failed with
+    "Default process group has not been initialized")."""
+    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: {tiny_lm_dir}}}\n"
+        f"data: {{source: {text}, seq_len: 16, validation_fraction: 0.1}}\n"
+        "prune: {target: {ratio: 0.3}, structures: [mlp], round_to: 1, learn: {steps: 2, warmup: 1}}\n"
+        "train: {steps: 2, warmup_steps: 0, batch_size: 2, eval_batches: 1, eval_every: 2, resume: false}\n"
+        "export: {}\n")
+    out = tmp_path / "run"
+    done = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
+                           "-m", "shear", "run", str(recipe), "-o", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == ["prune", "train", "export"] and summary["train"]["processes"] == 2
+    assert summary["prune"]["params_after"] < summary["prune"]["params_before"]
