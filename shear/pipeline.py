@@ -6,6 +6,12 @@ when distill is set; sparsify's zeros are kept) -> export (with sparsify: also O
 a directory belongs to one recipe (shear/rundir.py). A ``--resume`` over a changed recipe writes
 nothing into the directory (recipe, run.json, stage reports) until training has restored its
 checkpoint: a resume that fails leaves the directory describing what is in it.
+
+Under a multi-process launch (``accelerate launch``) the process group starts first and lives for the
+whole run. Calibration is split over the ranks and reduced (shear/distributed.py), so every rank
+prunes to the same plan; the pruned or sparsified model is then broadcast from rank 0, so the ranks
+train from identical weights. Rank 0 alone evaluates and exports; the others wait for its evaluations
+at a barrier with a long timeout (an evaluation of hours does not time out the next collective).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shear import distributed
 from shear.config import Recipe
 from shear.rundir import OnChange, locked, open_run_dir, record_run
 
@@ -102,18 +109,28 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, on_change: OnC
     """Run every stage the recipe names; return a summary (also written to OUTPUT_DIR/summary.json).
 
     A directory that holds a run of another recipe is refused, continued or restarted as
-    ``on_change`` says (see shear/rundir.py). Under a multi-process launch every rank prunes
-    (deterministically, the same plan) and trains; rank 0 alone writes the recipe, the prune report,
-    the export, the evaluation and the summary.
+    ``on_change`` says (see shear/rundir.py). Under a multi-process launch every rank prunes (its
+    share of the calibration, the same plan) and trains; rank 0 alone writes the recipe, the prune
+    report, the export, the evaluation and the summary (module docstring).
     """
+    from shear.train.accel import end_processes, init_processes
+
     run = _Run(recipe, Path(out_dir or recipe.output_dir))
-    with locked(run.out) if run.main else contextlib.nullcontext():  # one command per directory
-        changes = open_run_dir(recipe, run.out, on_change, write=run.main)
-        run.pending = changes if run.main else {}
-        try:
-            return _run_stages(recipe, run)
-        finally:
-            run.discard_staged()
+    started = init_processes()  # before any model work: calibration and training share the group
+    if started and run.main:
+        log.info("%d processes: calibration is split over them; rank 0 evaluates and exports, the others wait",
+                 distributed.world_size()[1])
+    try:
+        with locked(run.out) if run.main else contextlib.nullcontext():  # one command per directory
+            changes = open_run_dir(recipe, run.out, on_change, write=run.main)
+            run.pending = changes if run.main else {}
+            try:
+                return _run_stages(recipe, run)
+            finally:
+                run.discard_staged()
+    finally:
+        if started:
+            end_processes()
 
 
 def _run_stages(recipe: Recipe, run: _Run) -> dict:
@@ -210,12 +227,16 @@ class _Run:
         self._staged = {}
 
     def evaluate_as(self, model, name: str) -> None:
-        """Rank 0 evaluates the model as it is now under ``name`` (when the recipe has an eval section)."""
-        if self.recipe.eval is not None and self.main:
+        """Rank 0 evaluates the model as it is now under ``name`` (when the recipe has an eval section); the
+        other ranks wait for it."""
+        if self.recipe.eval is None:
+            return
+        if self.main:
             from shear.eval.report import evaluate
 
             self.evals[name] = evaluate(model, self.tok, self.recipe.eval, name=f"{name} model ({self.recipe.model.path})")
             log.info("eval %s: %s", name, {k: v for k, v in self.evals[name].items() if not isinstance(v, dict)})
+        distributed.wait_for_main()
 
     def prune(self, model, teacher):
         recipe, summary = self.recipe, self.summary
@@ -234,6 +255,7 @@ class _Run:
         model, self.tok, summary["prune"] = prune_with_vocab(model, self.tok, recipe.prune, recipe.importance,
                                                              self.report_dir("prune"),
                                                              data=recipe.data, teacher=teacher)
+        distributed.broadcast_from_main_(model)  # the same weights on every rank (OBS refits ran on each)
         summary["stages"].append("prune")
         if recipe.train is not None:
             self.evaluate_as(model, "pruned")
@@ -273,6 +295,7 @@ class _Run:
         self.evaluate_as(model, "original")
         model, self.summary["sparsify"] = run_sparsify(model, self.tok, self.recipe.sparsify,
                                                        self.report_dir("sparsify"), data=self.recipe.data)
+        distributed.broadcast_from_main_(model)  # the same zeros on every rank (SparseGPT updates ran on each)
         self.summary["stages"].append("sparsify")
         masks = zero_masks(model, self.summary["sparsify"]["pruned"])  # training keeps these zeros
         if self.recipe.train is not None:

@@ -6,6 +6,8 @@ block in turn runs on the stored inputs with hooks that accumulate per-channel s
 every Linear's input; its outputs replace its inputs. Peak memory = the weights + one block's
 inputs/outputs for the calibration set (``n_samples x seq_len x hidden``) + one batch's
 intermediates. Blocks may sit on different devices (``device_map``): inputs follow the block.
+Under a multi-process launch each rank streams its share of the batches and the sums are all-reduced
+(:mod:`shear.distributed`), so every rank holds the statistics of the whole calibration set.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from shear import distributed
 from shear.importance.criteria import cosine_tokens
 from shear.models import check_finite
 
@@ -222,10 +225,15 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
     """Stream the calibration ids ``[n, L]`` through the blocks, collecting :class:`ActivationStats`.
 
     ``modules``: Linear module names whose inputs to record (None = every Linear in the blocks
-    and the output head).
+    and the output head). Under a process group every rank calls this with the same ``ids`` and runs
+    every W-th batch; the sums are all-reduced at the end.
     """
     names = {m: n for n, m in model.named_modules()}
     stats = ActivationStats()
+    n_batches = math.ceil(ids.shape[0] / batch_size)
+    split = distributed.is_split(n_batches)
+    if split:  # this rank's batches, still split into the same batches by capture_block_inputs
+        ids = torch.cat([ids[i * batch_size:(i + 1) * batch_size] for i in distributed.my_batches(n_batches)])
     hidden, kws = capture_block_inputs(model, ids, batch_size)
     stats.tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
     layers = decoder_layers(model)
@@ -238,6 +246,8 @@ def collect_activation_stats(model: nn.Module, ids: torch.Tensor, batch_size: in
     for i in it:
         calibrate_block(model, i, layers[i], hidden, kws, stats, names, modules, fam)
     _record_head(model, hidden, stats, names, modules)
+    if split:
+        _reduce(stats)
     return stats
 
 
@@ -286,6 +296,24 @@ def calibrate_block(model: nn.Module, i: int, layer: nn.Module, hidden: list, kw
     recorded = {names[m] for m in layer.modules() if names.get(m) in stats.linears}
     check_finite(((n, s.x_sqsum) for n, s in stats.linears.items() if n in recorded),
                  "importance: calibration statistics of the input of", STATS_FIX)
+
+
+def _reduce(stats: ActivationStats) -> None:
+    """Sum every rank's share of ``stats`` (each rank ran at least one batch: the same keys everywhere)."""
+    lin = [stats.linears[k] for k in sorted(stats.linears)]
+    distributed.all_reduce_sum_([t for st in lin for t in (st.x_sum, st.x_sqsum, st.mabs_sq)])
+    sums = [stats.layer_cos, stats.layer_angle, stats.attn_cos, stats.attn_angle, stats.mlp_cos, stats.mlp_angle]
+    flat = [float(st.n) for st in lin] + [float(st.n_samples) for st in lin] + [float(stats.tokens)]
+    flat += [d[i] for d in sums for i in sorted(d)]
+    out = iter(distributed.all_reduce_floats(flat))
+    for st in lin:
+        st.n = int(next(out))
+    for st in lin:
+        st.n_samples = int(next(out))
+    stats.tokens = int(next(out))
+    for d in sums:
+        for i in sorted(d):
+            d[i] = next(out)
 
 
 # What a non-finite calibration statistic means (the weights were checked finite when loaded).

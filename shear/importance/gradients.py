@@ -15,6 +15,11 @@ mean squared distance of the last hidden states to the clean input's, normalised
 square — a reconstruction loss whose gradient is not zero at the dense model. ``g`` is the mean over
 sequences.
 Gradient checkpointing (HF ``gradient_checkpointing_enable``) trades compute for activations.
+
+Under a multi-process launch (a torch.distributed process group) each rank runs every W-th batch and
+the sums are all-reduced (:mod:`shear.distributed`): every rank ends with the statistics of the whole
+calibration set, as one process computes them (up to the order of the float additions). The encoder
+objective's corruption is seeded per batch, so it does not depend on which rank runs the batch.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from shear import distributed
 from shear.analyze.graph import StructureGraph
 from shear.importance.criteria import per_unit
 
@@ -63,7 +69,8 @@ def _fill_unreached(stats: GradientStats, by_param: dict, params: dict) -> None:
 
 
 def objective(model: nn.Module, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The scalar loss the Taylor criteria differentiate (see the module docstring). ``batch``: ``[B, L]``."""
+    """The scalar loss the Taylor criteria differentiate (see the module docstring). ``batch``: ``[B, L]``;
+    ``gen`` draws the encoder objective's corruption."""
     from shear.analyze.families import family_of
 
     fam = family_of(model)
@@ -85,6 +92,8 @@ def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGr
 
     ``element2`` runs one sequence per backward (per-sample gradients, so the Fisher is a mean of
     squares, not the square of a mean). Parameters that are not group members get no gradient.
+    Under a process group each rank runs its share of the batches and the results are all-reduced
+    (module docstring): every rank must call this with the same ``ids``.
     """
     if mode not in ("vector", "element1", "element2"):
         raise ValueError(f"gradient mode: unknown {mode!r}")
@@ -125,21 +134,24 @@ def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGr
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF checkpointing is active in training mode only
     dev = model.get_input_embeddings().weight.device
-    gen = torch.Generator().manual_seed(0)  # the encoder objective's corruption: same plan for a seed
     batches = ids.split(bs)
+    mine = distributed.my_batches(len(batches))
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc=f"gradients ({mode})")
+        mine = tqdm(mine, desc=f"gradients ({mode})")
     try:
-        for batch in batches:
+        for i in mine:
+            batch = batches[i]
             scale["w"] = batch.shape[0] / n_total
-            batch = batch.to(dev)
-            loss = objective(model, batch, gen)
+            gen = torch.Generator().manual_seed(i)  # the encoder objective's corruption of batch i, on any rank
+            loss = objective(model, batch.to(dev), gen)
             loss.backward()
             stats.loss += float(loss.detach()) * scale["w"]
             stats.n_samples += batch.shape[0]
         _fill_unreached(stats, by_param, params)
+        if distributed.is_split(len(batches)):
+            _reduce(stats)
     finally:
         for h in handles:
             h.remove()
@@ -150,3 +162,12 @@ def accumulate_gradients(model: nn.Module, ids: torch.Tensor, graph: StructureGr
             model.gradient_checkpointing_disable()
         model.train(was_training)
     return stats
+
+
+def _reduce(stats: GradientStats) -> None:
+    """Sum every rank's share of ``stats`` (the same keys on every rank, after :func:`_fill_unreached`)."""
+    parts = stats.wg if stats.mode == "vector" else {**{("g", k): v for k, v in stats.grad.items()},
+                                                      **{("f", k): v for k, v in stats.fisher.items()}}
+    distributed.all_reduce_sum_([parts[k] for k in sorted(parts)])
+    stats.loss, n = distributed.all_reduce_floats([stats.loss, stats.n_samples])
+    stats.n_samples = int(n)

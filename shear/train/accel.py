@@ -39,17 +39,66 @@ def refuse_fsdp(env=os.environ) -> None:
                          "ZeRO-3) for sharded training or recipes/accelerate/ddp.yaml")
 
 
+def _process_settings() -> tuple[bool, dict]:
+    """``(cpu, process group kwargs)`` for this launch: what :func:`build_accelerator` and
+    :func:`init_processes` both give accelerate, so the process group is the same whoever starts it."""
+    no_cuda = not torch.cuda.is_available()
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    uses_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = no_cuda and not uses_ds  # cpu=True makes accelerate ignore DeepSpeed; DS picks its CPU backend itself
+    return cpu, ({"backend": "gloo"} if no_cuda and multi else {})
+
+
+#: set while a process group started by :func:`init_processes` (not by an Accelerator) is alive
+_STARTED = {"group": False}
+
+
+def init_processes() -> bool:
+    """Start the process group of a multi-process launch now, before any model work, as the trainer's
+    Accelerator would start it (it then reuses it), plus :mod:`shear.distributed`'s side group.
+    Returns whether it started one (False: one process, or a group exists); the caller ends it with
+    :func:`end_processes`. Until then :func:`end_training` leaves it alive between stages."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    from accelerate.state import PartialState
+
+    from shear import distributed
+
+    refuse_fsdp()
+    PartialState._reset_state()  # a state left by an earlier group in this process would not start a new one
+    cpu, kwargs = _process_settings()
+    PartialState(cpu=cpu, **kwargs)
+    distributed.make_side_group()
+    _STARTED["group"] = True
+    return True
+
+
+def end_processes() -> None:
+    """End the process group :func:`init_processes` started."""
+    if _STARTED["group"] and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _STARTED["group"] = False
+
+
+def end_training(accelerator) -> None:
+    """``accelerator.end_training()`` (trackers finished, process group destroyed), except that a process
+    group :func:`init_processes` started is left alive for the stages after training."""
+    if not _STARTED["group"]:
+        accelerator.end_training()
+        return
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def build_accelerator(cfg, out_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     refuse_fsdp()
     _reset_accelerate_singletons()
-    no_cuda = not torch.cuda.is_available()
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu, pg = _process_settings()
+    handlers = [InitProcessGroupKwargs(**pg)] if pg else []
     uses_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cpu = no_cuda and not uses_ds  # cpu=True makes accelerate ignore DeepSpeed; DS picks its CPU backend itself
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_cuda and multi else []
     trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
     kwargs = {}
     if uses_ds:

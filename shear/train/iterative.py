@@ -79,7 +79,10 @@ def group_scores_from_elements(elem: dict[str, torch.Tensor], groups: list[Group
 def lora_calibration_scores(peft_model, groups: list[Group], ids: torch.Tensor, batch_size: int,
                             aggregation: str = "sum", adapter: str = "default") -> dict[str, torch.Tensor]:
     """Sum over calibration batches of LoRAPrune group scores: forward + backward of the mean CE
-    (only adapter params require grad), ``lora_importance``, aggregate. ``ids``: LongTensor [n, L]."""
+    (only adapter params require grad), ``lora_importance``, aggregate. ``ids``: LongTensor [n, L].
+    Under a process group each rank scores every W-th batch and the sums are all-reduced
+    (:mod:`shear.distributed`)."""
+    from shear import distributed
     from shear.train.loraprune import lora_importance
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -87,8 +90,9 @@ def lora_calibration_scores(peft_model, groups: list[Group], ids: torch.Tensor, 
     peft_model.eval()
     dev = next(peft_model.parameters()).device
     total = None
-    for s in range(0, ids.shape[0], batch_size):
-        x = ids[s: s + batch_size].to(dev)
+    batches = ids.split(batch_size)
+    for i in distributed.my_batches(len(batches)):
+        x = batches[i].to(dev)
         for p in params:
             p.grad = None
         peft_model(input_ids=x, labels=x, use_cache=False).loss.backward()
@@ -97,6 +101,8 @@ def lora_calibration_scores(peft_model, groups: list[Group], ids: torch.Tensor, 
     for p in params:
         p.grad = None
     peft_model.train(was_training)
+    if distributed.is_split(len(batches)):
+        distributed.all_reduce_sum_([total[k] for k in sorted(total)])
     return total
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .accel import build_accelerator, is_deepspeed, prepare
+from .accel import build_accelerator, end_training, is_deepspeed, prepare
 from .checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import StepSampler, collate, local_micro_batches
@@ -275,7 +275,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     for (name, attr), value in own_dropout.items():
         if name in mods and hasattr(mods[name], attr):
             setattr(mods[name], attr, value)
-    accelerator.end_training()
+    end_training(accelerator)
     metrics = {"final_train_loss": last_loss, "eval": state["eval"],
                "final_val_ppl": state["eval"][-1]["val_ppl"] if state["eval"] else None,
                "tokens_per_s": tokens_done / train_time if train_time else None,
@@ -351,7 +351,7 @@ def _stop_if_nonfinite(accelerator, loss: torch.Tensor, step: int, ckpt_root: Pa
         bad = accelerator.reduce(bad, "sum")
     if bad.item() > 0:
         good = latest_checkpoint(ckpt_root)
-        accelerator.end_training()
+        end_training(accelerator)
         raise FloatingPointError(
             f"non-finite training loss ({loss.item()}) at step {step + 1}; stopped before backward, the "
             f"weights are those after step {step}. Last good checkpoint: {good if good else 'none'}. "
