@@ -71,3 +71,20 @@ def test_layer_map():
     assert resolve_layer_map(2, 4, [1, 4]) == [(1, 1), (2, 4)]
     with pytest.raises(ValueError, match="layer_map"):
         resolve_layer_map(2, 4, [1, 2, 3])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3_text", "phi3", "gpt_neox", "bert"])
+def test_teacher_final_states_alone_equal_the_last_of_every_layer(family):
+    """Logit / embedding KD reads only the teacher's final hidden states: taken from the base model alone they
+    are the last of the tuple of every layer's (the final norm applied), bit for bit."""
+    from families import family_model
+    from shear.train.student import teacher_hidden_states
+
+    torch.manual_seed(0)
+    model = family_model(family)
+    ids = torch.randint(0, 100, (2, 10))
+    mask = torch.ones_like(ids) if family == "bert" else None
+    every = teacher_hidden_states(model, ids, mask)
+    final = teacher_hidden_states(model, ids, mask, every_layer=False)
+    assert len(final) == 1 and len(every) > 2
+    assert torch.equal(final[-1], every[-1])

@@ -151,10 +151,15 @@ class LossModule(nn.Module):
 
 
 @torch.no_grad()
-def teacher_hidden_states(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+def teacher_hidden_states(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          every_layer: bool = True):
     """Teacher forward without logits: a tuple of [B, L, Ht] (index 0 = embeddings, -1 = final norm).
-    attention_mask [B, L]: passed only when given (encoders, see attention_mask_for)."""
-    if attention_mask is not None:
-        return teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
-    kw = {"logits_to_keep": input_ids.new_zeros(0)} if supports_logits_to_keep(teacher) else {}
-    return teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True, **kw).hidden_states
+    attention_mask [B, L]: passed only when given (encoders, see attention_mask_for). ``every_layer`` False:
+    only what logit / embedding KD reads, ``(final hidden states,)`` from the base model (no tuple of every
+    layer's states kept alive through the step: 33 x [B, L, H] for an 8B teacher)."""
+    kw = {"attention_mask": attention_mask} if attention_mask is not None else {"use_cache": False}
+    if not every_layer:
+        return (teacher.base_model(input_ids=input_ids, **kw).last_hidden_state,)
+    if attention_mask is None and supports_logits_to_keep(teacher):
+        kw["logits_to_keep"] = input_ids.new_zeros(0)
+    return teacher(input_ids=input_ids, output_hidden_states=True, **kw).hidden_states

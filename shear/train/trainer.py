@@ -180,6 +180,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
         model = apply_lora(model, cfg.lora)
     teacher = _prepare_teacher(teacher, distill, accelerator.device)
     module = LossModule(model, distill, teacher, shearing=shearing)
+    every_layer = bool(module.pairs)  # the teacher's hidden states of every layer only for hidden-state KD
     module.train()
     optimizer = build_optimizer(module, cfg, shearing.param_groups() if shearing is not None else ())
     scheduler = build_scheduler(optimizer, cfg)
@@ -229,7 +230,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
             if shearing is not None:
                 shearing.step = step
             sums, grad_norm = _train_step(accelerator, module, optimizer, scheduler, keeper, batches, cfg, step, ckpt_root,
-                                          teacher if distill is not None else None, clip_params)
+                                          teacher if distill is not None else None, clip_params, every_layer)
             loss = sums[0].item()
             state["step"] = step = step + 1
             train_time += time.time() - t0
@@ -295,7 +296,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
 
 
 def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list[dict], cfg: TrainConfig, step: int,
-                ckpt_root: Path, teacher, clip_params=None) -> tuple[torch.Tensor, object]:
+                ckpt_root: Path, teacher, clip_params=None, every_layer: bool = True) -> tuple[torch.Tensor, object]:
     """One optimizer step over this rank's micro-batches; returns (token-mean [loss, ce, kd, hidden],
     then the Lagrangian of learned masks (0 without), grad norm of ``clip_params`` (default: all)).
 
@@ -314,8 +315,8 @@ def _train_step(accelerator, module, optimizer, scheduler, keeper, batches: list
     for b in batches:
         with accelerator.accumulate(module):
             with accelerator.autocast():
-                t_hidden = teacher_hidden_states(teacher, b["input_ids"], attention_mask_for(teacher, b["labels"])) \
-                    if teacher is not None else None
+                t_hidden = teacher_hidden_states(teacher, b["input_ids"], attention_mask_for(teacher, b["labels"]),
+                                                 every_layer) if teacher is not None else None
                 out = module(b["input_ids"], b["labels"], t_hidden)
             _stop_if_nonfinite(accelerator, out["loss"], step, ckpt_root)  # before backward: DeepSpeed steps in it
             loss = out["loss"] * scale
