@@ -45,6 +45,8 @@ def match_llama(model: nn.Module) -> tuple[Family | None, str]:
                      "sliced as llama", getattr(model.config, "model_type", None))
         except _Misfit as e:
             hit = (None, str(e))
+        except AttributeError as e:  # not built like a transformers PreTrainedModel
+            hit = (None, f"{type(model).__name__}: {e}")
         _CACHE[model] = hit
     return hit
 
@@ -66,10 +68,11 @@ def _check(model: nn.Module) -> Family:
     if not isinstance(emb, nn.Embedding) or emb is not model.get_input_embeddings():
         raise _Misfit(f"{prefix}embed_tokens: not the input embedding")
     d = emb.weight.shape[1]
-    kinds: dict[type, str | None] = {}
+    kinds: dict[type, bool] = {}
     _norm(base, "norm", prefix, d, cfg, kinds)
     head = model.get_output_embeddings()
-    known = {id(p) for p in (emb.weight, base.norm.weight, getattr(head, "weight", None)) if p is not None}
+    known = {id(p) for p in (emb.weight, getattr(base.norm, "weight", None), getattr(head, "weight", None))
+             if p is not None}
     for n, p in model.named_parameters():
         if id(p) not in known and not n.startswith(f"{prefix}layers."):
             raise _Misfit(f"{n.rpartition('.')[0]}: not part of the llama template")
