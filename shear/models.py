@@ -227,6 +227,9 @@ def load_model(path: str, dtype: str = "fp32", device: str | None = None, trust_
                 raise
             raise ValueError(f"{path}: config.json does not describe the weights (tensor shapes differ); fix its "
                              "sizes (`shear analyze DIR` names the first tensor that differs)") from None
+    from shear.multimodal import text_only
+
+    model = text_only(model)  # Gemma 3 vision-language checkpoints: the language model, as a causal LM
     if device:
         model.to(device)
     from shear.memory import trim

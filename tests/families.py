@@ -1,7 +1,24 @@
-"""Tiny in-process models of every family shear analyzes (2 layers, hidden 64, 4 heads of 16)."""
+"""Tiny in-process models of every family shear analyzes (2 layers, hidden 64, 4 heads of 16).
+
+``mytestllama`` is a model_type no family lists (a Llama registered under a new name, on import of this
+module: a fresh process that reloads its exports imports it too); shear recognises it by structure."""
 from __future__ import annotations
 
 import torch
+import transformers
+
+
+class MyTestLlamaConfig(transformers.LlamaConfig):
+    model_type = "mytestllama"
+
+
+class MyTestLlamaForCausalLM(transformers.LlamaForCausalLM):
+    config_class = MyTestLlamaConfig
+
+
+transformers.AutoConfig.register("mytestllama", MyTestLlamaConfig, exist_ok=True)
+transformers.AutoModelForCausalLM.register(MyTestLlamaConfig, MyTestLlamaForCausalLM, exist_ok=True)
+LOCAL = {c.__name__: c for c in (MyTestLlamaConfig, MyTestLlamaForCausalLM)}
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128, use_cache=False)
@@ -9,6 +26,7 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
 #: family -> (config class, model class, config kwargs)
 FAMILY_CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, tie_word_embeddings=False)),
+    "mytestllama": ("MyTestLlamaConfig", "MyTestLlamaForCausalLM", dict(COMMON, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(COMMON, sliding_window=64)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(COMMON)),  # q/k/v biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(COMMON, tie_word_embeddings=False)),  # q/k norms
@@ -35,6 +53,10 @@ FAMILY_CONFIGS = {
                                                 num_hidden_layers=2, num_attention_heads=4, partial_rotary_factor=0.5,
                                                 max_position_embeddings=128, use_cache=False, bos_token_id=0,
                                                 eos_token_id=0)),
+    "falcon": ("FalconConfig", "FalconForCausalLM",  # new_decoder_architecture: fused qkv by KV group, parallel
+               dict(vocab_size=128, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_kv_heads=2, new_decoder_architecture=True, max_position_embeddings=128, use_cache=False,
+                    bos_token_id=0, eos_token_id=0)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict({k: v for k, v in COMMON.items() if k != "head_dim"},
                                                    pad_token_id=0, bos_token_id=0, eos_token_id=0)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=96,
@@ -47,24 +69,26 @@ FAMILY_CONFIGS = {
                                              max_position_embeddings=128)),
 }
 FAMILIES = tuple(FAMILY_CONFIGS)
-GQA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite", "smollm3",
+GQA = ("llama", "mytestllama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite", "smollm3",
        "cohere", "starcoder2", "phi3")
-PRENORM = tuple(f for f in FAMILIES if f != "bert")
+PRENORM = tuple(f for f in FAMILIES if f not in ("bert", "falcon"))
+#: the structures of a family whose others are refused (shear.analyze.families.Family.refused)
+STRUCTURES = {"falcon": ("mlp", "layers")}
+
+
+def _cls(name: str):
+    return LOCAL.get(name) or getattr(transformers, name)
 
 
 def family_config(family: str, **over):
-    import transformers
-
     cfg_cls, _, kw = FAMILY_CONFIGS[family]
-    return getattr(transformers, cfg_cls)(**dict(kw, **over))
+    return _cls(cfg_cls)(**dict(kw, **over))
 
 
 def family_model(family: str, std: float = 0.2, **over):
     """A tiny model in eval mode, fp32, every parameter drawn from N(0, std) (norms included, so
     zeroing or slicing a unit can never pass by accident)."""
-    import transformers
-
-    model = getattr(transformers, FAMILY_CONFIGS[family][1])(family_config(family, **over))
+    model = _cls(FAMILY_CONFIGS[family][1])(family_config(family, **over))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from families import FAMILIES, GQA, family_model, outputs
+from families import FAMILIES, GQA, STRUCTURES, family_model, outputs
 from shear.importance import ESTIMATORS
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
@@ -41,19 +41,37 @@ def test_every_registered_estimator_is_in_the_matrix():
 #: families whose full estimator cross-product runs only under ``-m slow`` (CI time): estimators see
 #: groups, not families, so the default run gives each of them one estimator per structure (REPRESENTATIVE)
 #: with the same export / fresh-process reload invariants.
-LIGHT = ("olmo2", "granite", "smollm3", "cohere", "starcoder2", "gpt_neox", "phi")
+LIGHT = ("mytestllama", "olmo2", "granite", "smollm3", "cohere", "starcoder2", "gpt_neox", "phi", "falcon")
 
 
 def representative(fam):
     """One estimator per structure; the allocations alternate so both exports (stock, per-layer) run."""
+    yield from _supported(fam, _representative(fam))
+
+
+def _representative(fam):
     yield from (("flap", "heads", "uniform"), ("flap", "mlp", "global"), ("flap", "hidden", "uniform"))
     if fam in GQA:
         yield "flap", "heads_q", "global"
     yield "block_influence", "layers", "global"
     yield "obs", "default", "balanced"  # shear prune's default
+    if fam in STRUCTURES:  # both exports of what the family supports
+        yield "flap", "mlp", "uniform"
+
+
+def _supported(fam, todo):
+    """The cases whose structures the family supports (the others are refused: tests/test_slice_families.py)."""
+    allowed = STRUCTURES.get(fam)
+    for est, struct, alloc in todo:
+        if allowed is None or set({"heads_q": ["heads"], "default": ["heads", "mlp"]}.get(struct, [struct])) <= set(allowed):
+            yield est, struct, alloc
 
 
 def cases(fam):
+    yield from _supported(fam, _cases(fam))
+
+
+def _cases(fam):
     for est in WIDTH_ESTIMATORS:
         for struct in ("heads", "mlp", "hidden") + (("heads_q",) if fam in GQA else ()):
             if struct == "hidden" and "hidden" not in ESTIMATORS[est].kinds:
@@ -93,6 +111,8 @@ RELOAD = textwrap.dedent("""
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM
     root = sys.argv[1]
+    sys.path.insert(0, sys.argv[2])
+    import families  # registers the model_type no family lists (mytestllama), as its user would
     cases = json.load(open(root + "/cases.json"))
     ids = load_file(root + "/ids.safetensors")["ids"]
     bad = []
@@ -170,8 +190,8 @@ def _run_matrix(todo, tmp_path, caplog):
     (tmp_path / "cases.json").write_text(json.dumps(records))
     save_file({"ids": IDS}, str(tmp_path / "ids.safetensors"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path), os.path.dirname(__file__)], capture_output=True,
+                       text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     names = {c["dir"]: c["name"] for c in records}
     problems += [(names[d], why) for d, why in json.loads((tmp_path / "reload.json").read_text())]

@@ -61,15 +61,16 @@ def test_lora_training_changes_only_adapted_weights(tmp_path):
 # projections per block: fused qkv (Phi-3, GPT-2) and gate_up (Phi-3) count once; GPT-2's c_proj twice
 PROJECTIONS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "gemma2": 7, "gemma3_text": 7,
                          "olmo2": 7, "granite": 7, "smollm3": 7, "cohere": 7, "starcoder2": 6, "gpt_neox": 4, "phi": 6,
-                         "phi3": 4, "gpt2": 4, "opt": 6, "bert": 6}
+                         "phi3": 4, "gpt2": 4, "opt": 6, "bert": 6, "mytestllama": 7,
+                         "falcon": 4}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_targets_adapt_every_projection_of_every_family(family):
-    from shear.analyze.families import FAMILIES as FAMS
+    from shear.analyze.families import family_of
 
     model = family_model(family)
-    fam, n_layers = FAMS[family], model.config.num_hidden_layers
+    fam, n_layers = family_of(model), model.config.num_hidden_layers  # mytestllama: the llama entry, by structure
     peft_model = apply_lora(model, LoraConfig(r=2))
     got = _lora_modules(peft_model)
     assert len(got) == PROJECTIONS_PER_BLOCK[family] * n_layers, got

@@ -140,26 +140,37 @@ def test_phi_qk_layernorm_is_shared_by_heads_and_exports_per_layer(tmp_path):
     assert not stock and cfg["model_type"] == "shear_phi"
 
 
-@pytest.mark.parametrize("layout", [dict(new_decoder_architecture=True, num_kv_heads=2),
-                                    dict(multi_query=True, parallel_attn=True)])
-def test_falcon_has_no_entry_mlp_and_layers_through_the_fallback(tmp_path, layout):
-    """Falcon (three fused q/k/v layouts, alibi or rotary, config-dependent norms) has no family entry: the
-    torch-pruning fallback slices MLP channels and whole layers (the tied LM head counted once), and the
-    export reloads exactly; hidden channels are refused by name."""
-    import transformers
-
+@pytest.mark.parametrize("layout", [dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+                                    dict(multi_query=True, parallel_attn=True),
+                                    dict(multi_query=False, parallel_attn=False, num_kv_heads=4, alibi=True, bias=True)])
+def test_falcon_slices_mlp_and_layers_and_refuses_heads_and_hidden(tmp_path, layout):
+    """Falcon in its other layouts (the family matrix runs new_decoder_architecture with two norms): one norm
+    feeding a parallel block; multi-query [q; k; v]; sequential per-head q/k/v with ALiBi and biases. MLP
+    channels and whole layers slice as zeroing them and reload exactly (the tied LM head counted once);
+    heads and hidden are refused in one line each (head_dim = hidden // heads in its code), by the
+    pipeline and by a plan."""
+    from shear.analyze import analyze
     from shear.prune.config import ImportanceConfig, PruneConfig
     from shear.prune.pipeline import run_prune
 
-    cfg = transformers.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    use_cache=False, bos_token_id=0, eos_token_id=0, **layout)
+    model = family_model("falcon", **{"new_decoder_architecture": False, **layout})
+    kinds = {g.kind for g in analyze(model).groups}
+    assert kinds == {"mlp_channel", "hidden", "layer"}  # no sublayers: which norm feeds which depends on the config
+    plan = PrunePlan({"layers.0.mlp_channel": [1, 5], "layers.1.layer": [0]})
+    masked = mask_(copy.deepcopy(model), plan)
+    prune_(model, plan)
+    torch.testing.assert_close(outputs(model, IDS), outputs(masked, IDS), atol=2e-5, rtol=1e-4)
+    _reload(model, tmp_path / "plan")
     calib = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
-    icfg = ImportanceConfig(n_samples=8, seq_len=16, estimator="magnitude_l1")
-    torch.manual_seed(0)
-    model, _, rep = run_prune(transformers.FalconForCausalLM(cfg).eval(), None,
+    icfg = ImportanceConfig(n_samples=8, seq_len=16, estimator="flap")
+    model, _, rep = run_prune(family_model("falcon", **{"new_decoder_architecture": False, **layout}), None,
                               PruneConfig(target={"ratio": 0.2}, structures=["mlp", "layers"]), icfg, ids=calib)
     assert rep["removed_ratio"] >= 0.2
     _reload(model, tmp_path / "o")
-    with pytest.raises(ValueError, match="hidden: 'falcon' has no family entry"):
-        run_prune(transformers.FalconForCausalLM(cfg).eval(), None,
-                  PruneConfig(target={"ratio": 0.2}, structures=["hidden"]), icfg, ids=calib)
+    for struct in ("heads", "hidden"):
+        with pytest.raises(ValueError, match=f"^prune.structures: {struct}: falcon derives head_dim from "
+                                             r"hidden_size // num_attention_heads[^\n]*: prune mlp and layers$"):
+            run_prune(family_model("falcon", **layout), None, PruneConfig(target={"ratio": 0.2}, structures=[struct]),
+                      icfg, ids=calib)
+    with pytest.raises(ValueError, match="^group 'hidden': falcon derives head_dim"):
+        prune_(family_model("falcon", **layout), PrunePlan({"hidden": [3]}))

@@ -86,24 +86,24 @@ def test_gemma3_sparsified_by_structure_reloads_identically(tmp_path, no_gemma3_
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []
 
 
-def test_an_unknown_model_type_matches_the_family_path_bit_for_bit():
-    """A Llama registered under a new model_type is found by structure; Wanda and SparseGPT give it
-    exactly the weights they give the same Llama through the family table."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize("by_structure", [True, False])
+def test_an_unknown_model_type_matches_the_family_path_bit_for_bit(by_structure, monkeypatch):
+    """A Llama registered under a new model_type (tests/families.py) is found by structure, as the llama
+    template (shear.analyze.structure) or, with that match disabled, as bare decoder blocks; Wanda and
+    SparseGPT give it exactly the weights they give the same Llama through the family table."""
+    from transformers import AutoModelForCausalLM
 
-    class MyTestLlamaConfig(LlamaConfig):
-        model_type = "mytestllama"
+    from families import MyTestLlamaConfig, MyTestLlamaForCausalLM
+    from shear.analyze import structure
 
-    class MyTestLlamaForCausalLM(LlamaForCausalLM):
-        config_class = MyTestLlamaConfig
-
-    AutoConfig.register("mytestllama", MyTestLlamaConfig, exist_ok=True)
-    AutoModelForCausalLM.register(MyTestLlamaConfig, MyTestLlamaForCausalLM, exist_ok=True)
+    if not by_structure:
+        monkeypatch.setattr(structure, "match_llama", lambda model: (None, "disabled"))
     for method in ("wanda", "sparsegpt"):
         ref = family_model("llama")
         cfg = MyTestLlamaConfig(**{k: v for k, v in ref.config.to_dict().items() if k != "model_type"})
         mine = AutoModelForCausalLM.from_config(cfg).eval()
-        assert type(mine) is MyTestLlamaForCausalLM and fams.family_of(mine) is None
+        assert type(mine) is MyTestLlamaForCausalLM and "mytestllama" not in fams.FAMILIES
+        assert (fams.family_of(mine) is not None) == by_structure
         mine.load_state_dict(ref.state_dict())
         scfg = SparsifyConfig(method=method, sparsity=0.5, batch_size=2)
         got, want = sparsify_(mine, scfg, CALIB), sparsify_(ref, scfg, CALIB)

@@ -14,7 +14,8 @@ def analyze(model: nn.Module, heads: str = "kv_group") -> StructureGraph:
     """The coupled groups of ``model`` (any device, ``meta`` included).
 
     Args:
-        model: a transformers model of a supported family (``shear.analyze.families.FAMILIES``);
+        model: a transformers model of a supported family (``shear.analyze.families.FAMILIES``, or an
+            unlisted ``model_type`` whose modules fit the llama template: ``shear.analyze.structure``);
             other architectures go through torch-pruning's DependencyGraph (real weights only).
         heads: ``"kv_group"`` (GQA: whole KV groups; MHA: heads) or ``"query_head"`` (GQA: the j-th
             query head of every KV group, keeping every KV head; MHA: heads).
@@ -26,7 +27,16 @@ def analyze(model: nn.Module, heads: str = "kv_group") -> StructureGraph:
         return build_graph(model, fam, heads)
     from shear.analyze.fallback import analyze_with_torch_pruning
 
-    return analyze_with_torch_pruning(model, heads)
+    graph = analyze_with_torch_pruning(model, heads)
+    graph.meta["misfit"] = misfit(model)
+    return graph
+
+
+def misfit(model: nn.Module) -> str:
+    """Why a model of an unlisted ``model_type`` is not analyzed as llama: the first module that does not fit."""
+    from shear.analyze.structure import match_llama
+
+    return match_llama(model)[1]
 
 
 def analyze_path(path: str | Path, heads: str = "kv_group", trust_remote_code: bool = False) -> StructureGraph:
@@ -36,6 +46,6 @@ def analyze_path(path: str | Path, heads: str = "kv_group", trust_remote_code: b
     check_config_sizes(Path(path), model)
     if family_of(model) is None:
         raise ValueError(f"{path}: model_type {model.config.model_type!r} is not one of the families analyzed "
-                         f"on the meta device ({sorted(FAMILIES)}); load it with weights to use the "
-                         "torch-pruning fallback")
+                         f"on the meta device ({sorted(FAMILIES)}) nor Llama-shaped ({misfit(model)}); load it "
+                         "with weights to use the torch-pruning fallback")
     return analyze(model, heads)

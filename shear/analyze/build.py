@@ -242,9 +242,10 @@ def build_graph(model: nn.Module, fam: Family, heads: str = "kv_group") -> Struc
     if layers is None:
         raise ValueError(f"{fam.name}: no module {fam.layers!r} (unsupported variant of the family)")
     paths = [f"{fam.layers}.{i}" for i in range(len(layers))]
+    refused = dict(fam.refused)
     groups: list[Group] = []
     for i, lp in enumerate(paths):
-        groups += _attn_groups(c, i, lp, heads) + _mlp_group(c, i, lp)
+        groups += ([] if "heads" in refused else _attn_groups(c, i, lp, heads)) + _mlp_group(c, i, lp)
     groups.append(_hidden_group(c, paths))
     for i, lp in enumerate(paths):
         groups += _depth_groups(c, i, lp)
@@ -256,7 +257,7 @@ def build_graph(model: nn.Module, fam: Family, heads: str = "kv_group") -> Struc
     total_params = sum(p.numel() for p in model.parameters())
     total_macs = sum(m.weight.numel() for m in model.modules() if _is_matmul(m))
     return StructureGraph(fam.name, groups, total_params, total_macs,
-                          meta={"heads": heads, "num_layers": len(paths), "prefix": c.prefix,
+                          meta={"heads": heads, "num_layers": len(paths), "prefix": c.prefix, "refused": refused,
                                 "layers": c.prefix + fam.layers, "shapes": shapes_of(params)})
 
 

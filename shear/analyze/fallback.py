@@ -145,5 +145,8 @@ def analyze_with_torch_pruning(model: nn.Module, heads: str = "kv_group") -> Str
     return StructureGraph(f"torch_pruning:{model.config.model_type}", groups,
                           sum(p.numel() for p in model.parameters()), total_macs,
                           meta={"heads": heads, "num_layers": len(blocks), "layers": bname,
+                                "refused": {"hidden": f"{model.config.model_type!r} has no family entry "
+                                                      "(shear.analyze.families); the torch-pruning fallback "
+                                                      "slices MLP channels and layers only"},
                                 "skipped_attention": skipped, "shapes": shapes_of(params),
                                 "note": "attention heads are not analyzed by the torch-pruning fallback"})

@@ -49,6 +49,8 @@ class Family:
         causal: a decoder trained on next-token prediction (False: encoders such as BERT).
         hidden_per_head: the stock config rejects a hidden size that is not a multiple of the head
             count (Llama, Gemma2 validate it): uniform hidden plans round to it to stay stock.
+        refused: structures (``heads``, ``hidden``) the stock code cannot express, each with the reason: no
+            head groups are built, and a target or plan naming the structure is refused with that line.
     """
 
     name: str
@@ -85,6 +87,7 @@ class Family:
     bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
     causal: bool = True
     hidden_per_head: bool = False
+    refused: tuple[tuple[str, str], ...] = ()
 
     @property
     def mlp_out(self) -> str:
@@ -162,6 +165,24 @@ FAMILIES: dict[str, Family] = {
                   attn="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                   o="self_attn.dense", fc1="mlp.fc1", fc2="mlp.fc2", attn_norms=(), mlp_norms=(),
                   block_norms=("input_layernorm",), norm="ln"),
+    # Falcon: fused query_key_value in three layouts (new_decoder_architecture: [kv, queries + k + v, head_dim];
+    # multi_query: [q; k; v] with one KV head; else [head, (q, k, v), head_dim]), parallel or sequential
+    # blocks with one or two LayerNorms by config, rotary or ALiBi. Its code derives head_dim from
+    # hidden_size // num_attention_heads (and config.head_dim is a read-only property feeding the rotary
+    # table), so no head or hidden slicing can be written back: both are refused. MLP channels and whole
+    # blocks slice exactly; no sublayer groups (which norm feeds which sublayer depends on the config).
+    "falcon": Family("falcon", layers="h", embeds=("word_embeddings",), final_norms=("ln_f",), attn="self_attention",
+                     qkv="self_attention.query_key_value", o="self_attention.dense", fc1="mlp.dense_h_to_4h",
+                     fc2="mlp.dense_4h_to_h", attn_norms=(), mlp_norms=(), norm="ln", prenorm=False,
+                     block_norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
+                     attn_style="falcon",
+                     bias_flags=(("bias", ("self_attention.query_key_value", "self_attention.dense",
+                                           "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),),
+                     cfg=("num_attention_heads", "num_kv_heads", "ffn_hidden_size", "hidden_size", "num_hidden_layers"),
+                     refused=(("heads", "falcon derives head_dim from hidden_size // num_attention_heads (a read-only "
+                                        "config property feeding its rotary table): prune mlp and layers"),
+                              ("hidden", "falcon derives head_dim from hidden_size // num_attention_heads: prune mlp "
+                                         "and layers"))),
     "phi3": Family("phi3", layers="layers", embeds=("embed_tokens",), final_norms=("norm",), attn="self_attn",
                    qkv="self_attn.qkv_proj", o="self_attn.o_proj", gate_up="mlp.gate_up_proj",
                    down="mlp.down_proj", attn_style="phi3"),
@@ -217,8 +238,14 @@ def stock_model_type(model_type: str | None) -> str | None:
 
 
 def family_of(model) -> Family | None:
-    """The :class:`Family` of a transformers model (by ``config.model_type``), or None."""
-    return FAMILIES.get(stock_model_type(getattr(model.config, "model_type", None)))
+    """The :class:`Family` of a transformers model: by ``config.model_type``, else by structure (an unlisted
+    Llama-shaped model gets the llama entry: :func:`shear.analyze.structure.match_llama`), or None."""
+    fam = FAMILIES.get(stock_model_type(getattr(model.config, "model_type", None)))
+    if fam is not None or not callable(getattr(model, "get_input_embeddings", None)):
+        return fam
+    from shear.analyze.structure import match_llama
+
+    return match_llama(model)[0]
 
 
 def head_dim_of(fam: Family, attn, config) -> int:

@@ -36,8 +36,22 @@ _CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size
 
 
 def stock_class(model: nn.Module) -> type:
-    """The transformers class a (possibly ``Shear``-wrapped) model is built from."""
-    for cls in type(model).__mro__:
+    """The class an export names, for a (possibly ``Shear``-wrapped) model: the first of its classes that an
+    Auto class maps its config to (a ``model_type`` registered with the Auto classes keeps its own class),
+    else the first transformers class."""
+    import transformers
+
+    from shear.models import AUTO_CLASSES
+
+    mro = [c for c in type(model).__mro__ if not modeling_pruned.is_wrapper(c)]
+    for cls in mro:
+        for auto in AUTO_CLASSES:
+            try:
+                if getattr(transformers, auto)._model_mapping[cls.config_class] is cls:
+                    return cls
+            except (KeyError, AttributeError):
+                continue
+    for cls in mro:
         if cls.__module__.startswith("transformers."):
             return cls
     raise ValueError(f"{type(model).__name__}: not a transformers model")

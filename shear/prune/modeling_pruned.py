@@ -110,8 +110,25 @@ def pruned_class(base: type) -> type:
     return _CLASSES[name]
 
 
+def is_wrapper(cls: type) -> bool:
+    """A ``Shear<base>`` class made here (also from the copy beside an export)."""
+    return cls.__name__.startswith("Shear") and cls.__module__.rpartition(".")[2] in (
+        "modeling_pruned", "modeling_shear_pruned")
+
+
+def _registered(name: str) -> type | None:
+    """A config or model class registered with the Auto classes (a ``model_type`` transformers does not
+    ship), by class name."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    found = list(CONFIG_MAPPING._extra_content.values())
+    for auto in ("AutoModelForCausalLM", "AutoModel", "AutoModelForMaskedLM"):
+        found += list(getattr(transformers, auto)._model_mapping._extra_content.values())
+    return next((c for c in found if isinstance(c, type) and c.__name__ == name), None)
+
+
 def __getattr__(name: str):
-    base = getattr(transformers, name[5:], None) if name.startswith("Shear") else None
+    base = (getattr(transformers, name[5:], None) or _registered(name[5:])) if name.startswith("Shear") else None
     if isinstance(base, type) and issubclass(base, transformers.PretrainedConfig):
         return pruned_config_class(base)
     if isinstance(base, type):

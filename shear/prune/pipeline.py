@@ -184,10 +184,10 @@ def _run_prune(model, tokenizer, cfg, icfg, out_dir, recipe, export_dir, ids, da
     t0 = time.time()
     with PeakMemory() as mem:
         graph = analyze(model, heads=cfg.heads)
-        if graph.family.startswith("torch_pruning:") and "hidden" in (*cfg.structures, *cfg.structure_ratios):
-            raise ValueError(f"prune.structures: hidden: {graph.family.split(':', 1)[1]!r} has no family entry "
-                             "(shear.analyze.families); the torch-pruning fallback slices MLP channels and "
-                             "layers only")
+        refused = graph.meta.get("refused", {})
+        for s in (*cfg.structures, *cfg.structure_ratios):
+            if s in refused:
+                raise ValueError(f"prune.structures: {s}: {refused[s]}")
         before_w, p0, macs0 = layer_widths(graph), graph.total_params, graph.total_macs
         if ids is None and needs_data(icfg, kinds_needed(cfg)):
             from shear.data.calibration import calibration_for

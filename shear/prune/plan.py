@@ -341,7 +341,8 @@ def build_plan(graph: StructureGraph, scores: dict[str, torch.Tensor], cfg, shap
             logging.getLogger("shear").warning(
                 "prune.structures: the analysis found no %s groups in this model%s, so they are not pruned; "
                 "the target is met with %s", "/".join(missing),
-                " (no family entry: the generic analyzer does not group attention heads)"
+                " (no family entry: the generic analyzer does not group attention heads; not Llama-shaped: "
+                f"{graph.meta.get('misfit') or 'unknown'})"
                 if graph.meta.get("skipped_attention") else "", "/".join(free) or "nothing")
             meta["structures_not_found"] = missing
         pooled = [s for s in free if s in ("heads", "mlp")] if cfg.allocation == "pool" else []

@@ -54,6 +54,8 @@ def validate(plan: PrunePlan, graph: StructureGraph, model: nn.Module | None = N
             raise ValueError(f"group {name!r}: not in the structure graph (kinds here: "
                              f"{sorted({g.kind for g in graph.groups})})")
         g = names[name]
+        if g.kind == "hidden" and units and "hidden" in graph.meta.get("refused", {}):
+            raise ValueError(f"group 'hidden': {graph.meta['refused']['hidden']}")
         for m in g.members if params else []:
             have = tuple(params[m.param].shape) if m.param in params else None
             if have != shapes.get(m.param, have):
