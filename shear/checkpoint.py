@@ -69,8 +69,10 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self.meta[key][1]
 
-    def read(self, keys) -> dict[str, torch.Tensor]:
-        """``{key: tensor}`` as stored (dtype unchanged), each shard opened once and closed after."""
+    def read(self, keys, dtypes: dict | None = None) -> dict[str, torch.Tensor]:
+        """``{key: tensor}``, each shard opened once and closed after: as stored, or (``dtypes``: ``{key: dtype}``)
+        a floating tensor cast to its dtype while it is read, a slice of rows at a time, so the stored and the
+        cast copy are never both whole in memory (an 8B model's embeddings: 1 GB in bf16, 2.1 GB in fp32)."""
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
@@ -80,7 +82,11 @@ class Checkpoint:
         for name, ks in by_file.items():
             with safe_open(str(self.path / name), framework="pt") as f:
                 for k in ks:
-                    out[k] = f.get_tensor(k)
+                    want = (dtypes or {}).get(k)
+                    if want is None or want == self.dtype(k) or not (want.is_floating_point and self.dtype(k).is_floating_point):
+                        out[k] = f.get_tensor(k)
+                    else:
+                        out[k] = _read_cast(f, k, self.shape(k), want)
         return out
 
     def key_for(self, model: nn.Module, name: str) -> str | None:
@@ -94,6 +100,19 @@ class Checkpoint:
         elif prefix:
             cands.append(f"{prefix}.{name}")
         return next((c for c in cands if c in self.files), None)
+
+
+def _read_cast(f, key: str, shape: list[int], dtype: torch.dtype, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """Tensor ``key`` of the open shard ``f`` in ``dtype``, copied in slices of rows of about ``chunk_bytes``."""
+    out = torch.empty(shape, dtype=dtype)
+    if not shape or shape[0] == 0:
+        return out.copy_(f.get_tensor(key)) if out.numel() else out
+    row = max(1, out[0].numel() * out.element_size())
+    step = max(1, chunk_bytes // row)
+    part = f.get_slice(key)
+    for a in range(0, shape[0], step):
+        out[a:a + step].copy_(part[a:a + step])
+    return out
 
 
 def skeleton(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:

@@ -80,13 +80,16 @@ class BlockStream:
         self.model, self.ckpt, self.specs, self.writer = model, ckpt, specs, writer
         self.batch_size, self.device = batch_size, device
 
-    def read(self, names: list[str], strip: str = "", specs: dict | None = None) -> dict:
-        """``{name without strip: tensor}``: from the checkpoint as stored, else (a buffer) the skeleton's own.
-        ``specs``: where the names' checkpoint keys are (default: what this run writes)."""
+    def read(self, names: list[str], strip: str = "", specs: dict | None = None, written: bool = False) -> dict:
+        """``{name without strip: tensor}``: from the checkpoint, else (a buffer) the skeleton's own; floating
+        tensors cast while read (:meth:`Checkpoint.read`) to the skeleton's dtype of that name (``written``: to
+        the dtype written). ``specs``: where the names' checkpoint keys are (default: what this run writes)."""
         specs = self.specs if specs is None else specs
         keys = {n: specs[n][0] for n in names}
-        got = self.ckpt.read([k for k in keys.values() if k is not None])
-        state = self.model.state_dict(keep_vars=True) if None in keys.values() else {}
+        state = self.model.state_dict(keep_vars=True)
+        dtypes = {k: (specs[n][2] if written else state[n].dtype) for n, k in keys.items()
+                  if k is not None and (written or n in state)}
+        got = self.ckpt.read([k for k in keys.values() if k is not None], dtypes)
         return {n[len(strip):]: (got[k] if k is not None else state[n].detach()) for n, k in keys.items()}
 
     def capture(self, outside: list[str], ids: torch.Tensor) -> tuple[list, list]:
@@ -110,7 +113,7 @@ class BlockStream:
     def copy(self, names: list[str]) -> None:
         """Write tensors outside the blocks as stored (cast to the written dtype), one at a time."""
         for name in names:
-            t = self.read([name])[name]
+            t = self.read([name], written=True)[name]
             check_finite([(name, t)], f"{self.ckpt.path}: weight", "the checkpoint is damaged")
             self.writer.write(name, t.to(self.specs[name][2]))
 

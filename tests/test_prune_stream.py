@@ -178,3 +178,24 @@ def test_streamed_peak_memory_is_a_fraction_of_in_memory(tmp_path):
     assert grew["stream"] < 0.5 * grew["memory"], grew
     a, b = _tensors(tmp_path / "stream"), _tensors(tmp_path / "memory")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_reads_cast_a_slice_of_rows_at_a_time(tmp_path, monkeypatch):
+    """A tensor cast while it is read (so its stored and cast copies are never both whole) equals the cast of the
+    whole tensor; non-floating tensors and scalars are read as stored."""
+    import shear.checkpoint as sc
+
+    stored = {"a": torch.randn(1000, 77).bfloat16(), "b": torch.randn(5).half(), "c": torch.arange(6),
+              "s": torch.tensor(3.5).bfloat16()}
+    save_file(stored, tmp_path / "model.safetensors")
+    real, sizes = sc._read_cast, []
+
+    def spy(f, key, shape, dtype, chunk_bytes=64 << 20):
+        sizes.append(key)
+        return real(f, key, shape, dtype, chunk_bytes=1000)  # 3 rows of fp32 per slice
+
+    monkeypatch.setattr(sc, "_read_cast", spy)
+    got = sc.Checkpoint(tmp_path).read(list(stored), dict.fromkeys(stored, torch.float32))
+    assert all(torch.equal(got[k], stored[k].float()) and got[k].dtype == torch.float32 for k in "abs")
+    assert got["c"].dtype == torch.int64 and torch.equal(got["c"], stored["c"])
+    assert sorted(sizes) == ["a", "b", "s"]
