@@ -109,12 +109,9 @@ def _streamed_into(args, out: Path) -> dict:
     a staging directory beside ``out`` and moved in once all succeeded."""
     import shutil
 
-    from shear.memory import peak_rss_mb
     from shear.models import checkpoint_dtype, export_dtype, load_dtype, load_tokenizer, resolve_model_path
-    from shear.models import source_weight_bytes
-    from shear.prune.export import _check_target, publish_prune, remove_stale_staging, staging_dir
+    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
     from shear.prune.stream import check_streamable, prune_streamed
-    from shear.sparse.export import bytes_on_disk
 
     prune, imp = _configs_from_flags(args)
     check_streamable(prune, imp)  # before any work
@@ -135,12 +132,7 @@ def _streamed_into(args, out: Path) -> dict:
                                 export_dir=None if args.no_export else stage / "model", recipe=recipe,
                                 written=written, compute=compute, max_shard_size=args.max_shard_size,
                                 trust_remote_code=args.trust_remote_code)
-        report["dtype"] = {"checkpoint": ckpt, "loaded": compute, "written": None if args.no_export else written}
-        report["vm_hwm_mb"] = peak_rss_mb()
-        report["source_weight_bytes"] = source_weight_bytes(path)
-        if not args.no_export:
-            report["model_bytes"] = bytes_on_disk(stage / "model")
-        publish_prune(stage, out, report)
+        _publish(args, stage, out, report, {"checkpoint": ckpt, "loaded": compute}, written, path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
@@ -150,11 +142,10 @@ def _prune_into(args, recipe, out: Path) -> dict:
     """Load, prune and export into a staging directory beside ``out``; move it in once all succeeded."""
     import shutil
 
-    from shear.memory import peak_rss_mb, trim
-    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, source_weight_bytes
-    from shear.prune.export import _check_target, publish_prune, remove_stale_staging, staging_dir
+    from shear.memory import trim
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype
+    from shear.prune.export import _check_target, remove_stale_staging, staging_dir
     from shear.prune.pipeline import prune_with_vocab
-    from shear.sparse.export import bytes_on_disk
 
     if recipe is not None:
         from shear.pipeline import build_model
@@ -186,15 +177,25 @@ def _prune_into(args, recipe, out: Path) -> dict:
                                         export_dtype=written, max_shard_size=args.max_shard_size)
         del model
         trim()
-        report["dtype"] = {"checkpoint": ckpt, "loaded": loaded, "written": None if args.no_export else written}
-        report["vm_hwm_mb"] = peak_rss_mb()
-        report["source_weight_bytes"] = source_weight_bytes(source) if source else None
-        if not args.no_export:
-            report["model_bytes"] = bytes_on_disk(stage / "model")
-        publish_prune(stage, out, report)
+        _publish(args, stage, out, report, {"checkpoint": ckpt, "loaded": loaded}, written, source)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _publish(args, stage: Path, out: Path, report: dict, dtype: dict, written: str, source: str | None) -> None:
+    """The report's dtypes, peak RSS and bytes on disk, then the staged prune moved into ``out``."""
+    from shear.memory import peak_rss_mb
+    from shear.models import source_weight_bytes
+    from shear.prune.export import publish_prune
+    from shear.sparse.export import bytes_on_disk
+
+    report["dtype"] = dict(dtype, written=None if args.no_export else written)
+    report["vm_hwm_mb"] = peak_rss_mb()
+    report["source_weight_bytes"] = source_weight_bytes(source) if source else None
+    if not args.no_export:
+        report["model_bytes"] = bytes_on_disk(stage / "model")
+    publish_prune(stage, out, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
