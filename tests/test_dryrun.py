@@ -122,7 +122,7 @@ def test_nothing_written(tiny, tmp_path, monkeypatch, capsys):
     assert "rank 7: cuda:7" in text and "fits: yes" in text and "calibration cost" in text
 
 
-def test_zero3_launch_divides_student_not_teacher(tiny, monkeypatch):
+def test_zero3_launch_divides_student_and_offloads_teacher(tiny, monkeypatch):
     _, path = tiny
     ddp = _run(path, ("gpus", 8), ("gpu_mem", "80GB"))
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -136,9 +136,73 @@ def test_zero3_launch_divides_student_not_teacher(tiny, monkeypatch):
     a, b = (next(p for p in r["phases"] if p["name"] == "train") for r in (ddp, z3))
     t = a["trainable_params"]
     assert _item(b, "optimizer state (AdamW)") == -(-t * 12 // 8)  # fp32 master + 2 moments, sharded
-    assert _item(b, "KD teacher (full replica)") == _item(a, "KD teacher (full replica)")
+    # teacher_placement auto: a full replica beside a DDP student, offloaded beside a ZeRO-3 one
+    assert ddp["teacher"]["placement"] == "device" and z3["teacher"]["placement"] == "cpu_offload"
+    assert _item(b, "KD teacher output head") == 128 * 64 * 2  # vocab x hidden x bf16, resident
+    assert z3["teacher"]["host_ram_training_bytes"] == _item(a, "KD teacher (full replica)")
     frozen = z3["pruned"]["params"]
     assert _item(b, "student weights") == -(-(frozen * 2 + t * 2) // 8)  # DeepSpeed bf16: all weights bf16, / 8
+
+
+def _with(path, tmp_path, **distill):
+    data = yaml.safe_load(path.read_text())
+    data["distill"].update(distill)
+    out = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def _step(phase, name):
+    return next(i["bytes"] for i in phase["step_items"] if i["name"] == name)
+
+
+def test_teacher_placement_figures_equal_the_real_teacher(tiny, tmp_path):
+    """device: the whole bf16 teacher on the GPU; cpu_offload: its output head resident plus, during the forward,
+    the largest module's weights, as the hooks of a real offloaded teacher put them on the execution device."""
+    from transformers import LlamaForCausalLM
+
+    from shear.train.teacher import place_teacher
+
+    cfg, path = tiny
+    runs = {pl: _run(_with(path, tmp_path, teacher_placement=pl), ("gpus", 2), ("gpu_mem", "80GB"))
+            for pl in ("device", "cpu_offload", "auto")}
+    dev, off = (next(p for p in runs[k]["phases"] if p["name"] == "train") for k in ("device", "cpu_offload"))
+    assert runs["auto"]["teacher"]["placement"] == "device"  # DDP: the student is not sharded
+    real = LlamaForCausalLM(cfg)
+    assert _item(dev, "KD teacher (full replica)") == sum(p.numel() * 2 for p in real.parameters())
+    on_device = {}  # per hooked module: bytes of its own weights on the execution device inside its forward
+    place_teacher(real, "cpu_offload", torch.device("cpu"), torch.bfloat16)
+    for name, m in real.named_modules():
+        if hasattr(m, "_hf_hook"):
+            def spy(*a, _m=m, _inner=m._old_forward, _n=name, **k):
+                on_device[_n] = sum(p.numel() * p.element_size() for p in _m.parameters(recurse=False)
+                                    if p.device.type != "meta")
+                return _inner(*a, **k)
+            m._old_forward = spy
+    with torch.no_grad():
+        real(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    head = real.get_output_embeddings().weight
+    assert "model.embed_tokens" in on_device and "lm_head" not in on_device
+    assert _item(off, "KD teacher output head") == head.numel() * head.element_size()
+    assert _step(off, "teacher module (offloaded)") == max(on_device.values()) == 64 * 256 * 2  # an MLP projection
+    assert "KD teacher (full replica)" not in [i["name"] for i in off["items"]]
+    assert off["peak_bytes"] < dev["peak_bytes"]
+    assert runs["cpu_offload"]["teacher"]["host_ram_training_bytes"] == _item(dev, "KD teacher (full replica)")
+    assert runs["device"]["teacher"]["host_ram_training_bytes"] == 0
+
+
+def test_teacher_hidden_states_only_for_hidden_kd(tiny, tmp_path):
+    """Without hidden-state KD the teacher forward keeps its final hidden states only (b*s*(h + E)), with it every
+    layer's (b*s*((L+1)*h + E)); batch 2, seq 64, bf16 activations."""
+    from shear.dryrun.memory import layer_elements
+    from shear.dryrun.model import shape_of
+
+    cfg, path = tiny
+    e = layer_elements(shape_of(cfg))
+    logit, hidden = (next(p for p in _run(_with(path, tmp_path, hidden_weight=w), ("gpus", 2), ("gpu_mem", "80GB"))
+                          ["phases"] if p["name"] == "train") for w in (0.0, 1.0))
+    assert _step(logit, "teacher forward (hidden states)") == 2 * 64 * (64 + e) * 2
+    assert _step(hidden, "teacher forward (hidden states)") == 2 * 64 * (4 * 64 + e) * 2  # 3 layers: L+1 = 4
 
 
 def test_launch_line_and_config_file(tmp_path):

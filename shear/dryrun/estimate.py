@@ -14,7 +14,8 @@ import torch
 
 from shear.dryrun import memory as mem
 from shear.dryrun.launch import Launch, rank_device, resolve
-from shear.dryrun.model import lora_params, meta_model, param_count, pruned_meta, recipe_config, shape_of, weight_bytes
+from shear.dryrun.model import (lora_params, meta_model, offload_params, param_count, pruned_meta, recipe_config,
+                                shape_of, weight_bytes)
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -140,9 +141,34 @@ def _block_stats_bytes(model, cfg) -> tuple[int, str]:
     return n, "sum over a block's linears of in x 8 B (fp64 input norms)"
 
 
+def teacher_placement(recipe, launch: Launch) -> tuple[str, str]:
+    """``(placement, why)`` of the KD teacher as the trainer resolves distill.teacher_placement for ``launch``."""
+    from shear.train.teacher import resolve_placement
+
+    asked = recipe.distill.teacher_placement
+    sharded = launch.engine == "deepspeed" and (launch.zero_stage or 0) >= 3
+    why = (f"teacher_placement auto: {'ZeRO-3 shards the student' if sharded else 'the student is not sharded'}"
+           if asked == "auto" else f"teacher_placement {asked}")
+    return resolve_placement(asked, sharded), why
+
+
+def _teacher_items(teacher, teacher_b: int, placement: str) -> tuple[list[dict], list[dict]]:
+    """(per-rank GPU items, training-step items) of the KD teacher under ``placement``."""
+    if placement == "device":
+        return [_item("KD teacher (full replica)", param_count(teacher) * teacher_b, "teacher params x its dtype "
+                      "(teacher_placement device): outside the prepared module, not sharded")], []
+    head, largest = offload_params(teacher)
+    resident = _item("KD teacher output head", head * teacher_b, f"{head:,} output-embedding params x {teacher_b} B, "
+                     "resident (cpu_offload: every other weight in host RAM)")
+    moved = _item("teacher module (offloaded)", largest * teacher_b, f"the largest module's own params ({largest:,}) x "
+                  f"{teacher_b} B, on the GPU for its forward only")
+    return [resident], [moved]
+
+
 def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable, adapters_per_layer, lora: bool,
-                 teacher_bytes_each: int | None, masks: bool = False) -> dict:
-    """Per-rank memory of a training stage on ``student`` (meta) with ``trainable`` parameters."""
+                 teacher_b: int | None, masks: bool = False) -> dict:
+    """Per-rank memory of a training stage on ``student`` (meta) with ``trainable`` parameters; ``teacher_b``:
+    bytes per teacher parameter."""
     t, d = recipe.train, recipe.distill
     ranks = launch.processes or 1
     ds = launch.engine == "deepspeed"
@@ -170,9 +196,9 @@ def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable
         items.append(_item("ZeRO-3 gathered parameters", live, "<= stage3_max_live_parameters (1e9, DeepSpeed's default) x bytes"))
     if t.precision == "bf16" and not ds and model_b == 4:
         items.append(_item("bf16 autocast weight cache", param_count(student) * 2, "params x 2 B (fp32 weights under bf16 autocast)"))
-    if teacher is not None:
-        items.append(_item("KD teacher (full replica)", teacher_bytes_each,
-                           "teacher params x its dtype; not sharded: shear keeps it outside the prepared module"))
+    t_items, t_step = (_teacher_items(teacher, teacher_b, teacher_placement(recipe, launch)[0])
+                       if teacher is not None else ([], []))
+    items += t_items
     act_b = 2 if t.precision == "bf16" or base_b == 2 else 4
     s_shape = shape_of(student.config)
     extra = (recipe.train.lora.r * adapters_per_layer) if lora else adapters_per_layer
@@ -182,7 +208,9 @@ def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable
     act_f += f" ({'without' if t.gradient_checkpointing else 'with'} gradient checkpointing: {mem.human(other)})"
     step = [_item("activations", act, act_f)]
     if d is not None and teacher is not None:
-        step.append(_item("teacher forward (hidden states)", *mem.teacher_forward_bytes(shape_of(teacher.config), b, s, act_b)))
+        step += t_step
+        step.append(_item("teacher forward (hidden states)",
+                          *mem.teacher_forward_bytes(shape_of(teacher.config), b, s, act_b, d.hidden_weight > 0)))
         step.append(_item("KD/CE logits", *mem.kd_logit_bytes(b, s, s_shape.vocab, d.chunk_size)))
     step_total = sum(i["bytes"] for i in step if i["bytes"] is not None)
     val = _item("validation CE (no grad)", *mem.validation_bytes(b, s, s_shape.vocab))
@@ -197,22 +225,22 @@ def _train_phase(name, recipe, student, teacher, launch, gpus, device, trainable
 
 
 def _teacher(recipe, config, dtype, trust) -> tuple[object, int | None, int, list[str]]:
-    """(meta teacher or None, its bytes on a GPU, its bytes in host RAM while loading, warnings)."""
+    """(meta teacher or None, bytes per parameter it runs in, its bytes in host RAM while loading, warnings)."""
     d = recipe.distill
     if d is None:
         return None, None, 0, []
     if d.teacher is None:  # a copy of the unpruned model, cast to bf16 when asked (else its own dtype)
         teacher = meta_model(config, dtype, trust)
         t_b = 2 if d.teacher_dtype == "bf16" else BYTES[recipe.model.dtype]
-        return teacher, param_count(teacher) * t_b, weight_bytes(teacher), []
+        return teacher, t_b, weight_bytes(teacher), []
     try:  # a named teacher is loaded in teacher_dtype
         named = recipe.model.model_copy(update={"path": d.teacher, "init": "pretrained"})
         tcfg, _ = recipe_config(recipe.model_copy(update={"model": named}))
     except FileNotFoundError as e:
         return None, None, 0, [f"distill.teacher: {e}; its figures are unknown"]
     teacher = meta_model(tcfg, dtype, trust)
-    n = param_count(teacher) * (2 if d.teacher_dtype == "bf16" else 4)
-    return teacher, n, n, []
+    t_b = 2 if d.teacher_dtype == "bf16" else 4
+    return teacher, t_b, param_count(teacher) * t_b, []
 
 
 def _pruned(recipe, config, dtype, trust, out: dict):
@@ -252,9 +280,13 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
                       "source": launch.source, "line": launch.line},
            "gpus": gpus, "ranks": ranks, "phases": [], "warnings": [], "pruned": None}
     train_dev = ranks[0]["device"] if gpus["count"] > 0 else "cpu"
-    teacher, t_bytes, t_host, warn = _teacher(recipe, config, dtype, trust)
+    teacher, t_b, t_host, warn = _teacher(recipe, config, dtype, trust)
     out["warnings"] += warn
     out["host_ram_per_rank_bytes"] = weight_bytes(base) + t_host
+    if teacher is not None:
+        placement, why = teacher_placement(recipe, launch)
+        out["teacher"] = {"placement": placement, "why": why,
+                          "host_ram_training_bytes": param_count(teacher) * t_b if placement == "cpu_offload" else 0}
     cal, warn = _calibration(recipe, base, shape, BYTES[recipe.model.dtype], gpus, ranks)
     out["warnings"] += warn
     out["phases"] += [cal] if cal is not None else []
@@ -264,7 +296,7 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
         trainable = info["mask_units"] + (0 if frozen else param_count(base))
         ph = _train_phase("learn masks", recipe, base, teacher, launch, gpus, train_dev, trainable,
                           adapters_per_layer=shape.q + shape.mlp + shape.hidden, lora=False,
-                          teacher_bytes_each=t_bytes, masks=frozen)
+                          teacher_b=t_b, masks=frozen)
         ph["note"] = (("weights frozen (weight_lr 0): trainable = mask log-alphas" if frozen else "weights and masks "
                        "train") + "; activations count the masked products (q + i + h per layer) on top"
                       + (f"; {ph['note']}" if ph["note"] else ""))
@@ -273,7 +305,7 @@ def dry_run(recipe, opts: DryRunConfig | None = None) -> dict:
         lora = recipe.train.lora is not None
         trainable, per_layer = lora_params(student, recipe.train.lora) if lora else (param_count(student), 0)
         out["phases"].append(_train_phase("train", recipe, student, teacher, launch, gpus, train_dev, trainable,
-                                          per_layer, lora, t_bytes))
+                                          per_layer, lora, t_b))
         if recipe.prune is not None and recipe.prune.tune_rounds > 1:
             out["warnings"].append("prune.tune_rounds: rounds train ever smaller models; the first rounds hold more "
                                    "than the final model these train figures use")

@@ -92,11 +92,13 @@ def activation_bytes(sh: Shape, batch: int, seq: int, act_bytes: int, checkpoint
     return tokens * sh.layers * per_layer, f"b*s*L*(E*{act_bytes}{norms}) B, {what} per layer"
 
 
-def teacher_forward_bytes(sh: Shape, batch: int, seq: int, act_bytes: int) -> tuple[int, str]:
-    """A no-grad teacher forward whose hidden states stay alive for the step (output_hidden_states):
-    (L+1) hidden states + one layer's working set."""
-    n = batch * seq * ((sh.layers + 1) * sh.hidden + layer_elements(sh))
-    return n * act_bytes, f"b*s*((L+1)*h + E)*{act_bytes} B: hidden states kept for the step + one layer's working set"
+def teacher_forward_bytes(sh: Shape, batch: int, seq: int, act_bytes: int, every_layer: bool) -> tuple[int, str]:
+    """A no-grad teacher forward (shear.train.student.teacher_hidden_states) whose outputs stay alive for the step:
+    every layer's hidden states (L+1, hidden-state KD) or the final ones only, + one layer's working set."""
+    kept, what, why = ((sh.layers + 1, "(L+1)*h", "every layer's hidden states (hidden-state KD)") if every_layer
+                       else (1, "h", "the final hidden states only (no hidden-state KD)"))
+    n = batch * seq * (kept * sh.hidden + layer_elements(sh))
+    return n * act_bytes, f"b*s*({what} + E)*{act_bytes} B: {why} kept for the step + one layer's working set"
 
 
 def kd_logit_bytes(batch: int, seq: int, vocab: int, chunk: int | None) -> tuple[int, str]:

@@ -6,6 +6,7 @@ recipe's dtype; ``pruned_meta`` applies the plan the recipe's target gives to a 
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -56,8 +57,11 @@ def recipe_config(recipe, config_json: str | None = None):
 
 
 def meta_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model of ``config`` with parameters on the meta device in ``dtype`` (as ``from_pretrained(dtype=...)``)."""
+    """The model of ``config`` with parameters on the meta device in ``dtype`` (as ``from_pretrained(dtype=...)``).
+    It gets its own copy of ``config``: slicing it (pruned_meta) must not reshape the teacher or the unpruned model."""
     from transformers import AutoModel, AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
 
     with torch.device("meta"):
         try:
@@ -72,6 +76,16 @@ def param_count(model: nn.Module) -> int:
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def offload_params(model: nn.Module) -> tuple[int, int]:
+    """``(output embeddings' parameters, the largest other module's own parameters)``: what an offloaded teacher
+    (shear.train.teacher.place_teacher, cpu_offload) keeps on the execution device, for the run and one module
+    at a time. A tied head counts in both: the hooks move the input embeddings' copy of it on their own."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    resident = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    own = (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules() if m is not head)
+    return resident, max(own, default=0)
 
 
 def shape_of(config) -> Shape:

@@ -22,6 +22,12 @@ def format_report(r: dict, prefix: str = "") -> str:
     devs = [f"rank {x['rank']}: {x['device']}" for x in r["ranks"]]
     lines.append("devices: " + ", ".join(devs) + ("" if len(devs) == 1 else " (figures below are per rank, equal on every rank)"))
     lines.append(f"host RAM per rank while loading: {human(r['host_ram_per_rank_bytes'])} (the model + the teacher copy)")
+    t = r.get("teacher")
+    if t:
+        where = ("a full replica on each rank's device" if t["placement"] == "device" else
+                 f"offloaded: {human(t['host_ram_training_bytes'])} in host RAM per rank while training, on the GPU "
+                 "its output head and one module at a time")
+        lines.append(f"KD teacher: {t['placement']}, {where} ({t['why']})")
     for p in r["phases"]:
         lines.append(f"[{p['name']}] on {p['device']}: peak {human(p['peak_bytes'])}, fits: {_fits(p['fits'])}"
                      + (f"  ({p['note']})" if p.get("note") else ""))

@@ -110,6 +110,11 @@ class DistillConfig(BaseModel):
     embedding_loss: Literal["cosine", "mse"] = Field("cosine", description="embedding loss: 1 - cosine similarity or "
                                                                            "mean squared error of the pooled embeddings")
     teacher_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype the frozen teacher runs in")
+    teacher_placement: Literal["auto", "device", "cpu_offload"] = Field(
+        "auto", description="where the frozen teacher runs: device = a full replica on each rank's device; "
+                            "cpu_offload = weights in host memory, each module's moved to the device for its forward "
+                            "only (the output embeddings stay there); auto = cpu_offload when the student's parameters "
+                            "are sharded (DeepSpeed ZeRO-3), else device")
 
     @model_validator(mode="after")
     def _weights(self):

@@ -26,6 +26,7 @@ from .config import DistillConfig, TrainConfig
 from .data import StepSampler, collate, local_micro_batches
 from .lora import apply_lora, merge_lora
 from .student import LossModule, attention_mask_for, teacher_hidden_states
+from .teacher import params_sharded, place_teacher, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,22 @@ def _use_config_hparams(optimizer, scheduler, cfg: TrainConfig, fresh: list[dict
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def _prepare_teacher(teacher, distill, device):
+def _prepare_teacher(teacher, distill, accelerator):
+    """The teacher frozen, in distill.teacher_dtype, placed by distill.teacher_placement (one log line says where)."""
     if teacher is None:
         return None
-    teacher.eval().requires_grad_(False)
+    sharded = params_sharded(accelerator)
+    placement = resolve_placement(distill.teacher_placement if distill is not None else "device", sharded)
     dtype = torch.bfloat16 if distill is not None and distill.teacher_dtype == "bf16" else None
-    return teacher.to(device=device, dtype=dtype)
+    teacher = place_teacher(teacher, placement, accelerator.device, dtype)
+    if accelerator.is_main_process and distill is not None:
+        where = (f"the whole teacher on {accelerator.device}" if placement == "device" else
+                 f"weights in host memory, each module on {accelerator.device} only for its forward, output "
+                 "embeddings resident")
+        why = (f"teacher_placement auto: {'ZeRO-3 shards the student' if sharded else 'the student is not sharded'}"
+               if distill.teacher_placement == "auto" else "teacher_placement " + placement)
+        log.info("KD teacher: %s, %s (%s)", where, next(teacher.parameters()).dtype, why)
+    return teacher
 
 
 @torch.no_grad()
@@ -178,7 +189,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, out_dir, *, teac
     own_dropout = _set_dropout(model, cfg.dropout)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
-    teacher = _prepare_teacher(teacher, distill, accelerator.device)
+    teacher = _prepare_teacher(teacher, distill, accelerator)
     module = LossModule(model, distill, teacher, shearing=shearing)
     every_layer = bool(module.pairs)  # the teacher's hidden states of every layer only for hidden-state KD
     module.train()
