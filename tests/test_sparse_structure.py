@@ -97,7 +97,7 @@ def test_an_unknown_model_type_matches_the_family_path_bit_for_bit(by_structure,
     from shear.analyze import structure
 
     if not by_structure:
-        monkeypatch.setattr(structure, "match_llama", lambda model: (None, "disabled"))
+        monkeypatch.setattr(structure, "match_llama", lambda model, llama: (None, "disabled"))
     for method in ("wanda", "sparsegpt"):
         ref = family_model("llama")
         cfg = MyTestLlamaConfig(**{k: v for k, v in ref.config.to_dict().items() if k != "model_type"})

@@ -16,7 +16,8 @@ where both ran, the streamed export is checked to hold the same tensors (``torch
 ``--cap-gib N`` runs the streamed rows under a memory cap of N GiB (``benchlib.measure``'s cgroup limit, the page
 cache of the shards it reads included; below the checkpoint's size it shows the model was never held). ``--reload``: every
 streamed export is loaded by plain ``from_pretrained`` (bf16) in a fresh process, which reports missing /
-unexpected keys and whether logits on 8 tokens are finite. Writes OUT/results.json and OUT/table.md.
+unexpected keys and whether logits on 8 tokens are finite; ``--drop-exports`` deletes each export once measured
+(an 8B row writes up to 16 GB). Writes OUT/results.json and OUT/table.md.
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cap-gib", type=float, default=None, help="memory cap of the streamed rows (a cgroup limit)")
     ap.add_argument("--reload", action="store_true", help="load every streamed export with from_pretrained")
+    ap.add_argument("--drop-exports", action="store_true", help="delete each export once measured (disk space)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     from shear.memory import available_bytes
@@ -169,6 +171,9 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
             if len(dirs) == 2 and all(r.get("rc") == 0 for r in rows[-2:]):
                 rows[-1]["same_as_in_memory"] = same_tensors(dirs["in memory"], dirs["streamed"])
+            if a.drop_exports:
+                for d in dirs.values():
+                    shutil.rmtree(d, ignore_errors=True)
     cols = [("size", "model"), ("shape", "layers x hidden x MLP"), ("gb_on_disk", "GB on disk (bf16)"),
             ("command", "command"), ("mode", "mode"), ("cap_gib", "memory cap GiB"), ("wall_s", "wall s"),
             ("peak_rss_gib", "peak RSS GiB"), ("gb_written", "GB written"), ("same_as_in_memory", "same tensors as in memory"),

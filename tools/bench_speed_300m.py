@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -249,7 +250,9 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-def main(argv=None) -> int:
+
+def parse_args(argv=None):
+    """The settings of a run (``--explain``'s too: ``bench_speed_300m_explain.py`` reads the same flags)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench-speed-300m"))
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
@@ -266,19 +269,19 @@ def main(argv=None) -> int:
                                                            "(needs the main run's results.json in --out)")
     for k, v in (("hidden", 1024), ("layers", 24), ("heads", 16), ("kv_heads", 8), ("intermediate", 2816), ("vocab", 32000)):
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if a.explain:
-        from bench_speed_300m_explain import explain, explain_text  # tools/ is on sys.path when run as a script
-
-        res = explain(a, a.out)
-        (a.out / "explain.json").write_text(json.dumps(res, indent=1))
-        print(explain_text(res))
-        return 0
+    if a.explain:  # the explaining script imports this one (its settings, models and clocks), so it runs on its own
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("bench_speed_300m_explain.py")),
+                                  *(sys.argv[1:] if argv is None else argv)])
     res = run(a, a.out)
     (a.out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (a.out / "table.md").write_text(table(res) + "\n")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bench_speed_300m import ALLOCS, METRICS, build_dense, clocks, load, measure, since, time_decode, \
-    time_prefill, variant_name
+from bench_speed_300m import ALLOCS, METRICS, build_dense, clocks, load, measure, parse_args, since, \
+    time_decode, time_prefill, variant_name
 
 def time_mlp_gemms(widths: list[int], a, reps: int = 15) -> dict:
     """Median CPU seconds of the three SwiGLU GEMMs (gate, up: [M, d] x [d, n]; down: [M, n] x [n, d]) per width.
@@ -234,3 +234,22 @@ def explain_text(e: dict) -> str:
     lines.append(f"skeleton (24 layers, tiny widths) step / dense step: {e['skeleton_step_share']}")
     lines.append(f"reloaded with trust_remote_code / in memory, rate ratio: {e['remote_vs_memory']}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python tools/bench_speed_300m.py --out OUT --explain`` runs this: the same flags, the main run's results."""
+    from transformers.utils import logging as hf_logging
+
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    hf_logging.disable_progress_bar()
+    res = explain(a, a.out)
+    (a.out / "explain.json").write_text(json.dumps(res, indent=1))
+    print(explain_text(res))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -36,7 +36,7 @@ def misfit(model: nn.Module) -> str:
     """Why a model of an unlisted ``model_type`` is not analyzed as llama: the first module that does not fit."""
     from shear.analyze.structure import match_llama
 
-    return match_llama(model)[1]
+    return match_llama(model, FAMILIES["llama"])[1]
 
 
 def analyze_path(path: str | Path, heads: str = "kv_group", trust_remote_code: bool = False) -> StructureGraph:

@@ -245,7 +245,7 @@ def family_of(model) -> Family | None:
         return fam
     from shear.analyze.structure import match_llama
 
-    return match_llama(model)[0]
+    return match_llama(model, FAMILIES["llama"])[0]
 
 
 def head_dim_of(fam: Family, attn, config) -> int:

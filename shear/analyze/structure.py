@@ -19,8 +19,6 @@ import weakref
 import torch
 from torch import nn
 
-from shear.analyze.families import FAMILIES, Family
-
 #: config keys a Llama-shaped model must carry: what the slicer rewrites and the stock class reads back
 CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size",
                "num_hidden_layers", "head_dim", "rms_norm_eps")
@@ -32,15 +30,16 @@ log = logging.getLogger("shear")
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def match_llama(model: nn.Module) -> tuple[Family | None, str]:
-    """``(llama Family, "")`` when ``model``'s modules fit the llama template, else ``(None, reason)``.
+def match_llama(model: nn.Module, llama: "Family") -> tuple["Family | None", str]:
+    """``(llama Family, "")`` when ``model``'s modules fit the llama template (``llama``: the llama entry of
+    ``shear.analyze.families``, passed in by its callers there), else ``(None, reason)``.
 
     The entry returned keeps only the bias flags the config has. Cached per model (slicing keeps the fit:
     dropped sublayers and per-layer widths are allowed)."""
     hit = _CACHE.get(model)
     if hit is None:
         try:
-            hit = (_check(model), "")
+            hit = (_check(model, llama), "")
             log.info("model_type %r has no family entry; its modules fit the llama template: analyzed and "
                      "sliced as llama", getattr(model.config, "model_type", None))
         except _Misfit as e:
@@ -55,8 +54,8 @@ class _Misfit(Exception):
     pass
 
 
-def _check(model: nn.Module) -> Family:
-    fam, cfg = FAMILIES["llama"], model.config
+def _check(model: nn.Module, llama: "Family") -> "Family":
+    fam, cfg = llama, model.config
     missing = [k for k in CONFIG_KEYS if not isinstance(getattr(cfg, k, None), (int, float))]
     if missing:
         raise _Misfit(f"config has no {missing[0]!r}")
