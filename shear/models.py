@@ -551,3 +551,16 @@ def check_config_sizes(path: Path, model) -> None:
         used = ", ".join(f"{k}={getattr(model.config, k)}" for k in missing)
         log.warning("%s has no %s: transformers' defaults are assumed (%s); the sizes reported are those "
                     "defaults', not necessarily the model's", path / "config.json", ", ".join(missing), used)
+
+
+def warn_if_too_big(path: str, command: str, stream: str) -> None:
+    """A checkpoint whose fp32 copy (what the in-memory path holds on CPU) would not fit in 80% of the memory
+    available: say so before loading it, naming the flags (``stream``) that hold one block at a time."""
+    from shear.memory import available_bytes
+
+    size, avail = source_weight_bytes(path), available_bytes()
+    if size and avail:
+        fp32 = size * (2 if checkpoint_dtype(path) in ("bf16", "fp16") else 1)
+        if fp32 > 0.8 * avail:
+            log.warning("%s: %s needs about %.1f GiB in fp32 and %.1f GiB are available; %s holds one block at a "
+                        "time", command, path, fp32 / 2**30, avail / 2**30, stream)

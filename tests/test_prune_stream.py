@@ -199,3 +199,15 @@ def test_checkpoint_reads_cast_a_slice_of_rows_at_a_time(tmp_path, monkeypatch):
     assert all(torch.equal(got[k], stored[k].float()) and got[k].dtype == torch.float32 for k in "abs")
     assert got["c"].dtype == torch.int64 and torch.equal(got["c"], stored["c"])
     assert sorted(sizes) == ["a", "b", "s"]
+
+
+def test_a_checkpoint_too_big_for_memory_is_named_with_the_streamed_flags(tiny_lm_dir, monkeypatch, caplog):
+    import shear.memory
+    from shear.models import warn_if_too_big
+
+    caplog.set_level("WARNING", logger="shear")
+    warn_if_too_big(str(tiny_lm_dir), "prune", "--stream")
+    assert not caplog.text  # a tiny checkpoint fits
+    monkeypatch.setattr(shear.memory, "available_bytes", lambda: 1000)
+    warn_if_too_big(str(tiny_lm_dir), "prune", "--stream --estimator flap")
+    assert "prune:" in caplog.text and "--stream --estimator flap holds one block at a time" in caplog.text

@@ -143,7 +143,7 @@ def _prune_into(args, recipe, out: Path) -> dict:
     import shutil
 
     from shear.memory import trim
-    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype
+    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, warn_if_too_big
     from shear.prune.export import _check_target, remove_stale_staging, staging_dir
     from shear.prune.pipeline import prune_with_vocab
 
@@ -160,6 +160,7 @@ def _prune_into(args, recipe, out: Path) -> dict:
 
         source = args.source
         written = export_dtype(args.dtype, source)
+        warn_if_too_big(source, "prune", "--stream --estimator flap (or wanda_sp, minitron)")
         model, tok = load_pretrained(source, dtype=load_dtype(written, checkpoint_dtype(source)),
                                      trust_remote_code=args.trust_remote_code, finite=True)
         prune, imp = _configs_from_flags(args)

@@ -58,7 +58,8 @@ def _cmd_sparsify(args) -> int:
 def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     """Sparsify and publish both forms and the report into ``out``: (report, export record)."""
     from shear.memory import trim
-    from shear.models import SHORT, checkpoint_dtype, export_dtype, load_dtype, load_pretrained, source_weight_bytes
+    from shear.models import (SHORT, checkpoint_dtype, export_dtype, load_dtype, load_pretrained, source_weight_bytes,
+                              warn_if_too_big)
     from shear.prune.export import remove_stale_staging
     from shear.sparse.pipeline import export_sparse, run_sparsify
 
@@ -74,7 +75,7 @@ def _sparsify_into(args, cfg, out: Path) -> tuple[dict, dict]:
     written = export_dtype(args.dtype, args.model)
     if args.stream:
         return _streamed_into(args, cfg, out, load_dtype(written, ckpt, args.device), written)
-    _warn_if_too_big(args.model)
+    warn_if_too_big(args.model, "sparsify", "--stream --no-compressed")
     model, tok = load_pretrained(args.model, dtype=load_dtype(written, ckpt, args.device),
                                  trust_remote_code=args.trust_remote_code, finite=True)
     loaded = SHORT.get(next(model.parameters()).dtype)
@@ -105,22 +106,6 @@ def _streamed_into(args, cfg, out: Path, loaded: str, written: str) -> tuple[dic
                                    max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code,
                                    report_dir=out, drop=(out / "compressed",))
     return report, report["export"]
-
-
-def _warn_if_too_big(model: str) -> None:
-    """A checkpoint whose fp32 copy would not fit in the memory available: say so before loading it."""
-    import logging
-
-    from shear.memory import available_bytes
-    from shear.models import checkpoint_dtype, source_weight_bytes
-
-    size, avail = source_weight_bytes(model), available_bytes()
-    if size and avail:
-        fp32 = size * (2 if checkpoint_dtype(model) in ("bf16", "fp16") else 1)
-        if fp32 > 0.8 * avail:
-            logging.getLogger("shear").warning(
-                "sparsify: %s needs about %.1f GiB in fp32 and %.1f GiB are available; --stream --no-compressed "
-                "holds one block at a time", model, fp32 / 2**30, avail / 2**30)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
