@@ -138,6 +138,8 @@ def test_uneven_or_invalid_channels_are_refused():
     with pytest.raises(ValueError, match="sparse layers are"):
         slice_expert_channels_(model, {0: ar})
     assert all(b.experts.down_proj.shape[-1] == 32 for b in find_moe_blocks(model))  # a refusal changes nothing
+    with pytest.raises(ValueError, match="magnitude criterion reads no activations"):
+        ExpertChannelConfig(ratio=0.25, criterion="magnitude", routing_weight=False)
     with pytest.raises(ValueError, match="has no shared expert"):
         prune_expert_channels_(model, None, ExpertChannelConfig(ratio=0.25, shared="keep"), ids=IDS)
 

@@ -115,7 +115,8 @@ def collect_channel_stats(model: nn.Module, ids: torch.Tensor | None, batch_size
 
 
 def magnitude(down: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """``||W_gate[j]|| * ||W_up[j]|| * ||W_down[:, j]||`` of ``down [E, H, I]``, ``gate_up [E, 2I, H]`` -> ``[E, I]``."""
+    """``||W_gate[j]|| * ||W_up[j]|| * ||W_down[:, j]||`` of ``down [E, H, I]``, ``gate_up [E, 2I, H]``
+    -> ``[E, I]``."""
     g, u = gate_up.float().chunk(2, dim=1)
     return (g.norm(dim=-1) * u.norm(dim=-1) * down.float().norm(dim=1)).double().cpu()
 

@@ -18,7 +18,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from shear.importance.expert_channels import channel_scores, collect_channel_stats, shared_expert_of
@@ -51,6 +51,12 @@ class ExpertChannelConfig(BaseModel):
     seq_len: int | None = Field(None, gt=1, description="tokens per calibration sequence (None: the default)")
     seed: int = Field(0, description="seed of the calibration sampler and of the random criterion")
     batch_size: int = Field(8, gt=0, description="calibration sequences per forward pass")
+
+    @model_validator(mode="after")
+    def _weighting_needs_activations(self):
+        if not self.routing_weight and self.criterion in ("magnitude", "random"):
+            raise ValueError(f"routing_weight=False: the {self.criterion} criterion reads no activations")
+        return self
 
 
 def channels_to_remove(width: int, ratio: float) -> int:
