@@ -1,7 +1,9 @@
 """Expert pruning on a tiny Mixtral trained here on the shipped Shakespeare corpus: 25% and 50% of every layer's
-experts removed by each criterion (shear/importance/experts.py) against random, held-out PPL, no recovery.
+experts removed by each criterion (shear/importance/experts.py) against random, and 25% / 50% of every
+expert's intermediate channels by each channel criterion (shear/importance/expert_channels.py) against
+random; held-out PPL, no recovery.
 
-    OMP_NUM_THREADS=2 python tools/bench_moe.py --out runs/bench-moe              # ~5 min on 2 busy cores
+    OMP_NUM_THREADS=2 python tools/bench_moe.py --out runs/bench-moe              # ~7 min on 2 busy cores
     OMP_NUM_THREADS=1 python tools/bench_moe.py --out runs/bench-moe-smoke --steps 20 --windows 8 --seeds 1
 
 Model: Mixtral with the toy teacher's tokenizer (shipped reference-teacher, BPE 2048): hidden 128, 4 layers,
@@ -28,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 CRITERIA = ("frequency", "weighted", "reconstruction")
+#: channel rows: (label, criterion, routing_weight)
+CHANNEL_ROWS = (("wanda (routing-weighted)", "wanda", True), ("wanda (unweighted)", "wanda", False),
+                ("flap (routing-weighted)", "flap", True), ("magnitude (weights only)", "magnitude", True))
 
 
 def build(tok, aux: float):
@@ -81,6 +86,30 @@ def pruned_ppl(model, tok, ids, ratio: float, criterion: str, seed: int, windows
     return ppl(m, tok, windows), rep
 
 
+def channel_ppl(model, tok, ids, ratio: float, criterion: str, weighted: bool, seed: int,
+                windows: int) -> tuple[float, dict]:
+    from shear.prune.expert_channels import ExpertChannelConfig, prune_expert_channels_
+
+    m = copy.deepcopy(model)
+    rep = prune_expert_channels_(m, tok, ExpertChannelConfig(ratio=ratio, criterion=criterion,
+                                                             routing_weight=weighted, seed=seed), ids=ids)
+    return ppl(m, tok, windows), rep
+
+
+def channel_rows(model, tok, ids, args) -> tuple[list[dict], dict]:
+    """Expert-channel rows at 25% and 50%: each criterion, then random (mean over ``args.seeds``)."""
+    rows, fallback = [], {}
+    for ratio in (0.25, 0.5):
+        for label, crit, weighted in CHANNEL_ROWS:
+            p, rep = channel_ppl(model, tok, ids, ratio, crit, weighted, 0, args.windows)
+            fallback[f"{label}@{ratio}"] = rep["fallback_experts"]
+            rows.append({"row": label, "channels": rep["channels_after"], "params": rep["params_after"], "ppl": p})
+        rand = [channel_ppl(model, tok, ids, ratio, "random", True, s, args.windows)[0] for s in range(args.seeds)]
+        rows.append({"row": f"random (mean of {args.seeds}; {min(rand):.2f}-{max(rand):.2f})",
+                     "channels": rows[-1]["channels"], "params": rows[-1]["params"], "ppl": sum(rand) / len(rand)})
+    return rows, fallback
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -113,11 +142,16 @@ def main(argv=None) -> int:
                      "experts": 8 - math.floor(ratio * 8), "params": rows[-1]["params"], "ppl": sum(rand) / len(rand)})
     md = benchlib.table(rows, [("row", "criterion"), ("experts", "experts / layer"), ("params", "params", ","),
                                ("ppl", "held-out PPL", ".2f")])
+    crow, fallback = channel_rows(model, tok, ids, args)
+    control = dict(rows[0], channels=model.config.intermediate_size)
+    md += "\n\n" + benchlib.table([control] + crow, [("row", "channel criterion"), ("channels", "channels / expert"),
+                                                     ("params", "params", ","), ("ppl", "held-out PPL", ".2f")])
     head = (f"tiny Mixtral (8 experts, top-2), {args.steps} steps, aux loss {args.aux} ({t_train:.0f} s, final "
             f"loss {losses[-1]:.3f}); calibration {line}; {args.windows} windows x 128; {benchlib.machine_line()}")
     print(head + "\n\n" + md)
     (out / "table.md").write_text(head + "\n\n" + md + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "losses": losses, "layers": reports,
+    (out / "results.json").write_text(json.dumps({"rows": rows, "channel_rows": crow, "channel_fallback": fallback,
+                                                  "losses": losses, "layers": reports,
                                                   "machine": benchlib.machine()}, indent=1))
     return 0
 

@@ -3,7 +3,8 @@
     shear prune recipes/prune/flap.yaml prune.target.ratio=0.35 -o runs/p35
     shear prune ~/.cache/shear/models/reference --ratio 0.35 --estimator flap --structures mlp hidden -o runs/p35
 
-``--experts R`` removes whole experts of mixture-of-experts models instead (shear/cli/prune_experts.py).
+``--experts R`` removes whole experts of mixture-of-experts models instead, ``--expert-channels R`` every
+expert's intermediate channels (shear/cli/prune_experts.py).
 A recipe supplies the model, ``importance`` and ``prune`` sections (dotted overrides apply); a model
 directory (or 'reference' / 'reference-quick') takes the flags instead. Outputs: OUT/report.json,
 OUT/plans.json, OUT/kept_widths.png and the pruned model in OUT/model, written in the checkpoint's dtype
@@ -47,7 +48,7 @@ def _cmd_prune(args) -> int:
         raise ValueError("--dtype / --max-shard-size: nothing is written with --no-export; drop them")
     src = Path(args.source)
     recipe = None
-    if args.experts is not None:
+    if args.experts is not None or args.expert_channels is not None:
         from shear.cli import prune_experts
 
         prune_experts.check_flags(args, src.suffix in (".yaml", ".yml"))
@@ -59,6 +60,9 @@ def _cmd_prune(args) -> int:
         return 0
     if args.expert_criterion != "reconstruction":
         raise ValueError("--expert-criterion: only with --experts")
+    if args.expert_channel_criterion != "wanda" or args.keep_shared_expert or args.no_routing_weight:
+        raise ValueError("--expert-channel-criterion / --keep-shared-expert / --no-routing-weight: only with "
+                         "--expert-channels")
     if args.stream:
         if src.suffix in (".yaml", ".yml"):
             raise ValueError("--stream prunes a model directory (with the flags); a recipe's model is built in memory")
@@ -253,4 +257,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    choices=["frequency", "weighted", "reconstruction", "random"],
                    help="expert importance: top-k frequency; x mean routing weight x mean output norm; "
                         "the block's output error when the expert alone is dropped (default); seeded random")
+    e.add_argument("--expert-channels", type=float, default=None, metavar="R",
+                   help="remove floor(R * I) intermediate channels of every routed expert (each its own, scored on "
+                        "the calibration tokens routed to it) and of Qwen2-MoE's shared expert (0 < R < 1); the "
+                        "export stays the stock class; combines with --experts (experts first)")
+    e.add_argument("--expert-channel-criterion", default="wanda", choices=["wanda", "flap", "magnitude", "random"],
+                   help="channel importance on the expert's down-projection input: Wanda-sp (default); FLAP "
+                        "fluctuation; weight norms only; seeded random")
+    e.add_argument("--keep-shared-expert", action="store_true",
+                   help="leave Qwen2-MoE's shared expert whole (default: its channels go at the same ratio)")
+    e.add_argument("--no-routing-weight", action="store_true",
+                   help="channel statistics of the raw activations (default: scaled by each token's routing weight)")
     p.set_defaults(func=_cmd_prune)

@@ -10,7 +10,8 @@ fused, ``gate_up_proj [E, 2I, H]`` (gate rows, then up rows) and ``down_proj [E,
 is refused. The router is ``gate.weight [E, H]`` without bias; routing is
 ``softmax(x W^T)`` in fp32, top-k, and the top-k weights renormalised to sum to 1 when the family always
 does so (Mixtral) or ``config.norm_topk_prob`` is set. Qwen2-MoE's shared expert is a dense MLP beside the
-routed ones: it is never scored nor removed (dropping a routed expert leaves its output unchanged).
+routed ones: it is never scored nor removed here (dropping a routed expert leaves its output unchanged); its
+channels are pruned with the routed experts' by :mod:`shear.importance.expert_channels`.
 Layers that Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` make dense have no block here.
 
 Criteria, per layer, over the calibration tokens ``n`` (``count_e``: tokens with e in their top-k):
@@ -30,7 +31,7 @@ Criteria, per layer, over the calibration tokens ``n`` (``count_e``: tokens with
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -197,34 +198,32 @@ def expert_scores(stats: dict[int, ExpertStats], criterion: str, seed: int = 0) 
     return out
 
 
-@dataclass
-class _Hooks:
-    stats: dict = field(default_factory=dict)
-    handles: list = field(default_factory=list)
-
-
-def collect_expert_stats(model: nn.Module, ids: torch.Tensor | None, batch_size: int = 8) -> dict[int, ExpertStats]:
-    """Run ``model`` once over ``ids [n, L]`` with a forward hook on every sparse block; ``{layer: stats}``.
-    ``ids=None``: empty statistics (the random criterion needs no calibration)."""
+def forward_blocks(model: nn.Module, ids: torch.Tensor, fn, batch_size: int = 8) -> None:
+    """Run ``model`` over ``ids [n, L]`` in batches with a forward hook on every sparse block calling
+    ``fn(block: MoeBlock, x [N, H])`` on the block's input tokens (the one calibration loop of the MoE criteria)."""
     blocks = find_moe_blocks(model)
-    h = _Hooks({b.layer: ExpertStats.zeros(b.num_experts, b.top_k) for b in blocks})
-    if ids is None:
-        return h.stats
 
     def hook(b: MoeBlock):
-        def fn(_mod, args, _out):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            logits = F.linear(x, b.router.weight)
-            accumulate_(h.stats[b.layer], x, logits, b.experts, b.normalize)
-        return fn
+        def run(_mod, args, _out):
+            fn(b, args[0].reshape(-1, args[0].shape[-1]))
+        return run
 
-    h.handles = [b.block.register_forward_hook(hook(b)) for b in blocks]
+    handles = [b.block.register_forward_hook(hook(b)) for b in blocks]
     dev = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
             for batch in ids.split(batch_size):
                 model(input_ids=batch.to(dev), use_cache=False)
     finally:
-        for handle in h.handles:
+        for handle in handles:
             handle.remove()
-    return h.stats
+
+
+def collect_expert_stats(model: nn.Module, ids: torch.Tensor | None, batch_size: int = 8) -> dict[int, ExpertStats]:
+    """Run ``model`` once over ``ids [n, L]`` with a forward hook on every sparse block; ``{layer: stats}``.
+    ``ids=None``: empty statistics (the random criterion needs no calibration)."""
+    stats = {b.layer: ExpertStats.zeros(b.num_experts, b.top_k) for b in find_moe_blocks(model)}
+    if ids is not None:
+        forward_blocks(model, ids, lambda b, x: accumulate_(stats[b.layer], x, F.linear(x, b.router.weight),
+                                                            b.experts, b.normalize), batch_size)
+    return stats
