@@ -2,10 +2,10 @@
 
 The streamed run gives the plan, the exported tensors (bias compensation included) and the config of the
 in-memory run, bit for bit, across families (GQA Llama, GPT-2's Conv1D and tied head, Qwen2's biases, OLMo 2's
-projection-wide q/k norms, Gemma 3's sliding layers, OPT), estimators and allocations (stock and per-layer
-exports), from bf16 checkpoints in several shards; the export reloads in a fresh process with no missing or
-unexpected keys and the in-memory export's logits; what needs the whole model is refused before any work; a
-deep model's streamed run needs a fraction of the in-memory run's peak memory.
+projection-wide q/k norms, Gemma 3's sliding layers, OPT), estimators (OBS's layer-sequential refit included)
+and allocations (stock and per-layer exports), from bf16 checkpoints in several shards; the export reloads in a
+fresh process with no missing or unexpected keys and the in-memory export's logits; what needs the whole model
+is refused before any work; a deep model's streamed run needs a fraction of the in-memory run's peak memory.
 """
 import json
 import subprocess
@@ -31,7 +31,10 @@ SHARD = "40KB"
 CASES = [("llama", "flap", "uniform"), ("llama", "flap", "global"), ("gpt2", "flap", "global"),
          ("qwen2", "wanda_sp", "uniform"), ("olmo2", "flap", "balanced"), ("gemma3_text", "flap", "global"),
          ("qwen3", "flap_original", "pool"), ("opt", "minitron", "global"), ("mistral", "magnitude_l2", "global"),
-         ("llama", "random", "uniform")]
+         ("llama", "random", "uniform"),
+         # OBS (the default estimator): refit layer-sequentially; stock with new biases (CLI default allocation),
+         # GPT-2's existing biases refitted in place, per-layer with new biases on Qwen2
+         ("llama", "obs", "balanced"), ("gpt2", "obs", "uniform"), ("qwen2", "obs", "global")]
 
 RELOAD = textwrap.dedent("""
     import json, sys
@@ -106,12 +109,16 @@ def test_cli_stream_and_refusals(tiny_lm_dir, tiny_text, tmp_path, capsys):
     text.write_text(tiny_text)
     base = ["prune", str(tiny_lm_dir), "--ratio", "0.3", "--n-samples", "4", "--seq-len", "32", "--calib", str(text),
             "--stream"]
-    assert main(base + ["-o", str(tmp_path / "a")]) == 2  # the default estimator (obs) refits every block
-    assert "estimator 'obs'" in capsys.readouterr().err
     assert main(base + ["--estimator", "flap", "--structures", "heads", "mlp", "hidden", "-o", str(tmp_path / "a")]) == 2
     assert "hidden" in capsys.readouterr().err
-    assert main(base + ["--estimator", "taylor_element1", "-o", str(tmp_path / "a")]) == 2
+    assert main(base + ["--estimator", "taylor_element1", "-o", str(tmp_path / "a")]) == 2  # gradients
+    assert "estimator 'taylor_element1'" in capsys.readouterr().err
     assert not (tmp_path / "a" / "model").exists()  # refused before any work
+    # the default estimator (obs, refitted block by block) streams, and writes what it writes in memory
+    assert main(base + ["-o", str(tmp_path / "o")]) == 0 and main(base[:-1] + ["-o", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["estimator"] == "obs"
+    want, got = (_tensors(tmp_path / d / "model") for d in "po")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert main(base + ["--estimator", "flap", "-o", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "params" in printed and "peak RSS" in printed

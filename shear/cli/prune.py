@@ -235,7 +235,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stream", action="store_true",
                    help="hold one decoder block at a time, read from the safetensors shards and written into new "
                         "ones (models larger than memory): heads and MLP channels, estimators "
-                        "flap/flap_original/wanda_sp/minitron/magnitude_l1/magnitude_l2/random")
+                        "obs (refitted block by block)/flap/flap_original/wanda_sp/minitron/magnitude_l1/"
+                        "magnitude_l2/random")
     g.add_argument("--protect", nargs="*", default=None, help="protected layer indices")
     g.add_argument("--n-samples", type=int, default=None, help="calibration sequences (default 128; 32 on the "
                                                                "reference models' Shakespeare corpus)")

@@ -2,7 +2,9 @@
 layer-sequential reconstruction that the prune transform calls between planning and slicing.
 
 Math in :mod:`shear.importance.obs`. Two passes over the calibration ids, each holding one block's
-inputs for the calibration set plus that block's Hessians (``[in, in]`` fp32 per consumer):
+inputs for the calibration set plus that block's Hessians (``[in, in]`` fp32 per consumer); the work on
+one block is :func:`score_block` / :func:`refit_block`, which the streamed prune (``shear.prune.stream``)
+calls on blocks read from the shards one at a time:
 
 1. **score** (``obs`` registered below): the unpruned model; the units of each consumer (o_proj for
    heads / KV groups / query heads, down_proj or fc2 for MLP channels; GPT-2's Conv1D weights are
@@ -50,7 +52,7 @@ class _Stop(Exception):
     pass
 
 
-def _consumers(groups: list[Group]) -> dict[int, dict[str, list[tuple[Group, int]]]]:
+def consumers_of(groups: list[Group]) -> dict[int, dict[str, list[tuple[Group, int]]]]:
     """``{layer: {consumer module name: [(group, member index)]}}``: members indexing input columns,
     attention consumers first (forward order)."""
     out: dict[int, dict[str, list]] = {}
@@ -129,19 +131,81 @@ def _run_block(layer, hidden, kws, mods: dict[str, nn.Module], stop: bool, bias_
     return hs, (None if stop else outs)
 
 
+def refit_consumers(graph: StructureGraph, plan: PrunePlan) -> dict[int, dict[str, list[tuple[Group, int]]]]:
+    """:func:`consumers_of` of the groups the refit reconstructs (OBS kinds that ``plan`` cuts), by block."""
+    return consumers_of([g for g in graph.groups if g.kind in OBS_KINDS and plan.remove.get(g.name)])
+
+
+def new_bias_modules(model: nn.Module, cons: dict, new_biases: set[str]) -> set[str]:
+    """The consumers of ``cons`` that get a new bias from the refit: named in ``new_biases``, without one yet
+    (``model`` may be a meta skeleton: only which biases exist is read)."""
+    return {n for per in cons.values() for n in per if n in new_biases and not _has_bias(model.get_submodule(n))}
+
+
+@torch.no_grad()
+def score_block(model: nn.Module, layer: nn.Module, hidden: list, kws: list, cons: dict, aug: bool,
+                pass_on: bool = True) -> tuple[dict[str, list[torch.Tensor]], list | None]:
+    """Pass 1 on one block: ``layer`` (its weights dense) run on ``hidden`` (its inputs per batch) with ``kws``
+    (its call arguments per batch), each consumer of ``cons`` (``{name: [(group, member index)]}``) folding its
+    input into a Hessian (bias column: ``aug`` or an existing bias). Returns ``({group: [greedy scores per
+    member]}, the block's outputs per batch)`` (outputs None without ``pass_on``)."""
+    mods = {n: model.get_submodule(n) for n in cons}
+    if not (mods or pass_on):
+        return {}, None
+    hs, out = _run_block(layer, hidden, kws, mods, stop=not pass_on, bias_cols=set(mods) if aug else set())
+    per: dict[str, list[torch.Tensor]] = {}
+    for name, members in cons.items():
+        w = _weight(mods[name], aug or _has_bias(mods[name]))
+        hinv = O.inverse_hessian(hs[name].to(w.device))
+        for g, j in members:
+            per.setdefault(g.name, []).append(O.greedy_scores(w, hinv, g.members[j].units))
+    return per, out
+
+
+@torch.no_grad()
+def refit_block(model: nn.Module, layer: nn.Module, hidden: list, kws: list, cons: dict, plan: PrunePlan,
+                new: set[str], pass_on: bool = True) -> tuple[dict[str, torch.Tensor], list | None]:
+    """Pass 2 on one block, in place: each consumer of ``cons`` in order (attention's before the MLP's) gets
+    its Hessian on ``hidden`` (the outputs of the blocks before, already refitted) and the OBS update that
+    removes the columns ``plan`` cuts; those in ``new`` refit a new bias too, added to their output by a hook
+    while the block runs. Returns ``({name in new: bias [out]}, the refitted block's outputs per batch)``
+    (outputs None without ``pass_on``); the new biases are not written into the modules."""
+    fitted: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name, members in cons.items():
+            mod = model.get_submodule(name)
+            add = name in new
+            hs, _ = _run_block(layer, hidden, kws, {name: mod}, stop=True, bias_cols={name} if add else set())
+            cols = torch.cat([g.members[j].indices(plan.remove[g.name]) for g, j in members]).unique()
+            w = _weight(mod, _has_bias(mod) or add)
+            w = O.obs_update(w, O.inverse_hessian(hs[name].to(w.device)), cols)
+            if add:
+                fitted[name] = w[:, -1].clone()
+                handles.append(mod.register_forward_hook(_add_output(fitted[name])))
+                w = w[:, :-1]
+            _set_weight(mod, w)
+        out = _run_block(layer, hidden, kws, {}, stop=False)[1] if pass_on else None
+    finally:
+        for h in handles:
+            h.remove()
+    return fitted, out
+
+
 @torch.no_grad()
 def reconstruct_(model: nn.Module, plan: PrunePlan, graph: StructureGraph, ctx: ScoringContext,
                  new_biases: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Pass 2 (module docstring): OBS-reconstruct every consumer that loses columns under ``plan``, in place,
-    in the unsliced numbering; the removed columns become 0, existing biases are refitted.
+    in the unsliced numbering (:func:`refit_block` per block); the removed columns become 0, existing biases
+    are refitted.
 
     ``new_biases``: consumers without a bias that may get one (their refit includes a bias column).
     Returns ``{module name: bias [out]}`` for those, NOT written into the model (the transform writes
-    them after slicing); while the pass runs they are added to the module's output by a hook, so later
+    them after slicing); while a block runs they are added to the module's output by a hook, so later
     blocks see them.
     """
-    groups = [g for g in graph.groups if g.kind in OBS_KINDS and plan.remove.get(g.name)]
-    if not groups:
+    cons = refit_consumers(graph, plan)
+    if not cons:
         return {}
     ctx._need_ids()
     gone_layers, gone_mods = set(), set()
@@ -154,34 +218,18 @@ def reconstruct_(model: nn.Module, plan: PrunePlan, graph: StructureGraph, ctx: 
                 gone_mods.update(g.meta.get("modules", []))
                 for p in g.meta.get("outputs", []):
                     params[p].zero_()
-    cons = _consumers(groups)
+    new_mods = new_bias_modules(model, cons, new_biases)
     hidden, kws = capture_block_inputs(model, ctx.ids, ctx.cfg.batch_size)
     new: dict[str, torch.Tensor] = {}
-    handles, done = [], 0
-    try:
-        layers = decoder_layers(model)
-        for i, layer in progress(enumerate(layers), "obs: refitting blocks", total=len(layers)):
-            if i in gone_layers:
-                continue
-            for name, members in cons.get(i, {}).items():
-                if any((name + ".").startswith(m + ".") for m in gone_mods):
-                    continue
-                mod = model.get_submodule(name)
-                add = name in new_biases and not _has_bias(mod)
-                hs, _ = _run_block(layer, hidden, kws[i], {name: mod}, stop=True, bias_cols={name} if add else set())
-                cols = torch.cat([g.members[j].indices(plan.remove[g.name]) for g, j in members]).unique()
-                w = _weight(mod, _has_bias(mod) or add)
-                w = O.obs_update(w, O.inverse_hessian(hs[name].to(w.device)), cols)
-                if add:
-                    new[name] = w[:, -1].clone()
-                    handles.append(mod.register_forward_hook(_add_output(new[name])))
-                    w = w[:, :-1]
-                _set_weight(mod, w)
-                done += 1
-            _, hidden = _run_block(layer, hidden, kws[i], {}, stop=False)
-    finally:
-        for h in handles:
-            h.remove()
+    done = 0
+    layers = decoder_layers(model)
+    for i, layer in progress(enumerate(layers), "obs: refitting blocks", total=len(layers)):
+        if i in gone_layers:
+            continue
+        mine = {n: m for n, m in cons.get(i, {}).items() if not any((n + ".").startswith(g + ".") for g in gone_mods)}
+        fitted, hidden = refit_block(model, layer, hidden, kws[i], mine, plan, new_mods, pass_on=i < len(layers) - 1)
+        new.update(fitted)
+        done += len(mine)
     log.info("obs: reconstructed %d consumer projection(s) layer by layer (%d with a new bias)", done, len(new))
     return {n: b.cpu() for n, b in new.items()}
 
@@ -200,21 +248,21 @@ def _add_output(b: torch.Tensor):
 def obs_scores(ctx: ScoringContext, groups: list[Group]) -> Scores:
     """Pass 1 (module docstring): greedy OBS scores on the unpruned model; memory: one block + its Hessians."""
     ctx._need_ids()
-    model, cons = ctx.model, _consumers(groups)
+    model, cons = ctx.model, consumers_of(groups)
     per: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
     hidden, kws = capture_block_inputs(model, ctx.ids, ctx.cfg.batch_size)
     aug = ctx.cfg.bias_compensation is not False  # new biases allowed: score with the bias column
     layers = decoder_layers(model)
     for i, layer in progress(enumerate(layers), "obs: scoring blocks", total=len(layers)):
-        mods = {n: model.get_submodule(n) for n in cons.get(i, {})}
-        hs, hidden = _run_block(layer, hidden, kws[i], mods, stop=False, bias_cols=set(mods) if aug else set())
-        for name, members in cons.get(i, {}).items():
-            w = _weight(mods[name], aug or _has_bias(mods[name]))
-            hinv = O.inverse_hessian(hs[name].to(w.device))
-            for g, j in members:
-                per[g.name].append(O.greedy_scores(w, hinv, g.members[j].units))
-        del hs
+        got, hidden = score_block(model, layer, hidden, kws[i], cons.get(i, {}), aug, pass_on=i < len(layers) - 1)
+        for n, s in got.items():
+            per[n] += s
+    return aggregate(per, ctx.cfg.aggregation)
+
+
+def aggregate(per: dict[str, list[torch.Tensor]], how: str) -> Scores:
+    """``{group: score [units]}`` from the greedy scores of each group's members (``how``: the aggregation)."""
     empty = [n for n, s in per.items() if not s]
     if empty:
         raise ValueError(f"importance: obs cannot score {empty[:3]}: no consumer (input-column member) in the block")
-    return {n: C.aggregate(s, ctx.cfg.aggregation) for n, s in per.items()}
+    return {n: C.aggregate(s, how) for n, s in per.items()}
