@@ -187,25 +187,27 @@ def test_streamed_peak_memory_is_a_fraction_of_in_memory(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_reads_cast_a_slice_of_rows_at_a_time(tmp_path, monkeypatch):
-    """A tensor cast while it is read (so its stored and cast copies are never both whole) equals the cast of the
-    whole tensor; non-floating tensors and scalars are read as stored."""
+def test_checkpoint_reads_equal_safetensors_and_cast_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    """Tensors read by plain file reads (not memory-mapped) equal safetensors' own load, as stored or cast (a
+    few rows at a time: the buffer boundary falls inside the tensors here); a truncated shard is named."""
     import shear.checkpoint as sc
+    from safetensors.torch import load_file
 
     stored = {"a": torch.randn(1000, 77).bfloat16(), "b": torch.randn(5).half(), "c": torch.arange(6),
-              "s": torch.tensor(3.5).bfloat16()}
+              "s": torch.tensor(3.5).bfloat16(), "m": torch.rand(3, 4) > 0.5, "e": torch.zeros(0, 3)}
     save_file(stored, tmp_path / "model.safetensors")
-    real, sizes = sc._read_cast, []
-
-    def spy(f, key, shape, dtype, chunk_bytes=64 << 20):
-        sizes.append(key)
-        return real(f, key, shape, dtype, chunk_bytes=1000)  # 3 rows of fp32 per slice
-
-    monkeypatch.setattr(sc, "_read_cast", spy)
-    got = sc.Checkpoint(tmp_path).read(list(stored), dict.fromkeys(stored, torch.float32))
-    assert all(torch.equal(got[k], stored[k].float()) and got[k].dtype == torch.float32 for k in "abs")
-    assert got["c"].dtype == torch.int64 and torch.equal(got["c"], stored["c"])
-    assert sorted(sizes) == ["a", "b", "s"]
+    want = load_file(tmp_path / "model.safetensors")
+    monkeypatch.setattr(sc, "READ_CHUNK", 1000)  # 6 rows of "a" per step
+    ckpt = sc.Checkpoint(tmp_path)
+    got = ckpt.read(list(stored))
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in stored)
+    cast = ckpt.read(list(stored), dict.fromkeys(stored, torch.float32))
+    assert all(torch.equal(cast[k], want[k].float()) and cast[k].dtype == torch.float32 for k in "abse")
+    assert cast["c"].dtype == torch.int64 and cast["m"].dtype == torch.bool  # non-floating: as stored
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        sc.Checkpoint(tmp_path).read(list(stored))
 
 
 def test_a_checkpoint_too_big_for_memory_is_named_with_the_streamed_flags(tiny_lm_dir, monkeypatch, caplog):
