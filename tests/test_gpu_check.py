@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
-STEPS = ["prune_flap", "sparsify_wanda", "sparsify_sparsegpt", "kd_train", "sparse_kernel"]
+STEPS = ["prune_flap", "prune_stream", "sparsify_wanda", "sparsify_sparsegpt", "kd_train", "sparse_kernel"]
 
 
 def _run(args, interpret: bool, timeout: int = 600):
@@ -37,6 +37,8 @@ def test_cpu_run_passes_every_step(tmp_path):
     assert all(s["peak_gpu_bytes"] is None for s in r["steps"])  # no GPU: no figure, not a guess
     d = {s["name"]: s["details"] for s in r["steps"]}
     assert d["prune_flap"]["params_after"] < d["prune_flap"]["params_before"]
+    assert d["prune_stream"]["params_after"] == d["prune_flap"]["params_after"]
+    assert d["prune_stream"]["same_tensors_as_in_memory"] is True
     assert d["sparsify_wanda"]["pruned_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert len(d["kd_train"]["losses"]) == 2 and d["kd_train"]["student"] == "pruned"
     assert d["sparse_kernel"]["interpreted"] and all(row["max_rel_error"] <= 2e-2 for row in d["sparse_kernel"]["rows"])

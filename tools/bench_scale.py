@@ -5,7 +5,8 @@ Llama checkpoints: the whole model in memory vs ``--stream`` (one decoder block 
         --sizes 0.48b 1.3b 8b [--commands flap wanda sparsegpt] [--n-samples 8 --seq-len 128] [--cap-gib 12]
 
 Each size is a Llama config (layers x hidden x MLP, heads / KV heads, vocabulary; ``8b`` is Llama-3-8B's shape:
-32 x 4096 x 14336, 32/8 heads, vocabulary 128,256) with random weights (N(0, 0.02), norms 1), written once in
+32 x 4096 x 14336, 32/8 heads, vocabulary 128,256; ``8b-4l`` the same with 4 blocks, for the slow SparseGPT rows:
+a streamed run's peak is one block, whatever the depth) with random weights (N(0, 0.02), norms 1), written once in
 bf16 with 1 GB shards into OUT/models/NAME one tensor at a time (never the whole model in memory), SmolLM2-135M's
 tokenizer beside it (``benchlib.smollm2()``; its 49,152 ids index any of these vocabularies). Each row is one
 command line in a fresh process through ``benchlib.measure`` (wall seconds and that process's peak RSS, VmHWM):
@@ -37,6 +38,7 @@ SIZES = {
     "1.3b": (22, 2048, 5632, 16, 4, 49152),
     "3b": (28, 3072, 8192, 24, 8, 49152),
     "8b": (32, 4096, 14336, 32, 8, 128256),
+    "8b-4l": (4, 4096, 14336, 32, 8, 128256),  # Llama-3-8B's widths and vocabulary, 4 of its 32 blocks
 }
 COMMANDS = {
     "flap": ["prune", "--estimator", "flap", "--ratio", "0.3"],

@@ -13,12 +13,16 @@ token ids. Steps, each guarded (a failure is recorded and the next step runs):
 1. ``prune_flap``: ``shear.prune.pipeline.run_prune`` (FLAP, heads within KV groups + MLP, uniform, 30% of the
    parameters) with ``importance.device`` set to the device; checks the parameter count dropped, every
    parameter is still on the device, the pruned logits are finite.
-2. ``sparsify_wanda`` and 3. ``sparsify_sparsegpt``: ``shear.sparse.pipeline.run_sparsify`` at 50% with
+2. ``prune_stream``: the same prune through ``shear.prune.stream.prune_streamed`` (the dense model saved in its
+   dtype with 1 GB shards, its blocks read one at a time onto the device); checks the export loads with plain
+   ``from_pretrained`` (no missing / unexpected keys) and gives finite logits, and reports whether its tensors
+   equal step 1's (``same_tensors_as_in_memory``).
+3. ``sparsify_wanda`` and 4. ``sparsify_sparsegpt``: ``shear.sparse.pipeline.run_sparsify`` at 50% with
    ``sparsify.device``; checks the achieved sparsity of the pruned linears is 50% +- 1% and the logits are finite.
-4. ``kd_train``: a few steps of ``shear.train.trainer.train`` (accelerate, one process; LoRA r=16, gradient
+5. ``kd_train``: a few steps of ``shear.train.trainer.train`` (accelerate, one process; LoRA r=16, gradient
    checkpointing, bf16 autocast on GPU, CE + KD from the dense model, chunked logits); checks every logged
    loss is finite. The student is the pruned model (the dense one when step 1 failed).
-5. ``sparse_kernel``: ``shear.kernels.triton_kernel.bitmap_linear`` against the dense product of the decoded
+6. ``sparse_kernel``: ``shear.kernels.triton_kernel.bitmap_linear`` against the dense product of the decoded
    weight (max |error| / max |reference| <= 2e-2 in bf16) and timed against cuBLAS ``F.linear`` on
    Llama-3-8B's projection shapes at 50% / 70% sparsity for 1 and 16 tokens. On CPU it needs
    ``TRITON_INTERPRET=1`` (fp32, tiny shapes; the times are the interpreter's) and is skipped otherwise.
@@ -89,16 +93,22 @@ def logits_finite(model, ids: torch.Tensor) -> bool:
         return bool(torch.isfinite(model(input_ids=ids[:1].to(dev), use_cache=False).logits.float()).all())
 
 
-def step_prune(ctx) -> dict:
+def _prune_configs(ctx):
     from shear.prune.config import ImportanceConfig, PruneConfig
-    from shear.prune.pipeline import run_prune
 
-    model = copy.deepcopy(ctx["dense"])
-    before = sum(p.numel() for p in model.parameters())
     pcfg = PruneConfig(target={"ratio": 0.3}, structures=["heads", "mlp"], heads="query_head", allocation="uniform",
                        round_to=8 if ctx["args"].tiny else 128)
     icfg = ImportanceConfig(estimator="flap", device=ctx["device_name"], n_samples=ctx["ids"].shape[0],
                             seq_len=ctx["ids"].shape[1], batch_size=4)
+    return pcfg, icfg
+
+
+def step_prune(ctx) -> dict:
+    from shear.prune.pipeline import run_prune
+
+    model = copy.deepcopy(ctx["dense"])
+    before = sum(p.numel() for p in model.parameters())
+    pcfg, icfg = _prune_configs(ctx)
     model, _, report = run_prune(model, None, pcfg, icfg, ids=ctx["ids"])
     after = sum(p.numel() for p in model.parameters())
     devices = sorted({str(p.device) for p in model.parameters()})
@@ -108,6 +118,34 @@ def step_prune(ctx) -> dict:
     ctx["pruned"] = model
     return {"params_before": before, "params_after": after, "removed_ratio": round(1 - after / before, 4),
             "time_s": report["time_s"], "cuda_peak_mb": report.get("cuda_peak_mb")}
+
+
+def step_prune_stream(ctx) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from shear.models import SHORT
+    from shear.prune.stream import prune_streamed
+
+    pcfg, icfg = _prune_configs(ctx)
+    dtype = next(ctx["dense"].parameters()).dtype
+    with tempfile.TemporaryDirectory(prefix="gpu-check-stream-") as tmp:
+        src, out = Path(tmp) / "dense", Path(tmp) / "pruned"
+        ctx["dense"].save_pretrained(src, max_shard_size="1GB")
+        report = prune_streamed(src, None, pcfg, icfg, export_dir=out, written=SHORT[dtype], compute=SHORT[dtype],
+                                ids=ctx["ids"])
+        model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, output_loading_info=True)
+        keys = {k: v[:3] for k, v in info.items() if v}
+        finite = logits_finite(model.to(ctx["device"]), ctx["ids"])
+        same = None
+        if ctx.get("pruned") is not None:  # step 1's in-memory result on the same device
+            want, got = ctx["pruned"].state_dict(), model.state_dict()
+            same = want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+    if keys or not finite:
+        raise AssertionError(f"prune --stream: loading info {keys}, finite logits {finite}")
+    return {"params_after": params, "same_tensors_as_in_memory": same, "time_s": report["time_s"],
+            "cuda_peak_mb": report.get("cuda_peak_mb"), "vm_hwm_mb": report.get("vm_hwm_mb")}
 
 
 def step_sparsify(method: str):
@@ -208,7 +246,7 @@ class _Skip(Exception):
     """A step that cannot run here (not a failure)."""
 
 
-STEPS = [("prune_flap", step_prune), ("sparsify_wanda", step_sparsify("wanda")),
+STEPS = [("prune_flap", step_prune), ("prune_stream", step_prune_stream), ("sparsify_wanda", step_sparsify("wanda")),
          ("sparsify_sparsegpt", step_sparsify("sparsegpt")), ("kd_train", step_kd), ("sparse_kernel", step_kernel)]
 
 

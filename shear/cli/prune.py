@@ -28,7 +28,7 @@ def _configs_from_flags(args):
                         round_to=args.round_to, iterative_steps=args.steps, vocab=vocab,
                         protected_layers=[int(x) for x in args.protect] if args.protect else [])
     imp = ImportanceConfig(estimator=args.estimator, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                           source=args.calib)
+                           source=args.calib, device=args.device)
     return prune, imp
 
 
@@ -243,6 +243,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512, capped at "
                                                             "the model's positions; 128 on the reference models' corpus)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="score and slice on this device (cpu, cuda, cuda:N; auto: this "
+                                                  "rank's GPU when there is one); with --stream the blocks go there "
+                                                  "one at a time")
     g.add_argument("--vocab-text", default=None, help="trim the vocabulary first (WordPiece encoders) to the tokens this "
                                                        "text uses: a file, a directory, an HF dataset name or 'shakespeare' "
                                                        "(prune.vocab.source); --ratio still counts from the untrimmed model")
