@@ -102,7 +102,7 @@ class Checkpoint:
             return out
         fh.seek(a)
         if dtype == stored:
-            _fill(fh, out, b - a, key)
+            read_into(fh, out, b - a, key)
             return out
         rows = out.reshape(out.shape[0] if out.dim() else 1, -1)
         per_row = rows.shape[1] * torch.empty((), dtype=stored).element_size()
@@ -110,7 +110,7 @@ class Checkpoint:
         buf = torch.empty(min(step, rows.shape[0]), rows.shape[1], dtype=stored)
         for r in range(0, rows.shape[0], step):
             part = buf[: min(step, rows.shape[0] - r)]
-            _fill(fh, part, part.numel() * part.element_size(), key)
+            read_into(fh, part, part.numel() * part.element_size(), key)
             rows[r:r + part.shape[0]].copy_(part)
         return out
 
@@ -127,7 +127,7 @@ class Checkpoint:
         return next((c for c in cands if c in self.files), None)
 
 
-def _fill(fh, t: torch.Tensor, nbytes: int, key: str) -> None:
+def read_into(fh, t: torch.Tensor, nbytes: int, key: str) -> None:
     """Read ``nbytes`` from ``fh`` into the contiguous tensor ``t``'s memory (safetensors is little-endian)."""
     view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
     if view.nbytes != nbytes:

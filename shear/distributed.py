@@ -42,6 +42,11 @@ def make_side_group() -> None:
         _side["group"] = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
 
 
+def forget_side_group() -> None:
+    """Drop the side group once its process group is destroyed (a later group makes its own)."""
+    _side["group"] = None
+
+
 def _side_group():
     if _side["group"] is None:
         raise RuntimeError("shear.distributed: no side group; call make_side_group() on every rank after the "

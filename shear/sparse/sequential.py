@@ -158,6 +158,10 @@ class _Collector:
             h.remove()
 
 
+#: Hessians this big go to a temporary file while SparseGPT inverts them and updates the weights (peak memory)
+SPILL_BYTES = 256 << 20
+
+
 def _prune_linear(name: str, mod: nn.Module, cfg: SparsifyConfig, sparsity: float | None, stat, conv1d: bool) -> dict:
     w = weight_matrix(mod, conv1d)
     rel = None
@@ -166,9 +170,13 @@ def _prune_linear(name: str, mod: nn.Module, cfg: SparsifyConfig, sparsity: floa
                      "sparsify: calibration statistics of the input of", STATS_FIX)
     if cfg.method == "sparsegpt":
         damp = cfg.dampening
+        big = stat.H.numel() * stat.H.element_size() >= SPILL_BYTES
+        box = [stat.H] if big else None  # sparsegpt_prune owns a big Hessian (spills it during the update)
+        if big:
+            stat.H = None
         for attempt in range(4):
             try:
-                new, _, rel = sparsegpt_prune(w, stat.H, sparsity, cfg.nm, cfg.blocksize, damp)
+                new, _, rel = sparsegpt_prune(w, box if big else stat.H, sparsity, cfg.nm, cfg.blocksize, damp)
                 break
             except torch.linalg.LinAlgError:
                 if attempt == 3:

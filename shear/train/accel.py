@@ -74,9 +74,15 @@ def init_processes() -> bool:
 
 
 def end_processes() -> None:
-    """End the process group :func:`init_processes` started."""
+    """End the process group :func:`init_processes` started: every rank meets at a barrier first, so none tears
+    its connections down while a peer still reads from them (gloo then aborted a loaded peer at exit:
+    'terminate called without an active exception')."""
     if _STARTED["group"] and torch.distributed.is_initialized():
+        from shear import distributed
+
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        distributed.forget_side_group()
     _STARTED["group"] = False
 
 
