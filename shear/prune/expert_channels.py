@@ -18,11 +18,12 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from shear.importance.expert_channels import channel_scores, collect_channel_stats, shared_expert_of
 from shear.importance.experts import find_moe_blocks
+from shear.prune.experts import ExpertCalibration
 
 log = logging.getLogger("shear")
 
@@ -32,10 +33,8 @@ EXPERT_WIDTH = {"mixtral": "intermediate_size", "olmoe": "intermediate_size", "q
 SHARED_WIDTH = "shared_expert_intermediate_size"
 
 
-class ExpertChannelConfig(BaseModel):
+class ExpertChannelConfig(ExpertCalibration):
     """How many channels each expert loses, by which criterion, and the calibration that scores them."""
-
-    model_config = ConfigDict(extra="forbid")
 
     ratio: float = Field(gt=0.0, lt=1.0, description="fraction of every expert's intermediate channels removed "
                                                      "(floor(ratio * I), the same in every expert and layer)")
@@ -45,12 +44,6 @@ class ExpertChannelConfig(BaseModel):
                                                    "(the shared expert's: its sigmoid gate) before the statistics")
     shared: Literal["prune", "keep"] = Field("prune", description="Qwen2-MoE's shared expert: its own channels "
                                                                   "removed at the same ratio, or left whole")
-    source: str | None = Field(None, description="calibration text (as importance.source; None: resolved as "
-                                                 "for every calibrated command, shear/data/calibration.py)")
-    n_samples: int | None = Field(None, gt=0, description="calibration sequences (None: the resolver's default)")
-    seq_len: int | None = Field(None, gt=1, description="tokens per calibration sequence (None: the default)")
-    seed: int = Field(0, description="seed of the calibration sampler and of the random criterion")
-    batch_size: int = Field(8, gt=0, description="calibration sequences per forward pass")
 
     @model_validator(mode="after")
     def _weighting_needs_activations(self):

@@ -24,21 +24,26 @@ from shear.importance.experts import MOE_FAMILIES, collect_expert_stats, expert_
 log = logging.getLogger("shear")
 
 
-class ExpertPruneConfig(BaseModel):
-    """How many experts go, by which criterion, and the calibration that scores them."""
+class ExpertCalibration(BaseModel):
+    """The calibration text that scores experts or their channels (the fields both MoE configs share)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    ratio: float = Field(gt=0.0, lt=1.0, description="fraction of each sparse layer's experts removed "
-                                                     "(floor(ratio * E) experts; the same in every layer)")
-    criterion: Literal["frequency", "weighted", "reconstruction", "random"] = Field(
-        "reconstruction", description="expert importance (shear.importance.experts); random is a seeded control")
     source: str | None = Field(None, description="calibration text (as importance.source; None: resolved as "
                                                  "for every calibrated command, shear/data/calibration.py)")
     n_samples: int | None = Field(None, gt=0, description="calibration sequences (None: the resolver's default)")
     seq_len: int | None = Field(None, gt=1, description="tokens per calibration sequence (None: the default)")
     seed: int = Field(0, description="seed of the calibration sampler and of the random criterion")
     batch_size: int = Field(8, gt=0, description="calibration sequences per forward pass")
+
+
+class ExpertPruneConfig(ExpertCalibration):
+    """How many experts go, by which criterion, and the calibration that scores them."""
+
+    ratio: float = Field(gt=0.0, lt=1.0, description="fraction of each sparse layer's experts removed "
+                                                     "(floor(ratio * E) experts; the same in every layer)")
+    criterion: Literal["frequency", "weighted", "reconstruction", "random"] = Field(
+        "reconstruction", description="expert importance (shear.importance.experts); random is a seeded control")
 
 
 def experts_to_remove(num_experts: int, ratio: float, top_k: int) -> int:
