@@ -15,6 +15,44 @@ import torch
 #: ``one_thread``): the same thread count, hence the same reduction order
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
+#: a child's check of exports ``ROOT/<case>`` (``ROOT/cases.json``: the case directories) against the logits in
+#: their ``expected.safetensors`` on ``ROOT/ids.safetensors``: plain from_pretrained, no missing / unexpected /
+#: mismatched keys; prints the failures as JSON
+RELOAD_CAUSAL = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+root, bad = sys.argv[1], []
+ids = load_file(root + "/ids.safetensors")["ids"]
+for d in json.load(open(root + "/cases.json")):
+    m, info = AutoModelForCausalLM.from_pretrained(root + "/" + d, output_loading_info=True, dtype=torch.float32,
+                                                   trust_remote_code=True)
+    keys = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    with torch.no_grad():
+        got = m.eval()(input_ids=ids).logits
+    if keys or not torch.equal(got, load_file(root + "/" + d + "/expected.safetensors")["out"]):
+        bad.append((d, keys, "outputs differ"))
+print(json.dumps(bad))
+"""
+
+
+def reload_in_child(root, cases: list, ids: torch.Tensor, script: str = RELOAD_CAUSAL):
+    """Write ``cases`` and ``ids`` under ``root``, run ``script`` on it in a fresh process at one thread (the
+    thread count of the tests that compare bit for bit) and return what it printed last (JSON)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    (root / "cases.json").write_text(json.dumps(cases))
+    save_file({"ids": ids}, root / "ids.safetensors")
+    run = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=300,
+                         env=ONE_THREAD)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ONE_THREAD
+from conftest import reload_in_child
 from families import family_model, outputs
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.pipeline import run_prune
@@ -36,23 +36,6 @@ CASES = [("llama", "flap", "uniform"), ("llama", "flap", "global"), ("gpt2", "fl
          # GPT-2's existing biases refitted in place, per-layer with new biases on Qwen2
          ("llama", "obs", "balanced"), ("gpt2", "obs", "uniform"), ("qwen2", "obs", "global")]
 
-RELOAD = textwrap.dedent("""
-    import json, sys
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    root, bad = sys.argv[1], []
-    ids = load_file(root + "/ids.safetensors")["ids"]
-    for d in json.load(open(root + "/cases.json")):
-        m, info = AutoModelForCausalLM.from_pretrained(root + "/" + d, output_loading_info=True, dtype=torch.float32,
-                                                       trust_remote_code=True)
-        keys = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        with torch.no_grad():
-            got = m.eval()(input_ids=ids).logits
-        if keys or not torch.equal(got, load_file(root + "/" + d + "/expected.safetensors")["out"]):
-            bad.append((d, keys, "outputs differ"))
-    print(json.dumps(bad))
-""")
 
 
 def _tensors(d):
@@ -94,12 +77,7 @@ def test_streamed_equals_in_memory_and_reloads(tmp_path):
         reloaded = AutoModelForCausalLM.from_pretrained(mem, dtype=torch.float32, trust_remote_code=True).eval()
         save_file({"out": outputs(reloaded, IDS)}, st / "expected.safetensors")  # the in-memory export's
         cases.append(f"st{k}")
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    save_file({"ids": IDS}, tmp_path / "ids.safetensors")
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env=ONE_THREAD)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
+    assert reload_in_child(tmp_path, cases, IDS) == []
 
 
 def test_cli_stream_and_refusals(tiny_lm_dir, tiny_text, tmp_path, capsys):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ONE_THREAD
+from conftest import reload_in_child
 from families import family_model, outputs
 from shear.shards import ShardWriter
 from shear.sparse import SparsifyConfig
@@ -30,22 +30,6 @@ CASES = [(f, d, m, t) for f in ("llama", "gpt2") for d in ("bf16", "fp32") for m
         [("qwen2", "bf16", "sparsegpt", dict(sparsity=0.5))]
 SHARD = "40KB"  # a tiny model in several shards
 
-RELOAD = textwrap.dedent("""
-    import json, sys
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    root, bad = sys.argv[1], []
-    ids = load_file(root + "/ids.safetensors")["ids"]
-    for d in json.load(open(root + "/cases.json")):
-        m, info = AutoModelForCausalLM.from_pretrained(root + "/" + d, output_loading_info=True, dtype=torch.float32)
-        keys = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        with torch.no_grad():
-            got = m.eval()(input_ids=ids).logits
-        if keys or not torch.equal(got, load_file(root + "/" + d + "/expected.safetensors")["out"]):
-            bad.append((d, keys, "outputs differ"))
-    print(json.dumps(bad))
-""")
 
 
 def _save(family: str, dtype: str, path, shard=SHARD, **over):
@@ -88,12 +72,7 @@ def test_streamed_equals_in_memory_and_reloads(tmp_path):
         assert not torch.equal(outputs(model, IDS), outputs(_load(src), IDS))
         save_file({"out": outputs(_load(tmp_path / f"mem{k}"), IDS)}, out / "expected.safetensors")
         cases.append(f"st{k}")
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    save_file({"ids": IDS}, tmp_path / "ids.safetensors")
-    run = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env=ONE_THREAD)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
+    assert reload_in_child(tmp_path, cases, IDS) == []
 
 
 def test_shard_writer_plans_like_save_pretrained(tmp_path):
