@@ -195,14 +195,17 @@ def measure(argv: list[str], log=None, threads: int = 2, python: str = sys.execu
         res = Path(name)
     group = _cgroup(max_mem_bytes) if max_mem_bytes else None
     t0 = time.perf_counter()
-    with open(log if path else os.devnull, "w") as f:
-        rc = subprocess.run([python, __file__, "measure", str(res), "--", *argv], stdout=f if path or log is None else log,
-                            stderr=subprocess.STDOUT, env=child_env(threads, env),
-                            preexec_fn=None if group is None else _join(group)).returncode
-    out = {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
-    if group is not None:
-        out["cgroup_peak_mb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / 2**20, 1)
-        group.rmdir()
+    try:
+        with open(log if path else os.devnull, "w") as f:
+            rc = subprocess.run([python, __file__, "measure", str(res), "--", *argv],
+                                stdout=f if path or log is None else log, stderr=subprocess.STDOUT,
+                                env=child_env(threads, env), preexec_fn=None if group is None else _join(group)).returncode
+        out = {"rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+        if group is not None:
+            out["cgroup_peak_mb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / 2**20, 1)
+    finally:
+        if group is not None:  # the group outlives nothing it measured (an interrupted run included)
+            group.rmdir()
     if res.exists() and res.stat().st_size:
         out.update(json.loads(res.read_text()))
     if not path:
