@@ -41,16 +41,21 @@ def trim() -> bool:
     return True
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (``VmHWM`` in ``/proc/self/status``; 0 elsewhere)."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key: N kB`` line of a ``/proc`` file in bytes; None where there is none (no ``/proc``)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``VmHWM`` in ``/proc/self/status``; 0 elsewhere)."""
+    return _proc_bytes("/proc/self/status", "VmHWM") or 0
 
 
 def peak_rss_mb() -> float:
@@ -60,11 +65,4 @@ def peak_rss_mb() -> float:
 
 def available_bytes() -> int | None:
     """Memory the kernel can still give this process (``MemAvailable`` in ``/proc/meminfo``); None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")

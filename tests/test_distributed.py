@@ -29,16 +29,35 @@ def _env(**extra):
             "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
 
 
-def _launch(out, cfg, nproc, *extra, launcher=()):
+def _launcher(nproc: int, *flags) -> list[str]:
+    """The command prefix running a script (or ``-m module``) in ``nproc`` processes: plain Python for one, else
+    ``accelerate launch`` on CPU (gloo) with ``flags`` (e.g. ``--multi_gpu``)."""
+    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
     if nproc == 1:
-        cmd = [sys.executable, WORKER, str(out), json.dumps(cfg), *extra]
-    else:
-        cmd = [ACCELERATE, "launch", *launcher, "--num_processes", str(nproc), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-               WORKER, str(out), json.dumps(cfg), *extra]
+        return [sys.executable]
+    return [ACCELERATE, "launch", *flags, "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(_port())]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    return done
+
+
+def _launch(out, cfg, nproc, *extra, launcher=()):
+    _run([*_launcher(nproc, *launcher), WORKER, str(out), json.dumps(cfg), *extra])
     return out
+
+
+def _recipe(tmp_path, model_dir, text: str, body: str) -> Path:
+    """A recipe on ``model_dir`` whose data section reads ``text`` (16-token blocks), then ``body``."""
+    src = tmp_path / "text.txt"
+    src.write_text(text)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{path: {model_dir}}}\n"
+                      f"data: {{source: {src}, seq_len: 16, validation_fraction: 0.1}}\n" + body.format(text=src))
+    return recipe
 
 
 def _losses(out):
@@ -92,15 +111,10 @@ def test_two_process_calibration_matches_single_process(tmp_path):
     slice identically. Float sums differ from one process only in their order: fp32 gradient sums by
     < 1e-6 of each tensor's largest entry (4e-7 measured), the fp64 activation sums by < 1e-12; the
     pruned weights (FLAP's compensated biases included) came out equal."""
-    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    for out, cmd in ((one, [sys.executable, SCORES_WORKER, str(one)]),
-                     (two, [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-                            SCORES_WORKER, str(two)])):
-        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    for out, n in ((one, 1), (two, 2)):
+        _run([*_launcher(n, "--multi_gpu"), SCORES_WORKER, str(out)])
     single = json.loads((one / "rank-0.json").read_text())
     ranks = [json.loads((two / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert single["world"] == 1 and all(r["world"] == 2 and r["started"] for r in ranks)
@@ -171,27 +185,17 @@ def test_shear_run_two_processes_matches_one(tmp_path, tiny_lm_dir, tiny_text):
     broadcast from rank 0, rank 0 alone evaluating (original, pruned, final: the other rank waits at the
     side group's barrier), 2 DDP steps, export; the prune, the evaluations and the exported weights equal
     those of one process on the same global batch."""
-    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
-    text = tmp_path / "text.txt"
-    text.write_text(tiny_text)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"model: {{path: {tiny_lm_dir}}}\n"
-        f"data: {{source: {text}, seq_len: 16, validation_fraction: 0.1}}\n"
-        "importance: {estimator: taylor_vector, n_samples: 6, seq_len: 16, batch_size: 2}\n"
-        "prune: {target: {ratio: 0.3}, structures: [mlp, heads], allocation: global, round_to: 1}\n"
-        "train: {steps: 2, warmup_steps: 0, lr: 1.0e-3, eval_batches: 1, eval_every: 2, resume: false}\n"
-        f"eval: {{dataset: {text}, seq_len: 16, max_windows: 2, speed: false}}\n"
-        "export: {}\n")
+    recipe = _recipe(tmp_path, tiny_lm_dir, tiny_text,
+                     "importance: {{estimator: taylor_vector, n_samples: 6, seq_len: 16, batch_size: 2}}\n"
+                     "prune: {{target: {{ratio: 0.3}}, structures: [mlp, heads], allocation: global, round_to: 1}}\n"
+                     "train: {{steps: 2, warmup_steps: 0, lr: 1.0e-3, eval_batches: 1, eval_every: 2, resume: false}}\n"
+                     "eval: {{dataset: {text}, seq_len: 16, max_windows: 2, speed: false}}\n"
+                     "export: {{}}\n")
     runs = {}
     for n, batch in ((1, 4), (2, 2)):
         out = tmp_path / f"run{n}"
-        launch = [sys.executable] if n == 1 else [
-            ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-            "no", "--dynamo_backend", "no", "--main_process_port", str(_port())]
-        done = subprocess.run([*launch, "-m", "shear", "run", str(recipe), f"train.batch_size={batch}", "-o", str(out)],
-                              env=_env(), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+        done = _run([*_launcher(n, "--multi_gpu"), "-m", "shear", "run", str(recipe), f"train.batch_size={batch}",
+                     "-o", str(out)])
         assert ("2 processes: calibration is split over them" in done.stderr) == (n == 2)
         runs[n] = json.loads((out / "summary.json").read_text()), load_file(str(out / "model" / "model.safetensors"))
     (s1, w1), (s2, w2) = runs[1], runs[2]
@@ -212,22 +216,12 @@ def test_shear_run_learned_masks_then_recovery_two_processes(tmp_path, tiny_lm_d
     """Two trainings in one ``shear run`` under 2 processes (learned masks, then recovery): the process group
     of the run outlives the first one (it used to be destroyed there, and the second Accelerator failed with
     "Default process group has not been initialized")."""
-    assert ACCELERATE, "accelerate CLI not found next to the interpreter"
-    text = tmp_path / "text.txt"
-    text.write_text(tiny_text)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"model: {{path: {tiny_lm_dir}}}\n"
-        f"data: {{source: {text}, seq_len: 16, validation_fraction: 0.1}}\n"
-        "prune: {target: {ratio: 0.3}, structures: [mlp], round_to: 1, learn: {steps: 2, warmup: 1}}\n"
-        "train: {steps: 2, warmup_steps: 0, batch_size: 2, eval_batches: 1, eval_every: 2, resume: false}\n"
-        "export: {}\n")
+    recipe = _recipe(tmp_path, tiny_lm_dir, tiny_text,
+                     "prune: {{target: {{ratio: 0.3}}, structures: [mlp], round_to: 1, learn: {{steps: 2, warmup: 1}}}}\n"
+                     "train: {{steps: 2, warmup_steps: 0, batch_size: 2, eval_batches: 1, eval_every: 2, resume: false}}\n"
+                     "export: {{}}\n")
     out = tmp_path / "run"
-    done = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-                           "-m", "shear", "run", str(recipe), "-o", str(out)],
-                          env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    _run([*_launcher(2, "--multi_gpu"), "-m", "shear", "run", str(recipe), "-o", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"] == ["prune", "train", "export"] and summary["train"]["processes"] == 2
     assert summary["prune"]["params_after"] < summary["prune"]["params_before"]

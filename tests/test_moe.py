@@ -205,6 +205,13 @@ def test_exports_reload_as_the_stock_class_in_a_fresh_process(tmp_path):
         ref[d] = (logits(model, IDS), type(model).__name__)
         cfg = json.loads(open(d + "/config.json").read())
         assert "auto_map" not in cfg and "shear_layout" not in cfg
+    check_reloads(dirs, ref)
+
+
+
+def check_reloads(dirs: list[str], ref: dict) -> None:
+    """Each export in ``dirs`` reloaded by plain from_pretrained in a fresh process (:data:`RELOAD`, at one
+    thread): its class ``ref[d][1]``, no missing or unexpected keys, the logits ``ref[d][0]`` bit for bit."""
     r = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -212,6 +219,15 @@ def test_exports_reload_as_the_stock_class_in_a_fresh_process(tmp_path):
         assert got[d] == {"class": ref[d][1], "missing": [], "unexpected": []}
         assert torch.equal(torch.load(d + "/logits.pt"), ref[d][0])
 
+
+def saved_moe(path, family: str, text: str):
+    """A tiny ``family`` MoE saved at ``path`` with a BPE tokenizer (vocabulary 300) trained on ``text``."""
+    from shear.data.tokenizer import train_bpe
+
+    tok = train_bpe([text], vocab_size=300)
+    moe_model(family, vocab_size=len(tok), max_position_embeddings=64).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 def test_collect_runs_the_model_once_per_batch():
     model = moe_model("olmoe")
@@ -222,13 +238,8 @@ def test_collect_runs_the_model_once_per_batch():
 
 def test_cli_prunes_experts_and_reports(tmp_path, tiny_text, capsys):
     from shear.cli import main
-    from shear.data.tokenizer import train_bpe
 
-    tok = train_bpe([tiny_text], vocab_size=300)
-    src = tmp_path / "src"
-    model = moe_model("qwen3_moe", vocab_size=len(tok), max_position_embeddings=64)
-    model.save_pretrained(src)
-    tok.save_pretrained(src)
+    src = saved_moe(tmp_path / "src", "qwen3_moe", tiny_text)
     out = tmp_path / "out"
     argv = ["prune", str(src), "--experts", "0.5", "--expert-criterion", "frequency", "--calib", "shakespeare",
             "--n-samples", "4", "--seq-len", "32", "-o", str(out)]

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ONE_THREAD
 from shear.importance.expert_channels import (ChannelStats, accumulate_block_, channel_scores,
                                               collect_channel_stats, magnitude)
 from shear.importance.experts import find_moe_blocks
 from shear.prune.expert_channels import (EXPERT_WIDTH, ExpertChannelConfig, channels_to_remove, kept_channels,
                                          prune_expert_channels_, slice_expert_channels_)
-from test_moe import IDS, MOE, RELOAD, logits, moe_model
+from test_moe import IDS, MOE, check_reloads, logits, moe_model, saved_moe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,25 +204,15 @@ def test_exports_reload_as_the_stock_class_in_a_fresh_process(tmp_path):
             assert cfg["shared_expert_intermediate_size"] == (36 if shared == "prune" else 48)
             assert rep["shared_expert"] == {"mode": shared, "channels_before": 48,
                                             "channels_after": 36 if shared == "prune" else 48}
-    r = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    for d in dirs:
-        assert got[d] == {"class": ref[d][1], "missing": [], "unexpected": []}
-        assert torch.equal(torch.load(d + "/logits.pt"), ref[d][0])
+    check_reloads(dirs, ref)
 
 
 def test_cli_prunes_expert_channels_alone_and_after_experts(tmp_path, tiny_text, capsys):
     from transformers import AutoConfig
 
     from shear.cli import main
-    from shear.data.tokenizer import train_bpe
 
-    tok = train_bpe([tiny_text], vocab_size=300)
-    src = tmp_path / "src"
-    model = moe_model("qwen2_moe", vocab_size=len(tok), max_position_embeddings=64)
-    model.save_pretrained(src)
-    tok.save_pretrained(src)
+    src = saved_moe(tmp_path / "src", "qwen2_moe", tiny_text)
     calib = ["--calib", "shakespeare", "--n-samples", "4", "--seq-len", "32"]
     out = tmp_path / "out"
     assert main(["prune", str(src), "--expert-channels", "0.25", "--expert-channel-criterion", "flap", *calib,

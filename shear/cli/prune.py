@@ -32,6 +32,12 @@ def _configs_from_flags(args):
     return prune, imp
 
 
+def _flags_recipe(args, prune, imp) -> dict:
+    """The recipe a prune from a model directory's flags records beside its export."""
+    return {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
+            "prune": prune.model_dump(mode="json")}
+
+
 def _refuse_finished(out: Path, overwrite: bool) -> None:
     """A finished prune in ``out`` (its report, or a model) is replaced only with --overwrite: said before any work."""
     done = [n for n in ("report.json", "model") if (out / n / "config.json" if n == "model" else out / n).exists()]
@@ -129,8 +135,7 @@ def _streamed_into(args, out: Path) -> dict:
     compute = load_dtype(written, ckpt, imp.device)
     remove_stale_staging(out)
     stage = staging_dir(out.expanduser().resolve())
-    recipe = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
-              "prune": prune.model_dump(mode="json")}
+    recipe = _flags_recipe(args, prune, imp)
     try:
         report = prune_streamed(path, load_tokenizer(path, args.trust_remote_code), prune, imp, out_dir=stage,
                                 export_dir=None if args.no_export else stage / "model", recipe=recipe,
@@ -164,12 +169,11 @@ def _prune_into(args, recipe, out: Path) -> dict:
 
         source = args.source
         written = export_dtype(args.dtype, source)
-        warn_if_too_big(source, "prune", "--stream --estimator flap (or wanda_sp, minitron)")
+        warn_if_too_big(source, "prune", "--stream")
         model, tok = load_pretrained(source, dtype=load_dtype(written, checkpoint_dtype(source)),
                                      trust_remote_code=args.trust_remote_code, finite=True)
         prune, imp = _configs_from_flags(args)
-        recipe_dict = {"model": {"path": args.source}, "importance": imp.model_dump(mode="json"),
-                       "prune": prune.model_dump(mode="json")}
+        recipe_dict = _flags_recipe(args, prune, imp)
     ckpt, loaded = checkpoint_dtype(source) if source else None, SHORT.get(next(model.parameters()).dtype)
     if not args.no_export:  # before any work: the model's own directory, or a model shear did not write
         _check_target(model, (out / "model").expanduser().resolve(), args.overwrite, ())

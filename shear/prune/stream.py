@@ -32,7 +32,6 @@ must be safetensors whose names are the model's.
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -52,12 +51,12 @@ from shear.models import DTYPES, check_weights_finite, resolve_device
 from shear.progress import progress
 from shear.prune.config import ImportanceConfig, PruneConfig
 from shear.prune.plan import build_plan, model_shapes
+from shear.prune.slice import prune_
 from shear.prune.transform import (PruneResult, check_settings, compensates, final_params, kinds_needed,
-                                   plan_with_biases)
+                                   plan_with_biases, warn_skipped, warn_zero_biases)
 from shear.storage import MAX_SHARD_SIZE
 from shear.streaming import BlockStream, group_by_block, tensor_specs, write_config
 
-log = logging.getLogger("shear")
 
 #: estimators that score a block from its own weights and input statistics
 STREAMABLE = ("obs", "flap", "flap_original", "wanda_sp", "minitron", "magnitude_l1", "magnitude_l2", "random")
@@ -176,22 +175,13 @@ def _slice(model, final, graph, plan: PrunePlan, bp: BiasPlan, stats, blocks: _B
             res.time_s["reconstruction"] += time.time() - tr
         else:
             values = compensation_biases(model, sub, graph, stats) if res.compensate and sub.remove else {}
-        _prune_block(model, sub, graph)
+        prune_(model, sub, graph)  # the skeleton's config it rewrites is not used: the export's is final's
         mine = {n: b for n, b in bp.add.items() if n.startswith(prefix)}
         apply_biases_(model, BiasPlan(add={n: (values[n] if b is not None else None) for n, b in mine.items()}))
         for k, v in (flag_zero_biases(model, fam, blocks.path, bp.flags) if bp.flags else {}).items():
             res.zero_biases[k] = res.zero_biases.get(k, 0) + v
         out.write_block(block, prefix, per_block[i])
     writer.close()
-
-
-def _prune_block(model, plan: PrunePlan, graph) -> None:
-    """:func:`~shear.prune.slice.prune_` of one block's plan (the skeleton's config is rewritten by it and not
-    used again: the export's comes from the skeleton pruned by the whole plan)."""
-    from shear.prune.slice import prune_
-
-    if plan.remove:
-        prune_(model, plan, graph)
 
 
 @torch.no_grad()
@@ -207,7 +197,6 @@ def prune_streamed(path: str | Path, tokenizer, cfg: PruneConfig, icfg: Importan
     ``icfg.source``, as ``shear prune`` picks them)."""
     from shear.prune.export import finish_config, layout_of, seal, stock_overrides
     from shear.prune.pipeline import PeakMemory, layer_widths, prune_report, write_outputs
-    from shear.prune.slice import prune_
 
     icfg = icfg or ImportanceConfig()
     check_settings(cfg, icfg)
@@ -251,10 +240,7 @@ def prune_streamed(path: str | Path, tokenizer, cfg: PruneConfig, icfg: Importan
             bp.add = {n: b for n, b in bp.add.items() if b is None or n in fitted}
         res.plans, res.flags, res.skipped = [plan], list(bp.flags), list(bp.skipped)
         res.compensated = [n for n, b in bp.add.items() if b is not None]
-        if bp.skipped:
-            log.warning("bias compensation skipped for %d projection(s) (e.g. %s): the stock %s class has no bias "
-                        "there and this uniform plan exports as the stock class", len(bp.skipped), bp.skipped[0],
-                        fam.name)
+        warn_skipped(bp, fam)
         final = skeleton(path, DTYPES[compute], trust_remote_code)  # the pruned model's shapes and config
         prune_(final, plan, graph)
         apply_biases_(final, bp)
@@ -271,10 +257,7 @@ def prune_streamed(path: str | Path, tokenizer, cfg: PruneConfig, icfg: Importan
             seal(export_dir, tokenizer, recipe)
         res.time_s["slicing"] = time.time() - ts - res.time_s["reconstruction"]
         after = analyze(final, heads=cfg.heads)
-    if res.zero_biases:
-        log.warning("bias compensation set %s: the stock %s class then builds a bias on every projection the flag "
-                    "covers, so the model holds %d zero-valued bias parameters", "/".join(res.flags), fam.name,
-                    res.zero_bias_params)
+    warn_zero_biases(res, fam)
     report = prune_report(cfg, icfg, res, before_w, p0, macs0, after, final, ids, calib, t_calib, t0, mem)
     report["stream"] = True
     write_outputs(out_dir, res.plans, before_w, report)

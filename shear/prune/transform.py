@@ -186,22 +186,32 @@ def prune_to_target_(model, cfg: PruneConfig, icfg: ImportanceConfig, ids: torch
         res.flags = sorted(set(res.flags) | set(bp.flags))
         res.compensated += [n for n, b in bp.add.items() if b is not None]
         res.skipped += bp.skipped
-        if bp.skipped:
-            log.warning("bias compensation skipped for %d projection(s) (e.g. %s): the stock %s class has no "
-                        "bias there and this uniform plan exports as the stock class; a global (per-layer) plan "
-                        "keeps them", len(bp.skipped), bp.skipped[0], fam.name)
+        warn_skipped(bp, fam)
         t["slicing"] += time.time() - ts
         res.plans.append(plan)
         log.info("prune step %d/%d: %s", k, steps, {kk: len(v) for kk, v in plan.remove.items()})
         del ctx, scores
     if res.flags:
         res.zero_biases = flag_zero_biases(model, fam, graph.meta.get("layers", ""), res.flags)
-        if res.zero_biases:
-            log.warning("bias compensation set %s: the stock %s class then builds a bias on every projection the "
-                        "flag covers, so the model holds %d zero-valued bias parameters (%s); a ratio or params "
-                        "target counts them", "/".join(res.flags), fam.name, res.zero_bias_params,
-                        ", ".join(f"{k} {v}" for k, v in res.zero_biases.items()))
+        warn_zero_biases(res, fam)
     return res
+
+
+def warn_skipped(bp: BiasPlan, fam) -> None:
+    """Say which compensation biases a stock export had no slot for (none is written where it would not load)."""
+    if bp.skipped:
+        log.warning("bias compensation skipped for %d projection(s) (e.g. %s): the stock %s class has no "
+                    "bias there and this uniform plan exports as the stock class; a global (per-layer) plan "
+                    "keeps them", len(bp.skipped), bp.skipped[0], fam.name)
+
+
+def warn_zero_biases(res: PruneResult, fam) -> None:
+    """Say how many zero-valued bias parameters the compensation's config flags brought along."""
+    if res.zero_biases:
+        log.warning("bias compensation set %s: the stock %s class then builds a bias on every projection the "
+                    "flag covers, so the model holds %d zero-valued bias parameters (%s); a ratio or params "
+                    "target counts them", "/".join(res.flags), fam.name, res.zero_bias_params,
+                    ", ".join(f"{k} {v}" for k, v in res.zero_biases.items()))
 
 
 def _renumber(biases: dict, plan: PrunePlan, graph: StructureGraph) -> dict:
